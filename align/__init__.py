@@ -1,0 +1,3 @@
+"""align: an LLM alignment training suite (DPO family, SPO, INPO, VPL, LOOP) on one loss registry and one rollout engine."""
+
+__version__ = "0.1.0"

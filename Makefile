@@ -1,0 +1,40 @@
+# Set-up is two commands: `make demo` and `make test`; each installs what it needs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test test-slow demo bench clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: `pip install torch==2.13.0` takes the local CPU wheel on CPU machines; an unpinned torch
+# would pull a multi-GB CUDA build. The constraint keeps every later install from replacing it.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -c "import torch; print('torch', torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test]"
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -m "not slow and not vllm and not gpu" $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m align demo --output-dir runs/quickstart
+
+bench: install
+	$(PY) -m align bench dpo --json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

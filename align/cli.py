@@ -1,0 +1,148 @@
+"""Command line: ``align train | recipes | convert | demo | bench``.
+
+Bad input prints one line ``error: ...`` on stderr and exits with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from align.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _train(args) -> int:
+    from align.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from align.dryrun import dry_run
+
+        print(dry_run(recipe, args.recipe))
+        return 0
+    from align.trainers import run
+
+    out = args.output_dir or str(Path("runs") / Path(args.recipe).stem)
+    summary = run(recipe, out, resume=args.resume)
+    if summary:
+        print(json.dumps({k: summary[k] for k in ("trainer", "steps", "wall_seconds") if k in summary} | {"output_dir": out}))
+    return 0
+
+
+def _recipes(args) -> int:
+    from align.config import describe_fields, load_recipe
+
+    if args.explain:
+        for key, default, help in describe_fields():
+            print(f"{key:32s} {default:22s} {help}")
+        return 0
+    if args.losses:
+        from align.losses import LOSSES
+
+        for name, spec in sorted(LOSSES.items()):
+            print(f"{name:10s} {'ref ' if spec.needs_reference else '    '}{spec.summary}")
+        return 0
+    root = Path(args.dir) if args.dir else RECIPES_DIR
+    for path in sorted(root.rglob("*.yaml")):
+        if "accelerate" in path.parts:
+            continue
+        try:
+            desc = load_recipe(path).description
+        except UserError as e:
+            desc = f"INVALID: {e}"
+        print(f"{str(path.relative_to(root)):40s} {desc}")
+    return 0
+
+
+def _convert(args) -> int:
+    from align.convert import convert_llama2c
+
+    out = convert_llama2c(args.model, args.tokenizer, args.output)
+    print(out)
+    return 0
+
+
+def _demo(args) -> int:
+    from align.demo import run_demo
+
+    run_demo(args.output_dir, quick=args.quick)
+    return 0
+
+
+def _bench(args) -> int:
+    from align.bench import run_bench
+
+    result = run_bench(args.name, args.extra)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="align", description="LLM alignment training suite")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe")
+    t.add_argument("recipe", help="recipes/<method>/<name>.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-5 lora.enabled=true")
+    t.add_argument("--output-dir", "-o", help="run folder (default runs/<recipe name>)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output dir")
+    t.add_argument("--dry-run", action="store_true", help="validate recipe, data and launch configuration without loading weights")
+    t.set_defaults(fn=_train)
+
+    r = sub.add_parser("recipes", help="list recipes with their description")
+    r.add_argument("--dir", help="recipe folder (default: the recipes/ shipped with align)")
+    r.add_argument("--explain", action="store_true", help="print every recipe key with its default and documentation")
+    r.add_argument("--losses", action="store_true", help="print the loss registry")
+    r.set_defaults(fn=_recipes)
+
+    c = sub.add_parser("convert", help="convert checkpoints to HF format")
+    csub = c.add_subparsers(dest="format", required=True)
+    l2c = csub.add_parser("llama2c", help="llama2.c model.bin + SentencePiece tokenizer -> HF LlamaForCausalLM folder")
+    l2c.add_argument("model")
+    l2c.add_argument("--tokenizer", required=True)
+    l2c.add_argument("--output", required=True)
+    l2c.set_defaults(fn=_convert)
+
+    d = sub.add_parser("demo", help="the quickstart: SFT -> self-judged pairs -> DPO -> evaluation, on CPU in minutes")
+    d.add_argument("--output-dir", default="runs/quickstart")
+    d.add_argument("--quick", action="store_true", help="a much smaller run (for tests)")
+    d.set_defaults(fn=_demo)
+
+    b = sub.add_parser("bench", help="benchmarks; --json prints exactly one JSON object on stdout")
+    b.add_argument("name", help="dpo")
+    b.add_argument("extra", nargs="*", help="key=value options of the benchmark")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else 'bad input'}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from align.trainers.offline import NonFiniteLoss
+
+        if isinstance(e, NonFiniteLoss):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Recipes: YAML files mapped onto typed, documented dataclasses.
+
+A recipe is the single source of truth of a run. ``load_recipe(path, overrides)`` reads the YAML, applies
+``dotted.key=value`` overrides, checks every key and type against the dataclasses below and returns a
+``Recipe``. Any problem raises ``UserError`` with one line naming the file and the key. Every field carries
+its documentation in ``metadata["help"]``; ``align recipes --explain`` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from align.errors import UserError
+
+
+def doc(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a default and a one-line help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc("tiny:llama", "Local folder, hub id, or 'tiny:<arch>' for a freshly built tiny model with a character tokenizer.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = doc("float32", "Weights and compute dtype.")
+    tiny_hidden_size: int = doc(128, "Hidden size of a 'tiny:' model.")
+    tiny_layers: int = doc(4, "Number of layers of a 'tiny:' model.")
+    tiny_heads: int = doc(4, "Attention heads of a 'tiny:' model (head_dim = hidden/heads; 32/64/128 keep it servable by vLLM).")
+    tiny_intermediate_size: int = doc(256, "MLP width of a 'tiny:' model.")
+    tiny_max_positions: int = doc(256, "Context length of a 'tiny:' model.")
+    attn_implementation: Optional[str] = doc("sdpa", "Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2').")
+    gradient_checkpointing: bool = doc(False, "Recompute activations in the backward pass to save memory.")
+    trust_remote_code: bool = doc(False, "Allow model code from the hub (off by default).")
+    revision: Optional[str] = doc(None, "Hub revision (branch, tag or commit) when name_or_path is a hub id.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = doc(False, "Train a LoRA adapter instead of all weights; the reference is the same network with the adapter disabled.")
+    r: int = doc(16, "LoRA rank.")
+    alpha: int = doc(32, "LoRA alpha (scaling = alpha / r).")
+    dropout: float = doc(0.0, "Dropout on the LoRA input.")
+    target_modules: Union[str, list] = doc("all-linear", "Modules to adapt: 'all-linear' or a list of module names.")
+
+
+@dataclass
+class DataConfig:
+    train: str = doc("builtin:tasks", "Training data: a .jsonl/.json/.parquet file (optionally .gz), 'hf:<dataset>[:split]' for a datasets hub id or local dataset folder, or 'builtin:tasks' for the built-in verifiable tasks.")
+    eval: Optional[str] = doc(None, "Held-out data in the same forms; None = no evaluation set.")
+    format: Literal["auto", "plain", "conversational", "hh"] = doc("auto", "Row format: plain prompt/chosen/rejected strings, message lists, or HH-RLHF full dialogues (split into prompt and responses). 'auto' detects it.")
+    prompt_key: str = doc("prompt", "Column holding the prompt.")
+    chosen_key: str = doc("chosen", "Column holding the preferred response (the completion, for SFT data).")
+    rejected_key: str = doc("rejected", "Column holding the dispreferred response (absent for SFT data).")
+    max_length: int = doc(512, "Maximum tokens of prompt + response; longer rows are an error unless truncate is set.")
+    max_prompt_length: int = doc(256, "Maximum prompt tokens.")
+    truncate: bool = doc(False, "Truncate too-long rows (prompt from the left, response from the right) instead of failing.")
+    limit: Optional[int] = doc(None, "Use only the first N rows.")
+    chat_template: bool = doc(False, "Render plain prompts through the tokenizer's chat template as one user turn.")
+    builtin_size: int = doc(512, "Rows generated for 'builtin:tasks'.")
+    builtin_families: list = doc([], "Task families for 'builtin:tasks' (empty = all).")
+
+
+@dataclass
+class LossConfig:
+    name: str = doc("dpo", "Objective in the loss registry (see `align recipes --losses`).")
+    beta: float = doc(0.1, "KL strength beta (DPO, cDPO, robust, hinge, SimPO); tau of IPO; 1/eta of SPPO's regression target 1/(2 beta).")
+    label_smoothing: float = doc(0.0, "Probability eps that a label is flipped (cdpo, robust).")
+    simpo_gamma: float = doc(0.5, "SimPO target reward margin gamma.")
+    eta: float = doc(0.005, "INPO/SPPO step size eta.")
+    tau: float = doc(0.005 / 3, "INPO KL-to-reference strength tau (tau = eta gives online IPO).")
+    sft_weight: float = doc(0.0, "Add this times the chosen NLL (per token) to the loss (RPO-style regulariser).")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = doc(0, "Seed for model init (tiny models), data order and sampling.")
+    epochs: int = doc(1, "Passes over the training data.")
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = doc(8, "Examples (pairs) per device per micro-batch.")
+    grad_accum: int = doc(1, "Micro-batches per optimizer step.")
+    lr: float = doc(5e-7, "Peak learning rate (AdamW).")
+    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    warmup_steps: int = doc(0, "Linear warm-up steps.")
+    schedule: Literal["constant", "linear", "cosine"] = doc("linear", "Learning-rate schedule after warm-up.")
+    max_grad_norm: Optional[float] = doc(1.0, "Clip the gradient norm to this value (None = no clipping).")
+    reference: Literal["auto", "model", "precompute", "none"] = doc("auto", "Reference log-probs: 'model' = frozen copy (or the LoRA base), 'precompute' = one pass with the initial policy before training, 'auto' = LoRA base with LoRA else precompute; 'none' only for reference-free losses.")
+    save_steps: int = doc(0, "Write a checkpoint every N optimizer steps (0 = only at the end).")
+    keep_checkpoints: int = doc(2, "Checkpoints to keep (oldest removed).")
+    logging_steps: int = doc(1, "Log metrics every N optimizer steps.")
+    nan_policy: Literal["stop", "skip"] = doc("stop", "On a non-finite loss: stop with the step named (last checkpoint kept) or skip the step.")
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["hf", "vllm"] = doc("hf", "Generation backend of the shared rollout engine.")
+    n: int = doc(4, "Samples per prompt.")
+    max_new_tokens: int = doc(64, "Maximum generated tokens per sample.")
+    temperature: float = doc(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = doc(1.0, "Nucleus sampling threshold.")
+    top_k: int = doc(0, "Top-k sampling (0 = off).")
+    batch_size: int = doc(64, "Prompts per generation batch.")
+
+
+@dataclass
+class JudgeConfig:
+    kind: Literal["checker", "reward_model", "llm", "none"] = doc("checker", "Preference oracle: programmatic checker of the built-in tasks, a reward model, or an LLM judge over an OpenAI-compatible endpoint.")
+    path: Optional[str] = doc(None, "Reward-model folder (kind: reward_model).")
+    base_url: Optional[str] = doc(None, "OpenAI-compatible endpoint (kind: llm).")
+    model: Optional[str] = doc(None, "Model name at the endpoint (kind: llm).")
+    api_key_env: str = doc("OPENAI_API_KEY", "Environment variable holding the API key (the key itself never goes in a recipe).")
+
+
+@dataclass
+class EvalConfig:
+    size: int = doc(200, "Held-out prompts for accuracy / win rate.")
+    max_new_tokens: int = doc(32, "Maximum tokens generated per evaluation answer.")
+
+
+@dataclass
+class LoggingConfig:
+    plots: bool = doc(True, "Write plots/*.png of every logged metric at the end of the run.")
+    progress: bool = doc(True, "Show a progress line on stderr.")
+
+
+@dataclass
+class Recipe:
+    description: str = doc("", "One line shown by `align recipes`.")
+    trainer: Literal["preference", "sft"] = doc("preference", "Data flow: offline pairs ('preference') or supervised fine-tuning ('sft').")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The policy model."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter settings."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "Objective."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollout engine (online trainers, evaluation)."})
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "Preference oracle."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logging and plots."})
+    accelerate_config: Optional[str] = doc(None, "accelerate config this recipe is meant to be launched with (checked by --dry-run).")
+
+
+# ----------------------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats); UserError names source and key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, source, key)
+            except UserError:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-7" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, source, key + ".")
+    else:  # pragma: no cover - every annotation used above is handled
+        raise TypeError(f"unsupported annotation {tp}")
+    raise UserError(f"{source}: key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise UserError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    return cls(**{k: _coerce(v, hints[k], source, prefix + k) for k, v in data.items()})
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.setdefault(k, {}), dict):
+            raise UserError(f"{source}: override {dotted!r}: {k!r} is not a section")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-4", "lora.enabled=true"]`` -> ``[("train.lr", 0.0001), ("lora.enabled", True)]`` (values parsed as YAML)."""
+    out = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"command line: override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML, apply ``key=value`` overrides, validate and return it (UserError on any problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        tree = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}:{at} invalid YAML ({getattr(e, 'problem', None) or e})".replace("\n", " ")) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, str(path))
+    recipe = _build(Recipe, tree, str(path))
+    recipe = _with_relative_paths(recipe, path)
+    validate(recipe, str(path))
+    return recipe
+
+
+def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
+    """Build and validate a recipe from a nested dict (used by the demo, benchmarks and tests)."""
+    recipe = _build(Recipe, tree, source)
+    validate(recipe, source)
+    return recipe
+
+
+def _with_relative_paths(recipe: Recipe, path: Path) -> Recipe:
+    """Data paths starting with './' are relative to the recipe's folder; everything else to the working directory."""
+    for key in ("train", "eval"):
+        value = getattr(recipe.data, key)
+        if isinstance(value, str) and value.startswith("./"):
+            setattr(recipe.data, key, str((path.parent / value).resolve()))
+    return recipe
+
+
+def validate(recipe: Recipe, where: str) -> None:
+    """Value checks beyond types: ranges and conflicting options."""
+    t, d = recipe.train, recipe.data
+    positive = {
+        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
+        "train.logging_steps": t.logging_steps, "data.max_length": d.max_length,
+        "data.max_prompt_length": d.max_prompt_length, "rollout.n": recipe.rollout.n,
+        "rollout.max_new_tokens": recipe.rollout.max_new_tokens, "lora.r": recipe.lora.r,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{where}: {key} must be > 0, got {value}")
+    for key, value in {"train.lr": t.lr, "loss.beta": recipe.loss.beta}.items():
+        if not value > 0:
+            raise UserError(f"{where}: {key} must be > 0, got {value}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise UserError(f"{where}: train.max_steps must be > 0, got {t.max_steps}")
+    if t.save_steps < 0 or t.warmup_steps < 0 or t.keep_checkpoints < 1:
+        raise UserError(f"{where}: train.save_steps/warmup_steps must be >= 0 and keep_checkpoints >= 1")
+    if not 0.0 <= recipe.loss.label_smoothing < 0.5:
+        raise UserError(f"{where}: loss.label_smoothing must be in [0, 0.5), got {recipe.loss.label_smoothing}")
+    if d.max_prompt_length >= d.max_length:
+        raise UserError(f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})")
+    from align.losses import LOSSES  # local import: the registry imports torch
+
+    if recipe.loss.name not in LOSSES:
+        raise UserError(f"{where}: loss.name {recipe.loss.name!r} is not registered; choose one of {', '.join(sorted(LOSSES))}")
+    spec = LOSSES[recipe.loss.name]
+    if recipe.trainer == "sft" and spec.name != "sft":
+        raise UserError(f"{where}: trainer 'sft' needs loss.name 'sft', got {recipe.loss.name!r}")
+    if spec.needs_reference and t.reference == "none":
+        raise UserError(f"{where}: loss {spec.name!r} needs reference log-probs but train.reference is 'none'")
+    if recipe.model.name_or_path.startswith("tiny:") and recipe.model.tiny_hidden_size % recipe.model.tiny_heads:
+        raise UserError(f"{where}: model.tiny_hidden_size must be divisible by model.tiny_heads")
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data (what is saved as recipe.yaml)."""
+    return dataclasses.asdict(recipe)
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def describe_fields(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field; used by `align recipes --explain` and the docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
+    return rows

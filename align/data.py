@@ -1,0 +1,288 @@
+"""Preference and SFT data: read rows, normalise their format, tokenise, validate, and batch.
+
+Sources: a .jsonl/.json/.parquet file (optionally gzipped), ``hf:<dataset>[:split]`` (a datasets hub id or a
+local ``save_to_disk`` folder), or ``builtin:tasks``. Row formats:
+    plain           {"prompt": str, "chosen": str, "rejected": str}
+    conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  (prompt may be absent:
+                    then the shared leading messages of chosen/rejected are the prompt)
+    hh              {"chosen": "\\n\\nHuman: ... \\n\\nAssistant: ...", "rejected": ...}  (HH-RLHF dialogues; the
+                    prompt is everything up to the last "\\n\\nAssistant:")
+Conversational rows, and plain rows when ``data.chat_template`` is set, go through the tokenizer's chat
+template; the response is the rendered text after the rendered prompt, so prompt and response tokens never
+depend on how the other is formatted. Every problem raises UserError naming the source and row.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.errors import UserError
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass
+class Example:
+    idx: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int] | None
+
+
+# -------------------------------------------------------------------------------------------------------- reading
+
+
+def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False) -> list[dict]:
+    """Raw rows (dicts) from any supported source."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name != "tasks":
+            raise UserError(f"data: unknown built-in dataset {source!r} (known: builtin:tasks)")
+        from align import tasks
+
+        try:
+            ts = tasks.make_tasks(data_cfg.builtin_size, seed=seed, split="train", families=data_cfg.builtin_families)
+        except ValueError as e:
+            raise UserError(f"data.builtin_families: {e}") from None
+        return tasks.sft_rows(ts) if sft else tasks.preference_rows(ts, seed=seed)
+    if source.startswith("hf:"):
+        return _read_hf(source[3:])
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{source}: data file not found")
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        if name.endswith(".jsonl"):
+            rows = []
+            with opener(path, "rb") as f:
+                for i, raw in enumerate(f):
+                    line = _decode(raw, source, i)
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{source}: row {i}: invalid JSON ({e.msg})") from None
+            return rows
+        if name.endswith(".json"):
+            with opener(path, "rb") as f:
+                data = json.loads(_decode(f.read(), source, None))
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise UserError(f"{source}: expected a JSON list of rows")
+            return data
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{source}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except ImportError:
+        raise UserError(f"{source}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    raise UserError(f"{source}: unsupported file type (use .jsonl, .json or .parquet, optionally .gz)")
+
+
+def _decode(raw: bytes, source: str, row: int | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        where = f"row {row}: " if row is not None else ""
+        raise UserError(f"{source}: {where}not valid UTF-8") from None
+
+
+def _read_hf(spec: str) -> list[dict]:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    try:
+        local = Path(name)
+        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split or "train"]
+        else:
+            ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # datasets raises many types for a missing/unreachable dataset
+        raise UserError(f"hf:{spec}: cannot load dataset ({str(e).splitlines()[0][:200]})") from None
+    return ds.to_list()
+
+
+# ------------------------------------------------------------------------------------------------------ normalising
+
+
+def detect_format(row: dict, cfg) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    chosen = row.get(cfg.chosen_key)
+    if isinstance(chosen, list):
+        return "conversational"
+    if cfg.prompt_key not in row and isinstance(chosen, str) and HH_ASSISTANT in chosen:
+        return "hh"
+    return "plain"
+
+
+def split_hh(text: str) -> tuple[str, str]:
+    """An HH-RLHF dialogue -> (prompt up to and including the last '\\n\\nAssistant:', final response)."""
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn")
+    cut += len(HH_ASSISTANT)
+    return text[:cut], text[cut:].lstrip(" ")
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def normalise(rows: list[dict], cfg, source: str, sft: bool) -> tuple[str, list[tuple]]:
+    """Rows -> (format, [(prompt, chosen, rejected)]) with strings (plain/hh) or message lists (conversational)."""
+    if not rows:
+        raise UserError(f"{source}: dataset is empty")
+    fmt = detect_format(rows[0], cfg)
+    out = []
+    keys = [cfg.chosen_key] + ([] if sft else [cfg.rejected_key]) + ([cfg.prompt_key] if fmt in ("plain",) else [])
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{source}: row {i}: expected an object, got {type(row).__name__}")
+        for k in keys:
+            if k not in row:
+                raise UserError(f"{source}: row {i}: missing column {k!r}")
+        row_fmt = detect_format(row, cfg)
+        if row_fmt != fmt:
+            raise UserError(f"{source}: row {i}: format {row_fmt!r} differs from the first row's {fmt!r} (mixed formats)")
+        chosen, rejected = row[cfg.chosen_key], None if sft else row[cfg.rejected_key]
+        if fmt == "hh":
+            try:
+                prompt, chosen = split_hh(chosen)
+                rprompt, rejected = split_hh(rejected) if rejected is not None else (prompt, None)
+            except (ValueError, AttributeError):
+                raise UserError(f"{source}: row {i}: not an HH-RLHF dialogue (no '\\n\\nAssistant:' turn)") from None
+            if rprompt != prompt:
+                raise UserError(f"{source}: row {i}: chosen and rejected dialogues have different prompts")
+        elif fmt == "conversational":
+            prompt = row.get(cfg.prompt_key)
+            for name, value in (("chosen", chosen), ("rejected", rejected)):
+                if value is not None and not _is_messages(value):
+                    raise UserError(f"{source}: row {i}: {name!r} is not a list of {{role, content}} messages")
+            if prompt is None:  # implicit prompt: the shared leading messages
+                prompt, chosen = chosen[:-1], chosen[-1:]
+                if rejected is not None:
+                    if rejected[:-1] != prompt:
+                        raise UserError(f"{source}: row {i}: chosen and rejected do not share their leading messages")
+                    rejected = rejected[-1:]
+            elif isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            if not _is_messages(prompt):
+                raise UserError(f"{source}: row {i}: 'prompt' is not a list of {{role, content}} messages")
+        else:
+            prompt = row[cfg.prompt_key]
+            for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+                if value is not None and not isinstance(value, str):
+                    raise UserError(f"{source}: row {i}: column {name!r} must be a string, got {type(value).__name__}")
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            if value is not None and _is_empty(value):
+                raise UserError(f"{source}: row {i}: empty {name!r} response")
+        out.append((prompt, chosen, rejected))
+    return fmt, out
+
+
+def _is_empty(x: Any) -> bool:
+    if isinstance(x, str):
+        return not x.strip()
+    return not x or all(not str(m.get("content", "")).strip() for m in x)
+
+
+# ----------------------------------------------------------------------------------------------------- tokenising
+
+
+def render(tokenizer, prompt, response, use_template: bool) -> tuple[str, str]:
+    """(prompt text, response text) such that prompt + response is the full rendered conversation."""
+    if not use_template:
+        return prompt, response
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(response, str):
+        response = [{"role": "assistant", "content": response}]
+    p = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(p):
+        raise ValueError("the chat template renders the prompt differently when a response follows")
+    return p, full[len(p):]
+
+
+def tokenize_rows(triples: list[tuple], fmt: str, tokenizer, cfg, source: str) -> list[Example]:
+    """Tokenise (prompt, chosen, rejected) triples; check and (optionally) truncate lengths."""
+    use_template = fmt == "conversational" or cfg.chat_template
+    prompts, chosens, rejecteds = [], [], []
+    for i, (p, c, r) in enumerate(triples):
+        try:
+            pt, ct = render(tokenizer, p, c, use_template)
+            rt = render(tokenizer, p, r, use_template)[1] if r is not None else None
+        except ValueError as e:
+            raise UserError(f"{source}: row {i}: {e}") from None
+        prompts.append(pt)
+        chosens.append(ct)
+        rejecteds.append(rt)
+    eos = [tokenizer.eos_token_id] if not use_template and tokenizer.eos_token_id is not None else []
+    add_special = not use_template  # a chat template writes its own special tokens
+    p_ids = tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
+    c_ids = tokenizer(chosens, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer([r or "" for r in rejecteds], add_special_tokens=False)["input_ids"] if triples[0][2] is not None else None
+    examples = []
+    for i in range(len(triples)):
+        prompt, chosen = p_ids[i], c_ids[i] + eos
+        rejected = r_ids[i] + eos if r_ids is not None else None
+        if not prompt:
+            raise UserError(f"{source}: row {i}: empty prompt")
+        if len(prompt) > cfg.max_prompt_length:
+            if not cfg.truncate:
+                raise UserError(f"{source}: row {i}: prompt has {len(prompt)} tokens > data.max_prompt_length {cfg.max_prompt_length} (set data.truncate=true to cut it)")
+            prompt = prompt[-cfg.max_prompt_length:]
+        budget = cfg.max_length - len(prompt)
+        for name, resp in (("chosen", chosen), ("rejected", rejected)):
+            if resp is not None and len(resp) > budget and not cfg.truncate:
+                raise UserError(f"{source}: row {i}: prompt + {name} has {len(prompt) + len(resp)} tokens > data.max_length {cfg.max_length} (set data.truncate=true to cut it)")
+        examples.append(Example(i, prompt, chosen[:budget], rejected[:budget] if rejected is not None else None))
+    return examples
+
+
+def load_examples(source: str, tokenizer, data_cfg, seed: int = 0, sft: bool = False) -> list[Example]:
+    """Everything above in one call: rows -> validated, tokenised examples."""
+    rows = read_rows(source, data_cfg, seed=seed, sft=sft)
+    if data_cfg.limit is not None:
+        rows = rows[: data_cfg.limit]
+    fmt, triples = normalise(rows, data_cfg, source, sft)
+    return tokenize_rows(triples, fmt, tokenizer, data_cfg, source)
+
+
+# ------------------------------------------------------------------------------------------------------- batching
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of 2B sequences: the B chosen responses, then the B rejected ones (or B sequences for
+    SFT). ``completion_mask`` marks response tokens; ``idx`` the examples' row numbers."""
+    seqs = [e.prompt_ids + e.chosen_ids for e in examples]
+    masks = [[0] * len(e.prompt_ids) + [1] * len(e.chosen_ids) for e in examples]
+    if examples[0].rejected_ids is not None:
+        seqs += [e.prompt_ids + e.rejected_ids for e in examples]
+        masks += [[0] * len(e.prompt_ids) + [1] * len(e.rejected_ids) for e in examples]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+        completion[i, : len(m)] = torch.tensor(m)
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
+            "idx": torch.tensor([e.idx for e in examples])}

@@ -1,0 +1,72 @@
+"""The loss registry: every objective is a pure function of log-probs (and labels) registered by name.
+
+A loss takes a ``PairBatch`` (sequence log-probs of the policy, and where the objective needs them of the
+reference and of the anchor pi_t, response lengths, soft preferences) and the ``LossConfig``, and returns
+``(per_example_loss [B], metrics)`` where metrics are per-example tensors. Trainers read ``LossSpec`` to know
+which inputs to compute: a reference-free loss (SimPO, SFT) skips the reference forward pass entirely.
+
+Add an objective: write the function in a module here with ``@register_loss(...)``, give it a hand-computed
+test in tests/losses/, a recipe, and a row in docs/algorithms.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class PairBatch:
+    """Inputs of every loss. Log-probs are sums over response tokens, shape [B]."""
+
+    chosen_logps: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_logps: Optional[torch.Tensor] = None
+    rejected_lengths: Optional[torch.Tensor] = None
+    ref_chosen_logps: Optional[torch.Tensor] = None
+    ref_rejected_logps: Optional[torch.Tensor] = None
+    anchor_chosen_logps: Optional[torch.Tensor] = None  # pi_t, the iterate that sampled the pair (INPO, SPPO)
+    anchor_rejected_logps: Optional[torch.Tensor] = None
+    chosen_win_prob: Optional[torch.Tensor] = None  # P(y_w beats pi_t | x) (SPPO soft labels); None = hard label 1
+    rejected_win_prob: Optional[torch.Tensor] = None  # P(y_l beats pi_t | x); None = hard label 0
+
+
+LossFn = Callable[[PairBatch, "LossConfig"], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: LossFn
+    needs_reference: bool
+    needs_rejected: bool = True
+    needs_anchor: bool = False
+    summary: str = ""
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, needs_reference: bool, needs_rejected: bool = True, needs_anchor: bool = False, summary: str = ""):
+    """Decorator: add a loss function to the registry under ``name``."""
+
+    def wrap(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} registered twice")
+        LOSSES[name] = LossSpec(name, fn, needs_reference, needs_rejected, needs_anchor, summary or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return wrap
+
+
+def get_loss(name: str) -> LossSpec:
+    from align.errors import UserError
+
+    if name not in LOSSES:
+        raise UserError(f"loss {name!r} is not registered; choose one of {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+from align.losses import preference  # noqa: E402,F401  (registers the DPO family, SPPO, INPO, SFT)

@@ -1,0 +1,167 @@
+"""Models and tokenizers: load from a local folder or hub id, build tiny ones for tests, wrap in LoRA.
+
+With LoRA the reference model is the same network with the adapter disabled (``reference_context``), so no
+second copy of the weights is held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import string
+from pathlib import Path
+
+import torch
+
+from align.errors import UserError
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TINY_ARCHS = ("llama", "qwen2")
+
+
+def char_tokenizer():
+    """A character-level tokenizer (printable ASCII) with <pad>/<s>/</s>/<unk>, BOS added like Llama's, and a
+    small chat template. Built locally: no download."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(arch: str = "llama", vocab_size: int = 104, hidden_size: int = 128, layers: int = 4, heads: int = 4,
+                     intermediate_size: int = 256, max_positions: int = 256, seed: int = 0, tokenizer=None):
+    """A randomly initialised small causal LM (deterministic in ``seed``). head_dim = hidden/heads."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    if arch not in TINY_ARCHS:
+        raise UserError(f"model.name_or_path: unknown tiny architecture {arch!r}; choose tiny:{' or tiny:'.join(TINY_ARCHS)}")
+    ids = {}
+    if tokenizer is not None:
+        vocab_size = len(tokenizer)
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    config = cls(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
+        tie_word_embeddings=True, **ids,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model
+
+
+def _dtype(name: str):
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if name_or_path.startswith("tiny:"):
+        return char_tokenizer()
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from {name_or_path!r} ({_first_line(e)})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Fail early for a local path that does not hold a model (hub ids are left to the loader)."""
+    if name_or_path.startswith("tiny:"):
+        arch = name_or_path[5:]
+        if arch not in TINY_ARCHS:
+            raise UserError(f"model.name_or_path: unknown tiny architecture {arch!r}; choose tiny:{' or tiny:'.join(TINY_ARCHS)}")
+        return
+    p = Path(name_or_path)
+    looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        if not p.is_dir():
+            raise UserError(f"model.name_or_path: {name_or_path!r} is not a model folder (not found)")
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise UserError(f"model.name_or_path: {name_or_path!r} has no config.json (not a HF model folder)")
+
+
+def load_policy(model_cfg, lora_cfg=None, seed: int = 0):
+    """(model, tokenizer) from a ModelConfig; wrapped in a fresh LoRA adapter when ``lora_cfg.enabled``."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(model_cfg.name_or_path)
+    tok = load_tokenizer(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
+    if model_cfg.name_or_path.startswith("tiny:"):
+        model = build_tiny_model(
+            model_cfg.name_or_path[5:], hidden_size=model_cfg.tiny_hidden_size, layers=model_cfg.tiny_layers,
+            heads=model_cfg.tiny_heads, intermediate_size=model_cfg.tiny_intermediate_size,
+            max_positions=model_cfg.tiny_max_positions, seed=seed, tokenizer=tok,
+        )
+        if model_cfg.dtype not in ("float32", "auto"):
+            model = model.to(_dtype(model_cfg.dtype))
+    else:
+        kwargs = dict(dtype=_dtype(model_cfg.dtype), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        if model_cfg.attn_implementation:
+            kwargs["attn_implementation"] = model_cfg.attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"model.name_or_path: cannot load a causal LM from {model_cfg.name_or_path!r} ({_first_line(e)})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora_cfg is not None and lora_cfg.enabled:
+        model = add_lora(model, lora_cfg)
+    return model, tok
+
+
+def add_lora(model, lora_cfg):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    cfg = PeftLoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=lora_cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+@contextlib.contextmanager
+def reference_context(model):
+    """Inside: the LoRA base model (adapter off). For a non-LoRA model this is a no-op."""
+    if is_peft(model):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def save_model(model, tokenizer, output_dir: str | Path, state_dict=None, is_main_process: bool = True) -> None:
+    """HF-format model (or LoRA adapter) + tokenizer."""
+    model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=is_main_process, safe_serialization=True)
+    if is_main_process:
+        tokenizer.save_pretrained(output_dir)

@@ -1,0 +1,11 @@
+"""One trainer per data flow. ``run(recipe, output_dir, resume)`` dispatches on ``recipe.trainer``."""
+
+from __future__ import annotations
+
+
+def run(recipe, output_dir, resume: bool = False) -> dict:
+    if recipe.trainer in ("preference", "sft"):
+        from align.trainers.offline import train
+
+        return train(recipe, output_dir, resume=resume)
+    raise ValueError(f"unknown trainer {recipe.trainer!r}")

@@ -18,7 +18,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -c "import torch; print('torch', torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip freeze | grep -i '^torch==' > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test]"
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null

@@ -126,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # dotted.key=value overrides may come after options
+        if args.command not in ("train", "bench") or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*getattr(args, "overrides", []), *extra] if args.command == "train" else args.overrides
+        if args.command == "bench":
+            args.extra = [*args.extra, *extra]
     try:
         return args.fn(args)
     except UserError as e:

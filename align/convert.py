@@ -10,6 +10,7 @@ llama2.c applies RoPE to interleaved pairs ``(2i, 2i+1)`` of each head; HF Llama
 (``rotate_half``). :func:`_to_rotate_half` reorders the rows of wq and wk so both give the same attention scores.
 """
 
+import math
 import os
 import shutil
 import struct
@@ -61,7 +62,7 @@ class Llama2cHeader:
 
     def file_size(self) -> int:
         """Bytes a checkpoint with this header must have."""
-        return HEADER.size + 4 * sum(torch.Size(shape).numel() for _, shape in self.tensor_shapes())
+        return HEADER.size + 4 * sum(math.prod(shape) for _, shape in self.tensor_shapes())
 
 
 def read_header(path: str) -> Llama2cHeader:
@@ -79,7 +80,8 @@ def read_header(path: str) -> Llama2cHeader:
         and heads % kv_heads == 0
     )
     if not ok:
-        fields = f"dim={dim} hidden_dim={hidden} n_layers={layers} n_heads={heads} n_kv_heads={kv_heads} vocab_size={vocab} max_seq_len={seq}"
+        names = "dim hidden_dim n_layers n_heads n_kv_heads vocab_size max_seq_len".split()
+        fields = " ".join(f"{k}={v}" for k, v in zip(names, HEADER.unpack(raw)))
         raise UserError(f"{path}: not a llama2.c checkpoint (nonsense header: {fields})")
     return header
 
@@ -88,15 +90,21 @@ def read_llama2c(path: str) -> tuple[Llama2cHeader, dict[str, torch.Tensor]]:
     """Read a legacy llama2.c checkpoint into its header and its raw tensors (llama2.c names and layout)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint file not found")
-    header = read_header(path)
-    size = os.path.getsize(path)
-    if size != header.file_size():
-        raise UserError(f"{path}: {size} bytes, but its header implies {header.file_size()} (truncated or not a legacy llama2.c checkpoint)")
-    with open(path, "rb") as f:
-        flat = torch.frombuffer(bytearray(f.read()), dtype=torch.float32, offset=HEADER.size)
+    try:
+        header = read_header(path)
+        size = os.path.getsize(path)
+        if size != header.file_size():
+            raise UserError(
+                f"{path}: {size} bytes, but its header implies {header.file_size()}"
+                " (truncated, or not a legacy llama2.c checkpoint)"
+            )
+        with open(path, "rb") as f:
+            flat = torch.frombuffer(bytearray(f.read()), dtype=torch.float32, offset=HEADER.size)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read checkpoint ({e.strerror or e})") from None
     tensors, offset = {}, 0
     for name, shape in header.tensor_shapes():
-        n = torch.Size(shape).numel()
+        n = math.prod(shape)
         tensors[name] = flat[offset : offset + n].view(shape)
         offset += n
     return header, tensors
@@ -153,10 +161,11 @@ def load_sentencepiece_tokenizer(path: str, model_max_length: int):
     try:
         sp.Load(path)
     except (OSError, RuntimeError) as e:
-        raise UserError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if sp.get_piece_size() < 3:
-        raise UserError(f"{path}: SentencePiece vocabulary has {sp.get_piece_size()} pieces; need at least <unk>, <s>, </s>")
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a SentencePiece model ({reason})") from None
     n = sp.get_piece_size()
+    if n < 3:
+        raise UserError(f"{path}: SentencePiece vocabulary has {n} pieces; need at least <unk>, <s>, </s>")
     vocab = {sp.id_to_piece(i): i for i in range(n)}
     special = dict(unk_token=sp.id_to_piece(sp.unk_id()), bos_token=sp.id_to_piece(1), eos_token=sp.id_to_piece(2))
     has_bytes = any(sp.is_byte(i) for i in range(n))

@@ -1,5 +1,6 @@
 """llama2.c -> HF conversion on the real BabyLlama (../shared/data), checked against a llama2.c-style forward."""
 
+import itertools
 import math
 import re
 import struct
@@ -17,6 +18,7 @@ PROMPT = "Once upon a time"
 # Greedy continuation observed after conversion (48 new tokens; the tokenizer is character level).
 # With q/k rows left in llama2.c's order the same weights say "mupactinithta hockindy pontte. tketoner".
 EXPECTED = ", there was a little girl named Lily. She loved "
+STORY_WORDS = set("there was a an the little big girl boy named lily tom ben she he they loved liked to play".split())
 
 
 def babyllama() -> Path:
@@ -45,10 +47,12 @@ def llama2c_logits(bin_path: Path, tokens: list[int]) -> torch.Tensor:
     """
     raw = bin_path.read_bytes()
     dim, hidden, L, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", raw[:28])
-    flat, hs, kv, T = torch.frombuffer(bytearray(raw[28:]), dtype=torch.float32), dim // n_heads, n_kv * dim // n_heads, len(tokens)
+    flat = torch.frombuffer(bytearray(raw[28:]), dtype=torch.float32)
+    hs, T = dim // n_heads, len(tokens)
+    kv = n_kv * hs
     shapes = [(abs(vocab), dim), (L, dim), (L, dim, dim), (L, kv, dim), (L, kv, dim), (L, dim, dim), (L, dim),
               (L, hidden, dim), (L, dim, hidden), (L, hidden, dim), (dim,), (seq_len, hs // 2), (seq_len, hs // 2)]
-    offsets = [0, *torch.tensor([math.prod(s) for s in shapes]).cumsum(0).tolist()]
+    offsets = list(itertools.accumulate(map(math.prod, shapes), initial=0))
     emb, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, cos, sin = (
         flat[start:end].view(shape) for start, end, shape in zip(offsets, offsets[1:], shapes)
     )
@@ -92,8 +96,9 @@ def test_greedy_continuation_is_tinystories_english(hf_model):
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=48, do_sample=False, pad_token_id=tok.eos_token_id)
     text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert re.fullmatch(r"[a-z ,.]*(?: [A-Z][a-z]+[ ,.]*)*[a-z ,.]*", text.replace("Lily", "lily").replace("She", "she"))
-    assert set(re.findall(r"[a-z]+", text.lower())) <= {"there", "was", "a", "little", "girl", "named", "lily", "she", "loved"}
+    words = re.findall(r"[A-Za-z]+", text)
+    assert re.fullmatch(r"[A-Za-z ,.]+", text) and len(words) >= 8, text
+    assert {w.lower() for w in words} <= STORY_WORDS, text
     assert text == EXPECTED
 
 
@@ -118,7 +123,11 @@ def test_missing_tokenizer_raises(tmp_path):
 
 @pytest.mark.parametrize(
     "content, problem",
-    [(None, "checkpoint file not found"), (b"\x00" * 10, "too short"), (struct.pack("<7i", 128, 352, 5, 7, 4, 105, 256), "nonsense header")],
+    [
+        (None, "checkpoint file not found"),
+        (b"\x00" * 10, "too short"),
+        (struct.pack("<7i", 128, 352, 5, 7, 4, 105, 256), "nonsense header"),  # 7 heads do not divide dim 128
+    ],
 )
 def test_bad_bin_raises_one_line(tmp_path, content, problem):
     bad = tmp_path / "model.bin"
@@ -127,3 +136,16 @@ def test_bad_bin_raises_one_line(tmp_path, content, problem):
     with pytest.raises(UserError, match=re.escape(f"{bad}: ") + ".*" + problem) as err:
         convert_llama2c(str(bad), str(tmp_path / "tok.model"), str(tmp_path / "out"))
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", disk_full)
+    src, out = babyllama(), tmp_path / "out"
+    with pytest.raises(UserError, match=re.escape(f"{out}: cannot write") + ".*No space left"):
+        convert_llama2c(str(src / "model5000.bin"), str(src / "tok105.model"), str(out))
+    assert list(tmp_path.iterdir()) == []  # neither the output folder nor the temp folder

@@ -1,0 +1,74 @@
+"""The shared rollout engine: one small protocol, backends imported lazily by name.
+
+    engine = make_engine(recipe.rollout, model, tokenizer)
+    samples = engine.generate(prompts, n=4, sampling=SamplingParams(max_new_tokens=32, temperature=1.0, seed=0))
+    samples[i][k].token_ids / .text / .logprobs / .finish_reason      # prompt i, sample k
+    engine.update_weights(model)                                      # after an optimizer step
+    engine.sleep(); engine.wake()                                     # free memory between phases
+
+Prompts are strings (tokenised with the tokenizer's special tokens), message lists (chat template with the
+generation prompt) or token-id lists. ``logprobs`` are the model's log-probabilities of the sampled tokens under
+the unmodified distribution (temperature 1, no top-k/top-p), i.e. what a trainer recomputes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, Union
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Prompt], n: int = 1, sampling: SamplingParams | None = None) -> list[list[Completion]]: ...
+
+    def update_weights(self, model) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+
+BACKENDS = {"hf": "align.rollout.hf:HFEngine", "vllm": "align.rollout.vllm:VLLMEngine"}
+
+
+def make_engine(rollout_cfg, model, tokenizer) -> RolloutEngine:
+    """The backend named by ``rollout_cfg.backend``; its module is imported only here."""
+    module, _, cls = BACKENDS[rollout_cfg.backend].partition(":")
+    return getattr(importlib.import_module(module), cls)(model, tokenizer, batch_size=rollout_cfg.batch_size)
+
+
+def sampling_from(rollout_cfg, **overrides) -> SamplingParams:
+    base = dict(max_new_tokens=rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k)
+    base.update(overrides)
+    return SamplingParams(**base)
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if len(prompt) and isinstance(prompt[0], dict):
+        out = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return list(prompt)

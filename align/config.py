@@ -67,6 +67,7 @@ class DataConfig:
     chat_template: bool = doc(False, "Render plain prompts through the tokenizer's chat template as one user turn.")
     builtin_size: int = doc(512, "Rows generated for 'builtin:tasks'.")
     builtin_families: list = doc([], "Task families for 'builtin:tasks' (empty = all).")
+    builtin_sloppy: float = doc(0.0, "Fraction of 'builtin:tasks' SFT demonstrations written by a sloppy annotator (a systematic, family-specific mistake).")
 
 
 @dataclass

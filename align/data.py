@@ -50,7 +50,7 @@ def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False) -> list[d
             ts = tasks.make_tasks(data_cfg.builtin_size, seed=seed, split="train", families=data_cfg.builtin_families)
         except ValueError as e:
             raise UserError(f"data.builtin_families: {e}") from None
-        return tasks.sft_rows(ts) if sft else tasks.preference_rows(ts, seed=seed)
+        return tasks.sft_rows(ts, data_cfg.builtin_sloppy, seed) if sft else tasks.preference_rows(ts, seed=seed)
     if source.startswith("hf:"):
         return _read_hf(source[3:])
     path = Path(source)

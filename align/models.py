@@ -41,7 +41,7 @@ def char_tokenizer():
 
 
 def build_tiny_model(arch: str = "llama", vocab_size: int = 104, hidden_size: int = 128, layers: int = 4, heads: int = 4,
-                     intermediate_size: int = 256, max_positions: int = 256, seed: int = 0, tokenizer=None):
+                     intermediate_size: int = 256, max_positions: int = 256, seed: int = 0, tokenizer=None, tie_embeddings: bool = False):
     """A randomly initialised small causal LM (deterministic in ``seed``). head_dim = hidden/heads."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -55,7 +55,7 @@ def build_tiny_model(arch: str = "llama", vocab_size: int = 104, hidden_size: in
     config = cls(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
-        tie_word_embeddings=True, **ids,
+        tie_word_embeddings=tie_embeddings, **ids,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

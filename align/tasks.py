@@ -99,8 +99,29 @@ def corrupt(task: Task, rng: random.Random) -> str:
     raise AssertionError(f"could not corrupt {a!r}")
 
 
-def sft_rows(tasks: list[Task]) -> list[dict]:
-    return [{"prompt": t.prompt, "chosen": t.answer} for t in tasks]
+def sloppy_answer(task: Task) -> str:
+    """The systematic mistake of a sloppy annotator, one per family: a sum off by one, the word not reversed,
+    digits sorted the wrong way, a count one too high, the minimum instead of the maximum."""
+    p = task.prompt[:-1]
+    if task.family == "add":
+        return str(int(task.answer) + 1)
+    if task.family == "reverse":
+        return p.split(" ", 1)[1]
+    if task.family == "sort":
+        return task.answer[::-1] if task.answer[::-1] != task.answer else task.answer + task.answer[-1]
+    if task.family == "count":
+        return str(int(task.answer) + 1)
+    if task.family == "max":
+        xs = p.split()[1:]
+        return min(xs) if min(xs) != max(xs) else str(int(max(xs)) + 1)
+    raise ValueError(task.family)
+
+
+def sft_rows(tasks: list[Task], sloppy_fraction: float = 0.0, seed: int = 0) -> list[dict]:
+    """Demonstrations; a ``sloppy_fraction`` of them come from a sloppy annotator (``sloppy_answer``), the
+    mixed-quality data that preference optimisation is meant to improve on."""
+    rng = random.Random(f"sloppy-{seed}")
+    return [{"prompt": t.prompt, "chosen": sloppy_answer(t) if rng.random() < sloppy_fraction else t.answer} for t in tasks]
 
 
 def preference_rows(tasks: list[Task], seed: int = 0) -> list[dict]:

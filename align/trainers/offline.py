@@ -134,6 +134,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     if ds_plugin is not None:
         ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
         ds_plugin.deepspeed_config["gradient_accumulation_steps"] = t.grad_accum
+        ds_plugin.deepspeed_config["train_batch_size"] = t.batch_size * t.grad_accum * world
         if t.max_grad_norm is not None:
             ds_plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -1,0 +1,81 @@
+"""``align train RECIPE --dry-run``: check a recipe, its data and its launch configuration without loading weights.
+
+Checks: the recipe (types, ranges, conflicts: done by load_recipe), the loss, the model path (a local folder
+must hold config.json; hub ids are only named), the tokenizer when it is local, the data (read, format,
+columns, empty responses, and lengths when the tokenizer is available) and the accelerate config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from align.config import Recipe
+from align.errors import UserError
+
+ACCELERATE_KEYS = {"compute_environment", "distributed_type", "num_processes", "num_machines", "machine_rank",
+                   "mixed_precision", "use_cpu", "deepspeed_config", "main_training_function", "gpu_ids",
+                   "rdzv_backend", "same_network", "tpu_env", "tpu_use_cluster", "tpu_use_sudo", "downcast_bf16",
+                   "main_process_ip", "main_process_port", "debug", "enable_cpu_affinity", "fsdp_config", "dynamo_config"}
+DISTRIBUTED_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP"}
+
+
+def check_accelerate_config(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"accelerate_config: {path}: file not found")
+    try:
+        cfg = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: an accelerate config must be a mapping")
+    unknown = set(cfg) - ACCELERATE_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown accelerate key {sorted(unknown)[0]!r}")
+    dt = cfg.get("distributed_type", "NO")
+    if dt not in DISTRIBUTED_TYPES:
+        raise UserError(f"{path}: distributed_type {dt!r} is not one of {sorted(DISTRIBUTED_TYPES)}")
+    n = cfg.get("num_processes", 1)
+    if not isinstance(n, int) or n < 1:
+        raise UserError(f"{path}: num_processes must be a positive integer")
+    if dt == "DEEPSPEED":
+        ds = cfg.get("deepspeed_config") or {}
+        if ds.get("zero_stage") not in (0, 1, 2, 3):
+            raise UserError(f"{path}: deepspeed_config.zero_stage must be 0-3")
+        return f"{dt} ZeRO-{ds['zero_stage']} x{n}" + (" (CPU)" if cfg.get("use_cpu") else "")
+    return f"{dt} x{n}" + (" (CPU)" if cfg.get("use_cpu") else "")
+
+
+def dry_run(recipe: Recipe, recipe_path: str) -> str:
+    from align.data import normalise, read_rows, tokenize_rows
+    from align.losses import get_loss
+    from align.models import check_model_path, load_tokenizer
+
+    lines = [f"recipe   {recipe_path}: ok ({recipe.trainer}, loss {recipe.loss.name})"]
+    spec = get_loss(recipe.loss.name)
+    name = recipe.model.name_or_path
+    check_model_path(name)
+    local = name.startswith("tiny:") or Path(name).is_dir()
+    lines.append(f"model    {name}: {'local' if local else 'hub id (not downloaded in a dry run)'}" + (" + LoRA" if recipe.lora.enabled else ""))
+    tok = load_tokenizer(name, recipe.model.revision, recipe.model.trust_remote_code) if local else None
+    sources = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])
+    for label, source in sources:
+        if source.startswith("hf:") and not Path(source[3:].split(":")[0]).is_dir():
+            lines.append(f"data     {label} {source}: hub dataset (checked when training starts)")
+            continue
+        rows = read_rows(source, recipe.data, seed=recipe.train.seed, sft=not spec.needs_rejected)
+        if recipe.data.limit is not None:
+            rows = rows[: recipe.data.limit]
+        fmt, triples = normalise(rows, recipe.data, source, sft=not spec.needs_rejected)
+        if tok is not None:
+            tokenize_rows(triples, fmt, tok, recipe.data, source)
+        lines.append(f"data     {label} {source}: {len(triples)} rows, format {fmt}" + (", lengths ok" if tok is not None else ""))
+    if recipe.accelerate_config:
+        cfg_path = recipe.accelerate_config
+        if not Path(cfg_path).is_file():
+            cfg_path = str(Path(recipe_path).resolve().parent.parent / "accelerate" / Path(cfg_path).name) if not Path(cfg_path).is_absolute() else cfg_path
+        lines.append(f"launch   {recipe.accelerate_config}: {check_accelerate_config(cfg_path)}")
+    lines.append("dry run ok: nothing was loaded or written")
+    return "\n".join(lines)

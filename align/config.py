@@ -76,7 +76,7 @@ class LossConfig:
     beta: float = doc(0.1, "KL strength beta (DPO, cDPO, robust, hinge, SimPO); tau of IPO; 1/eta of SPPO's regression target 1/(2 beta).")
     label_smoothing: float = doc(0.0, "Probability eps that a label is flipped (cdpo, robust).")
     simpo_gamma: float = doc(0.5, "SimPO target reward margin gamma.")
-    eta: float = doc(0.005, "INPO/SPPO step size eta.")
+    eta: float = doc(0.005, "INPO step size eta (SPPO uses eta = 1/beta).")
     tau: float = doc(0.005 / 3, "INPO KL-to-reference strength tau (tau = eta gives online IPO).")
     sft_weight: float = doc(0.0, "Add this times the chosen NLL (per token) to the loss (RPO-style regulariser).")
 

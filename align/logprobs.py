@@ -6,7 +6,7 @@ import torch
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[labels] without materialising the full log-softmax in float32 at once per row."""
+    """log softmax(logits)[labels] as gather - logsumexp (no full log-softmax tensor is kept for backward)."""
     logits = logits.float()
     return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 

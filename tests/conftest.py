@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny models built locally, the shared data folder (skipped when absent), a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from align.paths import REPO_ROOT, shared_data_dir
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data not found (set ALIGN_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from align.models import char_tokenizer
+
+    return char_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    from align.models import build_tiny_model
+
+    return build_tiny_model("llama", hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=0, tokenizer=tiny_tokenizer)
+
+
+def run_align(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """``python -m align ARGS`` in a subprocess; returns the completed process (text output)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the DeepSpeed import banner."""
+    return [line for line in stderr.splitlines() if line.strip() and "real_accelerator" not in line]

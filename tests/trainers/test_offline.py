@@ -1,0 +1,118 @@
+"""The offline trainer end to end on a tiny model: outputs, resume after SIGKILL, LoRA reference, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.config import load_recipe
+from align.paths import REPO_ROOT
+from align.trainers import run
+from tests.conftest import error_lines, run_align
+
+TINY = REPO_ROOT / "recipes" / "dpo" / "tiny.yaml"
+
+
+def test_tiny_recipe_writes_every_output(tmp_path):
+    recipe = load_recipe(TINY, ["logging.progress=false"])
+    summary = run(recipe, tmp_path / "run")
+    out = tmp_path / "run"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "recipe.yaml", "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, summary["steps"] + 1))
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
+    saved = json.loads((out / "summary.json").read_text())
+    assert {"trainer", "steps", "wall_seconds", "final"} <= set(saved) and saved["steps"] == 16
+    assert (out / "plots" / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]  # keep 2
+    assert load_recipe(out / "recipe.yaml").loss.name == "dpo"  # the resolved recipe loads back
+    assert rows[-1]["rewards/margin"] > 0
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_sigkill_after_first_checkpoint_then_resume_gives_identical_weights(tmp_path):
+    overrides = ["train.epochs=6", "train.save_steps=4", "logging.progress=false"]
+    full = tmp_path / "full"
+    assert run_align("train", str(TINY), "-o", str(full), *overrides).returncode == 0
+
+    part = tmp_path / "part"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "-m", "align", "train", str(TINY), "-o", str(part), *overrides],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (part / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (part / "summary.json").exists(), "the kill came too late to test anything"
+
+    resumed = run_align("train", str(TINY), "-o", str(part), "--resume", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(full), _weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows_full = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    rows_part = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    drop = ("tokens_per_second",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows_full] == [{k: v for k, v in r.items() if k not in drop} for r in rows_part]
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path):
+    out = tmp_path / "run"
+    assert run_align("train", str(TINY), "-o", str(out), "logging.progress=false").returncode == 0
+    again = run_align("train", str(TINY), "-o", str(out), "logging.progress=false")
+    assert again.returncode == 2 and "--resume" in error_lines(again.stderr)[-1]
+    other = run_align("train", str(TINY), "-o", str(out), "--resume", "train.lr=0.5", "logging.progress=false")
+    lines = error_lines(other.stderr)
+    assert other.returncode == 2 and len(lines) == 1 and "different recipe" in lines[0]
+
+
+def test_lora_uses_the_disabled_adapter_as_reference(tmp_path):
+    recipe = load_recipe(TINY, ["lora.enabled=true", "lora.r=8", "lora.alpha=16", "train.lr=3.0e-3", "train.epochs=4", "train.save_steps=0", "logging.progress=false"])
+    summary = run(recipe, tmp_path / "lora")
+    assert summary["reference"] == "model"  # the LoRA base, no copy
+    rows = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert sum(r["loss"] for r in rows[-4:]) / 4 < 0.68
+    assert (tmp_path / "lora" / "adapter_config.json").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_reference_free_simpo_and_sft(tmp_path):
+    s = run(load_recipe(TINY, ["loss.name=simpo", "loss.beta=2.0", "train.save_steps=0", "logging.progress=false"]), tmp_path / "simpo")
+    assert s["reference"] == "none"
+    sft = run(load_recipe(TINY, ["trainer=sft", "loss.name=sft", "train.epochs=3", "train.save_steps=0", "logging.progress=false"]), tmp_path / "sft")
+    rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft["reference"] == "none" and rows[-1]["loss"] < rows[0]["loss"] - 0.5
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
+    """batch 4 x accumulation 2 takes the same optimizer steps as batch 8 x 1 (same examples per step)."""
+    base = ["train.save_steps=0", "logging.progress=false", "train.max_steps=3", "train.max_grad_norm=null"]
+    run(load_recipe(TINY, base + ["train.batch_size=8", "train.grad_accum=1"]), tmp_path / "b8")
+    run(load_recipe(TINY, base + ["train.batch_size=4", "train.grad_accum=2"]), tmp_path / "b4")
+    a, b = _weights(tmp_path / "b8"), _weights(tmp_path / "b4")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    res = run_align("train", str(TINY), "-o", str(out), "train.lr=1.0e30", "train.save_steps=1", "train.max_grad_norm=null", "logging.progress=false")
+    lines = error_lines(res.stderr)
+    assert res.returncode == 1 and "non-finite loss at step" in lines[-1]
+    assert "Traceback" not in res.stderr
+    assert any(out.glob("checkpoint-*/trainer_state.json"))

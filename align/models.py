@@ -43,7 +43,7 @@ def char_tokenizer():
 def build_tiny_model(arch: str = "llama", vocab_size: int = 104, hidden_size: int = 128, layers: int = 4, heads: int = 4,
                      intermediate_size: int = 256, max_positions: int = 256, seed: int = 0, tokenizer=None, tie_embeddings: bool = False):
     """A randomly initialised small causal LM (deterministic in ``seed``). head_dim = hidden/heads."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if arch not in TINY_ARCHS:
         raise UserError(f"model.name_or_path: unknown tiny architecture {arch!r}; choose tiny:{' or tiny:'.join(TINY_ARCHS)}")
@@ -51,15 +51,17 @@ def build_tiny_model(arch: str = "llama", vocab_size: int = 104, hidden_size: in
     if tokenizer is not None:
         vocab_size = len(tokenizer)
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    cls = LlamaConfig if arch == "llama" else Qwen2Config
-    config = cls(
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_cls(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
         tie_word_embeddings=tie_embeddings, **ids,
     )
+    # constructed directly, not through from_config: under DeepSpeed ZeRO-3 from_config initialises inside
+    # zero.Init, partitioned per rank, and the "same seed" would give every launch a different model
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_cls(config)
     return model
 
 

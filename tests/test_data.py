@@ -1,0 +1,551 @@
+"""Data: reading every file type, normalising the three row formats, tokenising, bad input, batching."""
+
+import dataclasses
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from align.config import DataConfig
+from align.data import (
+    HH_ASSISTANT, Example, collate, detect_format, load_examples, normalise, read_rows, render, split_hh, tokenize_rows,
+)
+from align.errors import UserError
+from align.models import char_tokenizer
+from align.paths import shared_data_dir
+
+PAIRS = [
+    {"prompt": "2+3=", "chosen": "5", "rejected": "6"},
+    {"prompt": "rev abc=", "chosen": "cba", "rejected": "abc"},
+    {"prompt": "max 1 9 4=", "chosen": "9", "rejected": "1"},
+]
+HH_REAL_ROWS = 2312
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def cfg(**kw) -> DataConfig:
+    return dataclasses.replace(DataConfig(), **kw)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def load_error(path, tok, data_cfg=None, sft=False) -> str:
+    """load_examples must raise a UserError with one non-empty line that names the file."""
+    with pytest.raises(UserError) as info:
+        load_examples(str(path), tok, data_cfg or cfg(), sft=sft)
+    msg = str(info.value)
+    assert msg and "\n" not in msg, msg
+    assert Path(path).name in msg, msg
+    return msg
+
+
+def tokens(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------- plain
+
+
+def test_plain_rows_get_bos_and_eos(tok):
+    fmt, triples = normalise(PAIRS, cfg(), "mem", sft=False)
+    assert fmt == "plain"
+    examples = tokenize_rows(triples, fmt, tok, cfg(), "mem")
+    assert len(examples) == len(PAIRS)
+    for i, (row, ex) in enumerate(zip(PAIRS, examples)):
+        assert ex.idx == i
+        assert ex.prompt_ids[0] == tok.bos_token_id
+        assert ex.prompt_ids[1:] == tokens(tok, row["prompt"])
+        assert ex.chosen_ids == tokens(tok, row["chosen"]) + [tok.eos_token_id]
+        assert ex.rejected_ids == tokens(tok, row["rejected"]) + [tok.eos_token_id]
+        assert tok.decode(ex.chosen_ids, skip_special_tokens=True) == row["chosen"]
+
+
+def test_plain_sft_rows_have_no_rejected(tok):
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in PAIRS]
+    fmt, triples = normalise(rows, cfg(), "mem", sft=True)
+    examples = tokenize_rows(triples, fmt, tok, cfg(), "mem")
+    assert all(e.rejected_ids is None and e.chosen_ids[-1] == tok.eos_token_id for e in examples)
+
+
+def test_plain_rows_with_chat_template(tok):
+    fmt, triples = normalise(PAIRS[:1], cfg(chat_template=True), "mem", sft=False)
+    ex = tokenize_rows(triples, fmt, tok, cfg(chat_template=True), "mem")[0]
+    messages = [{"role": "user", "content": "2+3="}, {"role": "assistant", "content": "5"}]
+    assert ex.prompt_ids + ex.chosen_ids == tokens(tok, tok.apply_chat_template(messages, tokenize=False))
+
+
+def test_custom_column_names(tok):
+    rows = [{"q": "hi", "good": "a", "bad": "b"}]
+    c = cfg(prompt_key="q", chosen_key="good", rejected_key="bad")
+    fmt, triples = normalise(rows, c, "mem", sft=False)
+    assert triples == [("hi", "a", "b")]
+
+
+# -------------------------------------------------------------------------------------------- conversational
+
+
+def conv_full_text(tok, messages) -> str:
+    return tok.apply_chat_template(messages, tokenize=False)
+
+
+def test_conversational_with_explicit_prompt(tok):
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3="}]
+    chosen = [{"role": "assistant", "content": "5"}]
+    rejected = [{"role": "assistant", "content": "six"}]
+    rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+    fmt, triples = normalise(rows, cfg(), "mem", sft=False)
+    assert fmt == "conversational"
+    assert triples == [(prompt, chosen, rejected)]
+    for response in (chosen, rejected):
+        p, r = render(tok, prompt, response, use_template=True)
+        assert p + r == conv_full_text(tok, prompt + response)
+        assert p == tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    ex = tokenize_rows(triples, fmt, tok, cfg(), "mem")[0]
+    # the template writes its own BOS/EOS: no extra BOS on the prompt, no extra EOS on the responses
+    assert ex.prompt_ids + ex.chosen_ids == tokens(tok, conv_full_text(tok, prompt + chosen))
+    assert ex.prompt_ids + ex.rejected_ids == tokens(tok, conv_full_text(tok, prompt + rejected))
+    assert ex.prompt_ids.count(tok.bos_token_id) == 1
+    assert tok.decode(ex.chosen_ids) == "5</s>"
+
+
+def test_conversational_with_implicit_prompt(tok):
+    shared = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+3="}]
+    rows = [{"chosen": shared + [{"role": "assistant", "content": "5"}],
+             "rejected": shared + [{"role": "assistant", "content": "6"}]}]
+    fmt, triples = normalise(rows, cfg(), "mem", sft=False)
+    assert fmt == "conversational"
+    prompt, chosen, rejected = triples[0]
+    assert prompt == shared
+    assert chosen == [{"role": "assistant", "content": "5"}] and rejected == [{"role": "assistant", "content": "6"}]
+    ex = tokenize_rows(triples, fmt, tok, cfg(), "mem")[0]
+    assert ex.prompt_ids + ex.chosen_ids == tokens(tok, conv_full_text(tok, rows[0]["chosen"]))
+    assert ex.prompt_ids + ex.rejected_ids == tokens(tok, conv_full_text(tok, rows[0]["rejected"]))
+
+
+def test_conversational_string_prompt_becomes_a_user_turn(tok):
+    rows = [{"prompt": "2+3=", "chosen": [{"role": "assistant", "content": "5"}],
+             "rejected": [{"role": "assistant", "content": "6"}]}]
+    _, triples = normalise(rows, cfg(), "mem", sft=False)
+    assert triples[0][0] == [{"role": "user", "content": "2+3="}]
+
+
+def test_conversational_implicit_prompt_must_be_shared():
+    rows = [{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "5"}],
+             "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "6"}]}]
+    with pytest.raises(UserError, match="row 0: chosen and rejected do not share"):
+        normalise(rows, cfg(), "mem", sft=False)
+
+
+def test_conversational_bad_messages():
+    rows = [{"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "x"}]}]
+    with pytest.raises(UserError, match="row 0: 'chosen' is not a list of"):
+        normalise(rows, cfg(), "mem", sft=False)
+
+
+# ----------------------------------------------------------------------------------------------------------- hh
+
+
+def test_split_hh_at_the_last_assistant_turn():
+    text = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+3?\n\nAssistant: 5"
+    prompt, response = split_hh(text)
+    assert prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+3?\n\nAssistant:"
+    assert response == "5"
+    with pytest.raises(ValueError):
+        split_hh("\n\nHuman: no answer")
+
+
+def test_hh_rows_are_detected_and_split(tok):
+    rows = [{"chosen": "\n\nHuman: 2+3?\n\nAssistant: 5", "rejected": "\n\nHuman: 2+3?\n\nAssistant: 6"}]
+    assert detect_format(rows[0], cfg()) == "hh"
+    fmt, triples = normalise(rows, cfg(), "mem", sft=False)
+    assert fmt == "hh"
+    assert triples == [("\n\nHuman: 2+3?\n\nAssistant:", "5", "6")]
+    ex = tokenize_rows(triples, fmt, tok, cfg(), "mem")[0]
+    assert ex.prompt_ids[0] == tok.bos_token_id and ex.chosen_ids[-1] == tok.eos_token_id
+
+
+def test_hh_rows_with_different_prompts_fail():
+    rows = [{"chosen": "\n\nHuman: a\n\nAssistant: 5", "rejected": "\n\nHuman: b\n\nAssistant: 6"}]
+    with pytest.raises(UserError, match="row 0: chosen and rejected dialogues have different prompts"):
+        normalise(rows, cfg(), "mem", sft=False)
+
+
+def test_hh_row_without_assistant_turn_fails():
+    rows = [{"chosen": "\n\nHuman: a\n\nAssistant: 5", "rejected": "\n\nHuman: a\n\nAssistant: 6"},
+            {"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: a\n\nAssistant: 6"}]
+    with pytest.raises(UserError, match="row 1: not an HH-RLHF dialogue"):
+        normalise(rows, cfg(format="hh"), "mem", sft=False)
+
+
+def hh_real_file() -> Path:
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("shared data folder not found (../shared/data next to the repo, or set ALIGN_SHARED_DATA)")
+    path = data / "preferences" / "hh-rlhf-harmless-base-test.jsonl.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found in the shared data")
+    return path
+
+
+# Rows of the real HH-RLHF harmless-base test split that are malformed as preference pairs:
+#   - empty chosen response: the chosen dialogue ends with "\n\nAssistant: " and nothing after it;
+#   - the final chosen response itself holds a "\n\nAssistant:" turn, so splitting at the last one gives
+#     chosen and rejected different prompts.
+HH_EMPTY_CHOSEN = {86, 516, 925, 1103}
+HH_DIFFERENT_PROMPTS = {1254, 1688, 1950, 1952, 2036}
+
+
+def test_real_hh_rlhf_file_rows(tok):
+    path = hh_real_file()
+    rows = read_rows(str(path), cfg())
+    assert len(rows) == HH_REAL_ROWS
+    assert all(set(r) == {"chosen", "rejected"} for r in rows)
+    hh = cfg(format="hh")
+    good, errors = [], {}
+    for i, row in enumerate(rows):  # row by row, to see every malformed row (the whole file stops at the first)
+        try:
+            good.append((i, normalise([row], hh, str(path), sft=False)[1][0]))
+        except UserError as e:
+            errors[i] = str(e)
+    assert {i for i, e in errors.items() if "empty 'chosen' response" in e} == HH_EMPTY_CHOSEN
+    assert {i for i, e in errors.items() if "different prompts" in e} == HH_DIFFERENT_PROMPTS
+    assert set(errors) == HH_EMPTY_CHOSEN | HH_DIFFERENT_PROMPTS
+    assert len(good) == HH_REAL_ROWS - 9
+    for i, (prompt, chosen, rejected) in good:
+        assert prompt.endswith("Assistant:"), i
+        assert prompt.startswith("\n\nHuman:"), i
+        assert chosen.strip() and rejected.strip(), i
+        assert rows[i]["chosen"].startswith(prompt) and rows[i]["rejected"].startswith(prompt), i
+    # the good rows tokenise (truncated: the dialogues are long for a character tokenizer)
+    triples = [t for _, t in good[:200]]
+    examples = tokenize_rows(triples, "hh", tok, cfg(format="hh", truncate=True, max_length=512, max_prompt_length=384), str(path))
+    assert len(examples) == 200
+    assert all(len(e.prompt_ids) <= 384 and len(e.prompt_ids) + len(e.chosen_ids) <= 512 for e in examples)
+
+
+def test_real_hh_rlhf_file_as_a_whole_names_the_first_bad_row(tok):
+    path = hh_real_file()
+    msg = load_error(path, tok, cfg(format="hh", truncate=True))
+    assert f"row {min(HH_EMPTY_CHOSEN)}: empty 'chosen' response" in msg
+
+
+# ------------------------------------------------------------------------------------------------ file types
+
+
+def test_all_file_types_read_the_same_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [write_jsonl(tmp_path / "d.jsonl", PAIRS)]
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in PAIRS))
+    files.append(tmp_path / "d.jsonl.gz")
+    (tmp_path / "d.json").write_text(json.dumps(PAIRS), encoding="utf-8")
+    files.append(tmp_path / "d.json")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": PAIRS}), encoding="utf-8")
+    files.append(tmp_path / "wrapped.json")
+    with gzip.open(tmp_path / "d.json.gz", "wt", encoding="utf-8") as f:
+        json.dump(PAIRS, f)
+    files.append(tmp_path / "d.json.gz")
+    pq.write_table(pa.Table.from_pylist(PAIRS), tmp_path / "d.parquet")
+    files.append(tmp_path / "d.parquet")
+    for path in files:
+        assert read_rows(str(path), cfg()) == PAIRS, path.name
+
+
+def test_jsonl_blank_lines_are_skipped(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text("\n" + json.dumps(PAIRS[0]) + "\n  \n" + json.dumps(PAIRS[1]) + "\n", encoding="utf-8")
+    assert read_rows(str(path), cfg()) == PAIRS[:2]
+
+
+def test_limit_uses_the_first_rows(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    assert len(load_examples(str(path), tok, cfg(limit=2))) == 2
+
+
+def test_builtin_tasks(tok):
+    examples = load_examples("builtin:tasks", tok, cfg(builtin_size=20, builtin_families=["add", "sort"]))
+    assert len(examples) == 20 and all(e.rejected_ids is not None for e in examples)
+    sft = load_examples("builtin:tasks", tok, cfg(builtin_size=10), sft=True)
+    assert all(e.rejected_ids is None for e in sft)
+    with pytest.raises(UserError, match="data.builtin_families"):
+        read_rows("builtin:tasks", cfg(builtin_families=["nope"]))
+    with pytest.raises(UserError, match="builtin:other"):
+        read_rows("builtin:other", cfg())
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_column_names_row_and_column(tmp_path, tok):
+    rows = [PAIRS[0], {"prompt": "p", "chosen": "c"}]
+    msg = load_error(write_jsonl(tmp_path / "nocol.jsonl", rows), tok)
+    assert "row 1" in msg and "'rejected'" in msg
+
+
+def test_missing_prompt_column(tmp_path, tok):
+    msg = load_error(write_jsonl(tmp_path / "noprompt.jsonl", [{"chosen": "c", "rejected": "r"}]), tok)
+    assert "row 0" in msg and "'prompt'" in msg
+
+
+@pytest.mark.parametrize("empty", ["", "   ", "\n"])
+def test_empty_chosen(tmp_path, tok, empty):
+    rows = [PAIRS[0], PAIRS[1], {"prompt": "p", "chosen": empty, "rejected": "r"}]
+    msg = load_error(write_jsonl(tmp_path / "empty_chosen.jsonl", rows), tok)
+    assert "row 2" in msg and "empty 'chosen'" in msg
+
+
+def test_non_utf8_line_names_the_row(tmp_path, tok):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((json.dumps(PAIRS[0]) + "\n").encode() + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    msg = load_error(path, tok)
+    assert "row 1" in msg and "UTF-8" in msg
+
+
+def test_invalid_json_line_names_the_row(tmp_path, tok):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps(PAIRS[1]) + "\n{\"prompt\": \"x\", \n", encoding="utf-8")
+    msg = load_error(path, tok)
+    assert "row 2" in msg and "invalid JSON" in msg
+
+
+def test_invalid_json_file(tmp_path, tok):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"prompt": "x"', encoding="utf-8")
+    assert "invalid JSON" in load_error(path, tok)
+
+
+def test_json_that_is_not_a_list(tmp_path, tok):
+    path = tmp_path / "obj.json"
+    path.write_text('{"prompt": "x"}', encoding="utf-8")
+    assert "list of rows" in load_error(path, tok)
+
+
+def test_non_object_row(tmp_path, tok):
+    path = tmp_path / "scalar_row.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n42\n", encoding="utf-8")
+    assert "row 1: expected an object" in load_error(path, tok)
+
+
+def test_plain_column_of_the_wrong_type(tmp_path, tok):
+    rows = [{"prompt": "p", "chosen": 5, "rejected": "r"}]
+    msg = load_error(write_jsonl(tmp_path / "int.jsonl", rows), tok)
+    assert "row 0" in msg and "'chosen' must be a string" in msg
+
+
+def test_too_long_prompt_names_the_row_and_truncates_from_the_left(tmp_path, tok):
+    long_prompt = "".join(str(i % 10) for i in range(40))
+    rows = [PAIRS[0], {"prompt": long_prompt, "chosen": "x", "rejected": "y"}]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    msg = load_error(path, tok, cfg(max_prompt_length=16, max_length=32))
+    assert "row 1" in msg and "data.max_prompt_length 16" in msg and "data.truncate" in msg
+    examples = load_examples(str(path), tok, cfg(max_prompt_length=16, max_length=32, truncate=True))
+    full = [tok.bos_token_id] + tokens(tok, long_prompt)
+    assert examples[1].prompt_ids == full[-16:]  # the end of the prompt (next to the response) is kept
+    assert tok.decode(examples[1].prompt_ids) == long_prompt[-16:]
+    assert examples[0].prompt_ids[0] == tok.bos_token_id  # short rows are untouched
+
+
+def test_too_long_response_fails_or_is_cut_from_the_right(tmp_path, tok):
+    rows = [{"prompt": "p", "chosen": "abcdefghijklmnopqrstuvwxyz", "rejected": "y"}]
+    path = write_jsonl(tmp_path / "longresp.jsonl", rows)
+    msg = load_error(path, tok, cfg(max_prompt_length=8, max_length=16))
+    assert "row 0" in msg and "prompt + chosen" in msg and "data.max_length 16" in msg
+    ex = load_examples(str(path), tok, cfg(max_prompt_length=8, max_length=16, truncate=True))[0]
+    assert len(ex.prompt_ids) + len(ex.chosen_ids) == 16
+    assert tok.decode(ex.chosen_ids) == "abcdefghijklmn"
+
+
+def test_mixed_formats_name_the_row(tmp_path, tok):
+    rows = [PAIRS[0], PAIRS[1], {"prompt": "p", "chosen": [{"role": "assistant", "content": "x"}],
+                                 "rejected": [{"role": "assistant", "content": "y"}]}]
+    msg = load_error(write_jsonl(tmp_path / "mixed.jsonl", rows), tok)
+    assert "row 2" in msg and "mixed formats" in msg
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.json", "[]")])
+def test_empty_file(tmp_path, tok, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    assert "empty" in load_error(path, tok)
+
+
+def test_missing_file(tmp_path, tok):
+    assert "not found" in load_error(tmp_path / "missing.jsonl", tok)
+
+
+@pytest.mark.parametrize("name", ["pairs.csv", "pairs.txt", "pairs.csv.gz"])
+def test_unsupported_extension(tmp_path, tok, name):
+    path = tmp_path / name
+    path.write_text("prompt,chosen,rejected\na,b,c\n", encoding="utf-8")
+    assert "unsupported file type" in load_error(path, tok)
+
+
+def test_truncated_gzip(tmp_path, tok):
+    data = gzip.compress(b"".join((json.dumps(r) + "\n").encode() for r in PAIRS * 50))
+    path = tmp_path / "truncated.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    assert "cannot read" in load_error(path, tok)
+
+
+def test_not_gzip(tmp_path, tok):
+    path = tmp_path / "plain.jsonl.gz"
+    path.write_text(json.dumps(PAIRS[0]) + "\n", encoding="utf-8")
+    assert "cannot read" in load_error(path, tok)
+
+
+# Regressions: each of these inputs currently escapes as a non-UserError exception.
+
+
+def test_corrupt_gzip_stream_is_a_user_error(tmp_path, tok):
+    # a damaged deflate stream makes gzip raise zlib.error, which is neither OSError nor EOFError
+    data = bytearray(gzip.compress(b"".join((json.dumps(r) + "\n").encode() for r in PAIRS * 300)))
+    data[10:14] = b"\xff\xff\xff\xff"
+    path = tmp_path / "corrupt.jsonl.gz"
+    path.write_bytes(bytes(data))
+    load_error(path, tok)
+
+
+def test_corrupt_parquet_is_a_user_error(tmp_path, tok):
+    # pyarrow raises ArrowInvalid ("Parquet magic bytes not found"), a ValueError
+    path = tmp_path / "corrupt.parquet"
+    path.write_text("this is not parquet", encoding="utf-8")
+    load_error(path, tok)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '["a"]', "[null]"])
+def test_first_row_not_an_object_is_a_user_error(tmp_path, tok, content):
+    # detect_format(rows[0]) calls rows[0].get before the per-row type check: AttributeError
+    path = tmp_path / "scalars.json"
+    path.write_text(content, encoding="utf-8")
+    assert "row 0" in load_error(path, tok)
+
+
+def test_lone_surrogate_escape_is_a_user_error(tmp_path, tok):
+    # valid JSON ("\ud800" escape) that decodes to a str the tokenizer rejects with TypeError
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
+    assert "row 0" in load_error(path, tok)
+
+
+@pytest.mark.parametrize("rows", [
+    [{"prompt": "p", "chosen": "a", "rejected": None}],
+    [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": None}],
+    [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": None}],
+], ids=["plain-first-row", "plain-second-row", "hh"])
+def test_null_rejected_in_pair_data_is_a_user_error(tmp_path, tok, rows):
+    # a null 'rejected' passes normalise for pair data: on row 0 the whole dataset silently becomes SFT-shaped,
+    # on a later row the rejected response silently becomes just EOS
+    msg = load_error(write_jsonl(tmp_path / "null_rejected.jsonl", rows), tok)
+    assert "rejected" in msg
+
+
+@pytest.mark.parametrize("row, sft", [
+    ({"prompt": "p", "chosen": None, "rejected": "b"}, False),
+    ({"prompt": "p", "chosen": None}, True),
+    ({"prompt": None, "chosen": "a", "rejected": "b"}, False),
+    ({"prompt": "p", "chosen": None, "rejected": [{"role": "assistant", "content": "x"}]}, False),
+], ids=["plain-pair", "plain-sft", "plain-null-prompt", "conversational-null-chosen"])
+def test_null_prompt_or_chosen_is_a_user_error(tmp_path, tok, row, sft):
+    # None passes the type checks of normalise ("value is not None and not isinstance(value, str)") and then
+    # crashes the tokenizer (ValueError) or render / the implicit-prompt split (TypeError)
+    data_cfg = cfg(format="conversational") if isinstance(row.get("rejected"), list) else cfg()
+    msg = load_error(write_jsonl(tmp_path / "null.jsonl", [row]), tok, data_cfg, sft=sft)
+    assert "row 0" in msg
+
+
+# --------------------------------------------------------------------------------------------------- collate
+
+
+def test_collate_pairs(tok):
+    examples = [Example(7, [1, 10, 11], [20, 2], [30, 31, 32, 2]), Example(3, [1, 12], [21, 22, 23, 24, 2], [33, 2])]
+    batch = collate(examples, pad_id=0)
+    assert batch["input_ids"].shape == (4, 7)
+    assert batch["attention_mask"].shape == batch["completion_mask"].shape == (4, 7)
+    assert batch["idx"].tolist() == [7, 3]
+    order = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
+    for row, (prompt, response) in enumerate(order):
+        n = len(prompt) + len(response)
+        assert batch["input_ids"][row, :n].tolist() == prompt + response
+        assert batch["input_ids"][row, n:].eq(0).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (7 - n)
+        expected = [0] * len(prompt) + [1] * len(response) + [0] * (7 - n)
+        assert batch["completion_mask"][row].tolist() == expected
+    assert int(batch["completion_mask"].sum()) == sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_collate_sft_and_real_examples(tmp_path, tok):
+    sft = load_examples(str(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in PAIRS])),
+                        tok, cfg(), sft=True)
+    batch = collate(sft, pad_id=tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == len(sft)
+    pairs = load_examples(str(write_jsonl(tmp_path / "pairs.jsonl", PAIRS)), tok, cfg())
+    batch = collate(pairs, pad_id=tok.pad_token_id)
+    B = len(pairs)
+    assert batch["input_ids"].shape[0] == 2 * B
+    for i, e in enumerate(pairs):
+        for row, response in ((i, e.chosen_ids), (B + i, e.rejected_ids)):
+            mask = batch["completion_mask"][row].bool()
+            assert batch["input_ids"][row][mask].tolist() == response
+            assert batch["input_ids"][row][~mask & batch["attention_mask"][row].bool()].tolist() == e.prompt_ids
+
+
+# ------------------------------------------------------------------------------------------------ properties
+
+junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
+                 st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+messages = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]) | st.text(max_size=5),
+                           "content": st.text(max_size=12) | junk}),
+    max_size=3,
+)
+hh_text = st.builds(lambda h, a: f"\n\nHuman: {h}{HH_ASSISTANT} {a}", st.text(max_size=10), st.text(max_size=10))
+field_values = st.one_of(st.none(), st.text(max_size=20), hh_text, messages, junk)
+
+
+@st.composite
+def rows_strategy(draw):
+    n = draw(st.integers(1, 4))
+    keys = draw(st.sets(st.sampled_from(["prompt", "chosen", "rejected"]), min_size=0, max_size=3))
+    rows = []
+    for _ in range(n):
+        row_keys = keys if draw(st.booleans()) else draw(st.sets(st.sampled_from(["prompt", "chosen", "rejected"])))
+        rows.append({k: draw(field_values) for k in sorted(row_keys)})
+    return rows
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=rows_strategy(), sft=st.booleans(), fmt=st.sampled_from(["auto", "plain", "conversational", "hh"]),
+       truncate=st.booleans())
+def test_property_rows_give_examples_or_user_error(rows, sft, fmt, truncate):
+    tok = _PROPERTY_TOKENIZER
+    data_cfg = cfg(format=fmt, truncate=truncate, max_length=64, max_prompt_length=32)
+    try:
+        f, triples = normalise(rows, data_cfg, "prop", sft)
+        examples = tokenize_rows(triples, f, tok, data_cfg, "prop")
+    except UserError as e:
+        assert str(e).startswith("prop")
+        return
+    assert len(examples) == len(rows)
+    for e in examples:
+        assert e.prompt_ids and e.chosen_ids
+        if sft:
+            assert e.rejected_ids is None
+        if truncate:
+            assert len(e.prompt_ids) <= 32 and len(e.prompt_ids) + len(e.chosen_ids) <= 64
+
+
+_PROPERTY_TOKENIZER = char_tokenizer()

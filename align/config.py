@@ -62,6 +62,7 @@ class DataConfig:
     rejected_key: str = doc("rejected", "Column holding the dispreferred response (absent for SFT data).")
     max_length: int = doc(512, "Maximum tokens of prompt + response; longer rows are an error unless truncate is set.")
     max_prompt_length: int = doc(256, "Maximum prompt tokens.")
+    drop_invalid: bool = doc(False, "Drop rows that fail validation (empty response, malformed dialogue) instead of stopping; the count is reported.")
     truncate: bool = doc(False, "Truncate too-long rows (prompt from the left, response from the right) instead of failing.")
     limit: Optional[int] = doc(None, "Use only the first N rows.")
     chat_template: bool = doc(False, "Render plain prompts through the tokenizer's chat template as one user turn.")
@@ -179,12 +180,10 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
         if value is None:
             return None
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-7" (no dot) as a string
-            try:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # strings too: YAML 1.1 reads "5e-7" (no dot) as a string
                 return float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -213,7 +212,7 @@ def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise UserError(f"{source}: unknown key '{prefix}{key}'{hint}")
+            raise UserError(f"{source}: unknown key {prefix + str(key)!r}{hint}")
     return cls(**{k: _coerce(v, hints[k], source, prefix + k) for k, v in data.items()})
 
 
@@ -236,7 +235,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except Exception:  # not YAML (or an impossible date): keep the text
             value = raw
         out.append((key.strip(), value))
     return out
@@ -252,6 +251,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         tree = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. an impossible date such as 2020-13-45
+        raise UserError(f"{path}: invalid value in YAML ({str(e).splitlines()[0]})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
@@ -292,6 +293,9 @@ def validate(recipe: Recipe, where: str) -> None:
         "train.logging_steps": t.logging_steps, "data.max_length": d.max_length,
         "data.max_prompt_length": d.max_prompt_length, "rollout.n": recipe.rollout.n,
         "rollout.max_new_tokens": recipe.rollout.max_new_tokens, "lora.r": recipe.lora.r,
+        "model.tiny_hidden_size": recipe.model.tiny_hidden_size, "model.tiny_layers": recipe.model.tiny_layers,
+        "model.tiny_heads": recipe.model.tiny_heads, "model.tiny_intermediate_size": recipe.model.tiny_intermediate_size,
+        "model.tiny_max_positions": recipe.model.tiny_max_positions, "rollout.batch_size": recipe.rollout.batch_size,
     }
     for key, value in positive.items():
         if value <= 0:

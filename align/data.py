@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,11 +82,15 @@ def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False) -> list[d
                 raise UserError(f"{source}: expected a JSON list of rows")
             return data
         if name.endswith(".parquet"):
+            import pyarrow
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
-    except (OSError, EOFError) as e:
-        raise UserError(f"{source}: cannot read ({e})") from None
+            try:
+                return pq.read_table(path).to_pylist()
+            except pyarrow.ArrowException as e:
+                raise UserError(f"{source}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{source}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{source}: invalid JSON ({e.msg} at line {e.lineno})") from None
     except ImportError:
@@ -131,6 +137,26 @@ def detect_format(row: dict, cfg) -> str:
     return "plain"
 
 
+def split_hh_pair(chosen: str, rejected: str | None) -> tuple[str, str, str | None]:
+    """Split an HH-RLHF (chosen, rejected) pair at the last '\\n\\nAssistant:' of their shared beginning (as
+    TRL's extract_prompt does), so a response that itself contains another turn stays whole."""
+    if rejected is None:
+        prompt, response = split_hh(chosen)
+        return prompt, response, None
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    split_hh(chosen), split_hh(rejected)  # each must be a dialogue
+    try:
+        prompt, _ = split_hh(chosen[:n] + "\x00")  # the cut must lie inside the shared prefix
+    except ValueError:
+        raise ValueError("chosen and rejected dialogues have different prompts") from None
+    cut = len(prompt)
+    return prompt, chosen[cut:].lstrip(" "), rejected[cut:].lstrip(" ")
+
+
 def split_hh(text: str) -> tuple[str, str]:
     """An HH-RLHF dialogue -> (prompt up to and including the last '\\n\\nAssistant:', final response)."""
     cut = text.rfind(HH_ASSISTANT)
@@ -145,55 +171,78 @@ def _is_messages(x: Any) -> bool:
 
 
 def normalise(rows: list[dict], cfg, source: str, sft: bool) -> tuple[str, list[tuple]]:
-    """Rows -> (format, [(prompt, chosen, rejected)]) with strings (plain/hh) or message lists (conversational)."""
+    """Rows -> (format, [(prompt, chosen, rejected)]) with strings (plain/hh) or message lists (conversational).
+    With ``data.drop_invalid`` rows that fail validation are dropped (and counted on stderr) instead of fatal."""
     if not rows:
         raise UserError(f"{source}: dataset is empty")
+    if not isinstance(rows[0], dict):
+        raise UserError(f"{source}: row 0: expected an object, got {type(rows[0]).__name__}")
     fmt = detect_format(rows[0], cfg)
-    out = []
-    keys = [cfg.chosen_key] + ([] if sft else [cfg.rejected_key]) + ([cfg.prompt_key] if fmt in ("plain",) else [])
+    out, dropped = [], 0
     for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise UserError(f"{source}: row {i}: expected an object, got {type(row).__name__}")
-        for k in keys:
-            if k not in row:
-                raise UserError(f"{source}: row {i}: missing column {k!r}")
-        row_fmt = detect_format(row, cfg)
-        if row_fmt != fmt:
-            raise UserError(f"{source}: row {i}: format {row_fmt!r} differs from the first row's {fmt!r} (mixed formats)")
-        chosen, rejected = row[cfg.chosen_key], None if sft else row[cfg.rejected_key]
-        if fmt == "hh":
-            try:
-                prompt, chosen = split_hh(chosen)
-                rprompt, rejected = split_hh(rejected) if rejected is not None else (prompt, None)
-            except (ValueError, AttributeError):
-                raise UserError(f"{source}: row {i}: not an HH-RLHF dialogue (no '\\n\\nAssistant:' turn)") from None
-            if rprompt != prompt:
-                raise UserError(f"{source}: row {i}: chosen and rejected dialogues have different prompts")
-        elif fmt == "conversational":
-            prompt = row.get(cfg.prompt_key)
-            for name, value in (("chosen", chosen), ("rejected", rejected)):
-                if value is not None and not _is_messages(value):
-                    raise UserError(f"{source}: row {i}: {name!r} is not a list of {{role, content}} messages")
-            if prompt is None:  # implicit prompt: the shared leading messages
-                prompt, chosen = chosen[:-1], chosen[-1:]
-                if rejected is not None:
-                    if rejected[:-1] != prompt:
-                        raise UserError(f"{source}: row {i}: chosen and rejected do not share their leading messages")
-                    rejected = rejected[-1:]
-            elif isinstance(prompt, str):
-                prompt = [{"role": "user", "content": prompt}]
-            if not _is_messages(prompt):
-                raise UserError(f"{source}: row {i}: 'prompt' is not a list of {{role, content}} messages")
-        else:
-            prompt = row[cfg.prompt_key]
-            for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-                if value is not None and not isinstance(value, str):
-                    raise UserError(f"{source}: row {i}: column {name!r} must be a string, got {type(value).__name__}")
-        for name, value in (("chosen", chosen), ("rejected", rejected)):
-            if value is not None and _is_empty(value):
-                raise UserError(f"{source}: row {i}: empty {name!r} response")
-        out.append((prompt, chosen, rejected))
+        try:
+            out.append(_normalise_row(row, i, fmt, cfg, source, sft))
+        except UserError:
+            if not cfg.drop_invalid:
+                raise
+            dropped += 1
+    if dropped:
+        print(f"[data] {source}: dropped {dropped} invalid rows of {len(rows)} (data.drop_invalid)", file=sys.stderr)
+    if not out:
+        raise UserError(f"{source}: no valid rows")
     return fmt, out
+
+
+def _normalise_row(row: Any, i: int, fmt: str, cfg, source: str, sft: bool) -> tuple:
+    if not isinstance(row, dict):
+        raise UserError(f"{source}: row {i}: expected an object, got {type(row).__name__}")
+    keys = [cfg.chosen_key] + ([] if sft else [cfg.rejected_key]) + ([cfg.prompt_key] if fmt == "plain" else [])
+    for k in keys:
+        if k not in row:
+            raise UserError(f"{source}: row {i}: missing column {k!r}")
+        if row[k] is None:
+            raise UserError(f"{source}: row {i}: column {k!r} is null")
+    row_fmt = detect_format(row, cfg)
+    if row_fmt != fmt:
+        raise UserError(f"{source}: row {i}: format {row_fmt!r} differs from the first row's {fmt!r} (mixed formats)")
+    chosen, rejected = row[cfg.chosen_key], None if sft else row[cfg.rejected_key]
+    if fmt == "hh":
+        if not isinstance(chosen, str) or not isinstance(rejected, (str, type(None))):
+            raise UserError(f"{source}: row {i}: HH-RLHF dialogues must be strings")
+        try:
+            prompt, chosen, rejected = split_hh_pair(chosen, rejected)
+        except ValueError as e:
+            if "different prompts" in str(e):
+                raise UserError(f"{source}: row {i}: {e}") from None
+            raise UserError(f"{source}: row {i}: not an HH-RLHF dialogue (no '\\n\\nAssistant:' turn)") from None
+    elif fmt == "conversational":
+        prompt = row.get(cfg.prompt_key)
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            if value is not None and not _is_messages(value):
+                raise UserError(f"{source}: row {i}: {name!r} is not a list of {{role, content}} messages")
+        if prompt is None:  # implicit prompt: the shared leading messages
+            prompt, chosen = chosen[:-1], chosen[-1:]
+            if rejected is not None:
+                if rejected[:-1] != prompt:
+                    raise UserError(f"{source}: row {i}: chosen and rejected do not share their leading messages")
+                rejected = rejected[-1:]
+        elif isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not _is_messages(prompt) or not prompt:
+            raise UserError(f"{source}: row {i}: 'prompt' is not a list of {{role, content}} messages")
+    else:
+        prompt = row[cfg.prompt_key]
+        for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{source}: row {i}: column {name!r} must be a string, got {type(value).__name__}")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if value is not None and _is_empty(value):
+            raise UserError(f"{source}: row {i}: empty {name!r} response")
+    try:
+        json.dumps([prompt, chosen, rejected], ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{source}: row {i}: text is not valid Unicode (lone surrogate)") from None
+    return prompt, chosen, rejected
 
 
 def _is_empty(x: Any) -> bool:

@@ -203,7 +203,8 @@ def hh_real_file() -> Path:
 #   - the final chosen response itself holds a "\n\nAssistant:" turn, so splitting at the last one gives
 #     chosen and rejected different prompts.
 HH_EMPTY_CHOSEN = {86, 516, 925, 1103}
-HH_DIFFERENT_PROMPTS = {1254, 1688, 1950, 1952, 2036}
+# rows whose chosen response itself holds another "\n\nAssistant:" turn: split at the shared beginning, they load
+HH_MULTI_TURN_RESPONSE = {1254, 1688, 1950, 1952, 2036}
 
 
 def test_real_hh_rlhf_file_rows(tok):
@@ -219,9 +220,14 @@ def test_real_hh_rlhf_file_rows(tok):
         except UserError as e:
             errors[i] = str(e)
     assert {i for i, e in errors.items() if "empty 'chosen' response" in e} == HH_EMPTY_CHOSEN
-    assert {i for i, e in errors.items() if "different prompts" in e} == HH_DIFFERENT_PROMPTS
-    assert set(errors) == HH_EMPTY_CHOSEN | HH_DIFFERENT_PROMPTS
-    assert len(good) == HH_REAL_ROWS - 9
+    assert set(errors) == HH_EMPTY_CHOSEN
+    assert len(good) == HH_REAL_ROWS - 4
+    loaded = dict(good)
+    for i in HH_MULTI_TURN_RESPONSE:
+        prompt, chosen, rejected = loaded[i]  # the last shared turn is the prompt; the responses stay whole
+        assert rows[i]["chosen"] == prompt + " " + chosen or rows[i]["chosen"] == prompt + chosen, i
+    fmt, whole = normalise(rows, cfg(format="hh", drop_invalid=True), str(path), sft=False)
+    assert fmt == "hh" and len(whole) == HH_REAL_ROWS - 4
     for i, (prompt, chosen, rejected) in good:
         assert prompt.endswith("Assistant:"), i
         assert prompt.startswith("\n\nHuman:"), i

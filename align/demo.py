@@ -63,7 +63,7 @@ def run_demo(output_dir: str = "runs/quickstart", quick: bool = False) -> dict:
         shutil.rmtree(out)  # the demo owns its folder: a rerun starts clean
     out.mkdir(parents=True)
     started = time.time()
-    small = ["data.builtin_size=300", "train.epochs=1"] if quick else []
+    small = ["data.builtin_size=960", "train.epochs=2"] if quick else []
 
     say("== 1/4 SFT: tiny Llama from scratch on the built-in tasks (mixed-quality demonstrations)")
     sft = load_recipe(RECIPES / "sft.yaml", [f"data.builtin_families={FAMILIES}"] + small)

@@ -76,6 +76,9 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
         cfg_path = recipe.accelerate_config
         if not Path(cfg_path).is_file():
             cfg_path = str(Path(recipe_path).resolve().parent.parent / "accelerate" / Path(cfg_path).name) if not Path(cfg_path).is_absolute() else cfg_path
-        lines.append(f"launch   {recipe.accelerate_config}: {check_accelerate_config(cfg_path)}")
+        launch = check_accelerate_config(cfg_path)
+        if "ZeRO-3" in launch and recipe.train.reference == "model" and not recipe.lora.enabled and spec.needs_reference:
+            raise UserError(f"{recipe_path}: train.reference 'model' keeps an unsharded reference copy, which ZeRO-3 cannot hold; use train.reference=precompute (or LoRA)")
+        lines.append(f"launch   {recipe.accelerate_config}: {launch}")
     lines.append("dry run ok: nothing was loaded or written")
     return "\n".join(lines)

@@ -149,3 +149,19 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=re.escape(f"{out}: cannot write") + ".*No space left"):
         convert_llama2c(str(src / "model5000.bin"), str(src / "tok105.model"), str(out))
     assert list(tmp_path.iterdir()) == []  # neither the output folder nor the temp folder
+
+
+def test_cli_convert_writes_a_model_folder(tmp_path):
+    from align.paths import shared_data_dir
+    from tests.conftest import run_align
+
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("../shared/data not found (set ALIGN_SHARED_DATA)")
+    src = data / "models" / "babyllama-tok105"
+    out = tmp_path / "hf"
+    res = run_align("convert", "llama2c", str(src / "model5000.bin"), "--tokenizer", str(src / "tok105.model"), "--output", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    bad = run_align("convert", "llama2c", str(tmp_path / "missing.bin"), "--tokenizer", str(src / "tok105.model"), "--output", str(tmp_path / "x"))
+    assert bad.returncode == 2 and not (tmp_path / "x").exists()

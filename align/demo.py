@@ -78,7 +78,7 @@ def run_demo(output_dir: str = "runs/quickstart", quick: bool = False) -> dict:
     say(f"   {len(pairs)} pairs from {len(train_tasks)} prompts")
 
     say("== 3/4 DPO on the self-judged pairs")
-    dpo = load_recipe(RECIPES / "dpo.yaml", [f"model.name_or_path={out / 'sft'}", f"data.train={out / 'pairs.jsonl'}"] + (["train.epochs=1"] if quick else []))
+    dpo = load_recipe(RECIPES / "dpo.yaml", [f"model.name_or_path={out / 'sft'}", f"data.train={out / 'pairs.jsonl'}"] + (["train.epochs=1", "train.logging_steps=1"] if quick else []))
     run(dpo, out / "dpo")
 
     say("== 4/4 evaluation on held-out prompts")

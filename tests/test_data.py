@@ -555,3 +555,15 @@ def test_property_rows_give_examples_or_user_error(rows, sft, fmt, truncate):
 
 
 _PROPERTY_TOKENIZER = char_tokenizer()
+
+
+def test_datasets_sources_local_folder_and_missing_hub_id(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "max 1 2=", "chosen": "2", "rejected": "1"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    assert read_rows(f"hf:{tmp_path / 'ds'}", cfg()) == rows
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "dd"))
+    assert read_rows(f"hf:{tmp_path / 'dd'}:test", cfg()) == rows[:1]
+    with pytest.raises(UserError, match="hf:no-such-org/no-such-dataset: cannot load dataset"):
+        read_rows("hf:no-such-org/no-such-dataset", cfg())

@@ -28,6 +28,7 @@ class SamplingParams:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    suppress_token_ids: list[int] = field(default_factory=list)  # never sampled (e.g. pad/bos mid-answer)
     seed: int | None = None
 
 

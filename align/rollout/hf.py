@@ -84,9 +84,12 @@ class HFEngine:
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         lengths = torch.full((rows,), sp.max_new_tokens, dtype=torch.long, device=device)
         texts_done = [False] * rows
+        suppress = torch.tensor(sp.suppress_token_ids, dtype=torch.long, device=device)
         for t in range(sp.max_new_tokens):
             logits = logits.float()
             raw = logits.log_softmax(-1)
+            if len(suppress):
+                logits = logits.index_fill(-1, suppress, float("-inf"))
             if sp.temperature <= 0:
                 nxt = logits.argmax(-1)
             else:

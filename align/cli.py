@@ -67,6 +67,15 @@ def _convert(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from align.serve import serve_main
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise UserError(f"--host {args.host}: align serve only binds to loopback (127.0.0.1); put a proxy in front for remote use")
+    serve_main(args.model, backend=args.backend, host=args.host, port=args.port, name=args.name)
+    return 0
+
+
 def _demo(args) -> int:
     from align.demo import run_demo
 
@@ -110,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     l2c.add_argument("--tokenizer", required=True)
     l2c.add_argument("--output", required=True)
     l2c.set_defaults(fn=_convert)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)")
+    s.add_argument("--model", required=True, help="HF model folder")
+    s.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", help="model name reported by /v1/models (default: the path)")
+    s.set_defaults(fn=_serve)
 
     d = sub.add_parser("demo", help="the quickstart: SFT -> self-judged pairs -> DPO -> evaluation, on CPU in minutes")
     d.add_argument("--output-dir", default="runs/quickstart")

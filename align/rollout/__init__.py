@@ -30,6 +30,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     suppress_token_ids: list[int] = field(default_factory=list)  # never sampled (e.g. pad/bos mid-answer)
     seed: int | None = None
+    top_logprobs: int = 0  # also return the k most likely tokens (raw distribution) at every position
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Completion:
     text: str
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length"
+    top_logprobs: list[dict[int, float]] | None = None  # per position: token id -> log-prob (k most likely)
 
 
 class RolloutEngine(Protocol):

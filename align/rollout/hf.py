@@ -85,9 +85,14 @@ class HFEngine:
         lengths = torch.full((rows,), sp.max_new_tokens, dtype=torch.long, device=device)
         texts_done = [False] * rows
         suppress = torch.tensor(sp.suppress_token_ids, dtype=torch.long, device=device)
+        k = min(sp.top_logprobs, logits.size(-1))
+        top_v = torch.zeros((rows, sp.max_new_tokens, k), device=device)
+        top_i = torch.zeros((rows, sp.max_new_tokens, k), dtype=torch.long, device=device)
         for t in range(sp.max_new_tokens):
             logits = logits.float()
             raw = logits.log_softmax(-1)
+            if k:
+                top_v[:, t], top_i[:, t] = raw.topk(k, dim=-1)
             if len(suppress):
                 logits = logits.index_fill(-1, suppress, float("-inf"))
             if sp.temperature <= 0:
@@ -111,19 +116,20 @@ class HFEngine:
             attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
             logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
-        tokens, logps, lengths = tokens.cpu(), logps.cpu(), lengths.cpu()
+        tokens, logps, lengths, top_v, top_i = tokens.cpu(), logps.cpu(), lengths.cpu(), top_v.cpu(), top_i.cpu()
         stopped = done.cpu()
         results: list[list[Completion]] = []
         for i, p in enumerate(prompt_ids):
             group = []
-            for k in range(n):
-                r = i * n + k
+            for s_idx in range(n):
+                r = i * n + s_idx
                 L = int(lengths[r])
                 ids = tokens[r, :L].tolist()
                 text = tok.decode(ids, skip_special_tokens=True)
                 if texts_done[r]:
                     cut = min((text.find(s) for s in sp.stop if s in text), default=len(text))
                     text = text[:cut]
-                group.append(Completion(list(p), ids, text, logps[r, :L].tolist(), "stop" if bool(stopped[r]) else "length"))
+                tops = [dict(zip(top_i[r, j].tolist(), top_v[r, j].tolist())) for j in range(L)] if k else None
+                group.append(Completion(list(p), ids, text, logps[r, :L].tolist(), "stop" if bool(stopped[r]) else "length", tops))
             results.append(group)
         return results

@@ -68,3 +68,12 @@ def test_chat_prompts_use_the_template(tiny_model, tiny_tokenizer):
     c = engine.generate([msgs], n=1, sampling=SamplingParams(max_new_tokens=3, temperature=0.0))[0][0]
     rendered = tiny_tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert tiny_tokenizer.decode(c.prompt_ids) == rendered
+
+
+def test_top_logprobs(tiny_model, tiny_tokenizer):
+    engine = HFEngine(tiny_model, tiny_tokenizer)
+    c = engine.generate(PROMPTS[:2], n=2, sampling=SamplingParams(max_new_tokens=4, temperature=0.0, top_logprobs=5))[1][1]
+    assert len(c.top_logprobs) == len(c.token_ids)
+    for tid, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
+        assert len(top) == 5 and max(top, key=top.get) == tid and abs(top[tid] - lp) < 1e-6
+    assert engine.generate(PROMPTS[:1], n=1, sampling=SamplingParams(max_new_tokens=2))[0][0].top_logprobs is None

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from align.attention import gqa_attention
 from align.rollout import Completion, Prompt, SamplingParams, encode_prompt
 
 
@@ -50,8 +51,9 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for s in range(0, len(ids), per_chunk):
-                out.extend(self._generate_chunk(ids[s:s + per_chunk], n, sampling, gen))
+            with gqa_attention(self.model):
+                for s in range(0, len(ids), per_chunk):
+                    out.extend(self._generate_chunk(ids[s:s + per_chunk], n, sampling, gen))
         finally:
             self.model.train(was_training)
         return out

@@ -79,7 +79,16 @@ class LossConfig:
     simpo_gamma: float = doc(0.5, "SimPO target reward margin gamma.")
     eta: float = doc(0.005, "INPO step size eta (SPPO uses eta = 1/beta).")
     tau: float = doc(0.005 / 3, "INPO KL-to-reference strength tau (tau = eta gives online IPO).")
+    clip_eps: float = doc(0.2, "PPO-style ratio clipping of policy-gradient losses (spo).")
     sft_weight: float = doc(0.0, "Add this times the chosen NLL (per token) to the loss (RPO-style regulariser).")
+
+
+@dataclass
+class OnlineConfig:
+    iterations: int = doc(3, "Online iterations: sample from the current policy, judge, update, sync weights.")
+    prompts_per_iteration: int = doc(64, "Prompts sampled (without replacement within an iteration) per iteration; K = rollout.n samples each.")
+    epochs_per_iteration: int = doc(1, "Passes over an iteration's judged data.")
+    min_advantage: float = doc(0.0, "Drop samples whose |advantage| is at most this (spo).")
 
 
 @dataclass
@@ -136,13 +145,14 @@ class LoggingConfig:
 @dataclass
 class Recipe:
     description: str = doc("", "One line shown by `align recipes`.")
-    trainer: Literal["preference", "sft"] = doc("preference", "Data flow: offline pairs ('preference') or supervised fine-tuning ('sft').")
+    trainer: Literal["preference", "sft", "online"] = doc("preference", "Data flow: offline pairs ('preference'), supervised fine-tuning ('sft'), or online self-play ('online': spo, inpo, dpo, sppo on judged samples of the current policy).")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The policy model."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter settings."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "Objective."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollout engine (online trainers, evaluation)."})
+    online: OnlineConfig = field(default_factory=OnlineConfig, metadata={"help": "Online iterations (trainer: online)."})
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "Preference oracle."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logging and plots."})
@@ -296,6 +306,8 @@ def validate(recipe: Recipe, where: str) -> None:
         "model.tiny_hidden_size": recipe.model.tiny_hidden_size, "model.tiny_layers": recipe.model.tiny_layers,
         "model.tiny_heads": recipe.model.tiny_heads, "model.tiny_intermediate_size": recipe.model.tiny_intermediate_size,
         "model.tiny_max_positions": recipe.model.tiny_max_positions, "rollout.batch_size": recipe.rollout.batch_size,
+        "online.iterations": recipe.online.iterations, "online.prompts_per_iteration": recipe.online.prompts_per_iteration,
+        "online.epochs_per_iteration": recipe.online.epochs_per_iteration,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -316,12 +328,19 @@ def validate(recipe: Recipe, where: str) -> None:
     if recipe.loss.name not in LOSSES:
         raise UserError(f"{where}: loss.name {recipe.loss.name!r} is not registered; choose one of {', '.join(sorted(LOSSES))}")
     spec = LOSSES[recipe.loss.name]
+    if recipe.trainer == "online" and spec.name not in ONLINE_LOSSES:
+        raise UserError(f"{where}: trainer 'online' supports loss.name {', '.join(ONLINE_LOSSES)}; got {recipe.loss.name!r}")
+    if recipe.trainer != "online" and spec.per_token:
+        raise UserError(f"{where}: loss {spec.name!r} needs sampled responses: use trainer 'online'")
     if recipe.trainer == "sft" and spec.name != "sft":
         raise UserError(f"{where}: trainer 'sft' needs loss.name 'sft', got {recipe.loss.name!r}")
     if spec.needs_reference and t.reference == "none":
         raise UserError(f"{where}: loss {spec.name!r} needs reference log-probs but train.reference is 'none'")
     if recipe.model.name_or_path.startswith("tiny:") and recipe.model.tiny_hidden_size % recipe.model.tiny_heads:
         raise UserError(f"{where}: model.tiny_hidden_size must be divisible by model.tiny_heads")
+
+
+ONLINE_LOSSES = ("spo", "inpo", "dpo", "sppo", "ipo")
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -133,3 +133,20 @@ def preference_rows(tasks: list[Task], seed: int = 0) -> list[dict]:
 def checker_for(tasks: list[Task]) -> dict[str, Task]:
     """Prompt -> task, to judge completions of known prompts."""
     return {t.prompt: t for t in tasks}
+
+
+def parse_prompt(prompt: str) -> Task | None:
+    """Rebuild the task (with its exact answer) from a built-in prompt; None if it is not one."""
+    import re
+
+    if m := re.fullmatch(r"(\d+)\+(\d+)=", prompt):
+        return Task("add", prompt, str(int(m[1]) + int(m[2])))
+    if m := re.fullmatch(r"rev ([a-z]+)=", prompt):
+        return Task("reverse", prompt, m[1][::-1])
+    if m := re.fullmatch(r"sort (\d+)=", prompt):
+        return Task("sort", prompt, "".join(sorted(m[1])))
+    if m := re.fullmatch(r"count ([a-z]) in ([a-z]+)=", prompt):
+        return Task("count", prompt, str(m[2].count(m[1])))
+    if m := re.fullmatch(r"max((?: \d+)+)=", prompt):
+        return Task("max", prompt, str(max(int(x) for x in m[1].split())))
+    return None

@@ -47,3 +47,9 @@ def test_corruptions_and_sloppy_answers_are_wrong():
     rows = T.sft_rows(T.make_tasks(400, seed=0), sloppy_fraction=0.5, seed=0)
     wrong = sum(r["chosen"] != t.answer for r, t in zip(rows, T.make_tasks(400, seed=0)))
     assert 150 < wrong < 250
+
+
+def test_parse_prompt_rebuilds_every_task():
+    for t in T.make_tasks(200, seed=5) + T.make_tasks(50, seed=5, split="test"):
+        assert T.parse_prompt(t.prompt) == t
+    assert T.parse_prompt("hello") is None

@@ -31,6 +31,11 @@ class PairBatch:
     anchor_rejected_logps: Optional[torch.Tensor] = None
     chosen_win_prob: Optional[torch.Tensor] = None  # P(y_w beats pi_t | x) (SPPO soft labels); None = hard label 1
     rejected_win_prob: Optional[torch.Tensor] = None  # P(y_l beats pi_t | x); None = hard label 0
+    # policy-gradient losses (one sampled response per row, "chosen" = the sample):
+    advantages: Optional[torch.Tensor] = None  # [B]
+    token_logps: Optional[torch.Tensor] = None  # [B, T] log pi of each response token (0 where masked)
+    old_token_logps: Optional[torch.Tensor] = None  # [B, T] log-probs under the policy that sampled (pi_old)
+    token_mask: Optional[torch.Tensor] = None  # [B, T] 1 on the model's own response tokens
 
 
 LossFn = Callable[[PairBatch, "LossConfig"], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # noqa: F821
@@ -43,19 +48,22 @@ class LossSpec:
     needs_reference: bool
     needs_rejected: bool = True
     needs_anchor: bool = False
+    per_token: bool = False  # needs token_logps / old_token_logps / token_mask / advantages
     summary: str = ""
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, needs_reference: bool, needs_rejected: bool = True, needs_anchor: bool = False, summary: str = ""):
+def register_loss(name: str, *, needs_reference: bool, needs_rejected: bool = True, needs_anchor: bool = False,
+                  per_token: bool = False, summary: str = ""):
     """Decorator: add a loss function to the registry under ``name``."""
 
     def wrap(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = LossSpec(name, fn, needs_reference, needs_rejected, needs_anchor, summary or (fn.__doc__ or "").strip().splitlines()[0])
+        LOSSES[name] = LossSpec(name, fn, needs_reference, needs_rejected, needs_anchor, per_token,
+                                summary or (fn.__doc__ or "").strip().splitlines()[0])
         return fn
 
     return wrap
@@ -69,4 +77,4 @@ def get_loss(name: str) -> LossSpec:
     return LOSSES[name]
 
 
-from align.losses import preference  # noqa: E402,F401  (registers the DPO family, SPPO, INPO, SFT)
+from align.losses import policy, preference  # noqa: E402,F401  (registers the DPO family, SPPO, INPO, SFT, SPO)

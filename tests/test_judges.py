@@ -1,0 +1,96 @@
+"""Judges: the LLM judge against a real local OpenAI-compatible server (`align serve`), retries and faults."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from align.judges import LLMJudge, RewardModelJudge
+from align.rollout.hf import HFEngine
+from align.serve import start
+
+
+def test_llm_judge_against_align_serve(tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret-value")
+    httpd = start(HFEngine(tiny_model, tiny_tokenizer), tiny_tokenizer, "tiny")
+    try:
+        judge = LLMJudge(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "tiny", api_key_env="JUDGE_KEY")
+        assert "sk-secret" not in repr(judge)
+        p = judge.compare(["12+34=", "max 1 2="], ["46", "2"], ["45", "1"])
+        q = judge.compare(["12+34=", "max 1 2="], ["45", "1"], ["46", "2"])
+        assert all(0.0 <= x <= 1.0 for x in p)
+        assert p == pytest.approx([1 - x for x in q], abs=1e-9)  # both orders judged: position bias cancels
+    finally:
+        httpd.shutdown()
+
+
+class Flaky(BaseHTTPRequestHandler):
+    plan: list = []
+    seen: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        Flaky.seen.append(self.headers.get("Authorization"))
+        self.rfile.read(int(self.headers["Content-Length"]))
+        kind = Flaky.plan.pop(0) if Flaky.plan else "ok"
+        if kind in (500, 429):
+            self.send_response(kind)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = {"choices": [{"logprobs": {"top_logprobs": [{"1": -0.1, "2": -2.4}]}}]} if kind == "ok" else {"choices": []}
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def flaky():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    Flaky.seen.clear()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+def test_llm_judge_retries_then_succeeds_and_sends_the_key(flaky, monkeypatch):
+    monkeypatch.setenv("K", "abc")
+    Flaky.plan = [500, 429, "ok", "ok"]
+    p = LLMJudge(flaky, "m", api_key_env="K", retries=3, backoff=0.01).compare(["x"], ["a"], ["b"])[0]
+    import math
+
+    p1 = math.exp(-0.1) / (math.exp(-0.1) + math.exp(-2.4))
+    assert p == pytest.approx((p1 + (1 - p1)) / 2)  # this server always prefers position 1: bias cancels to 1/2
+    assert Flaky.seen[0] == "Bearer abc" and len(Flaky.seen) == 4
+
+
+def test_llm_judge_gives_up_with_a_clear_error(flaky):
+    Flaky.plan = [500] * 10
+    with pytest.raises(RuntimeError, match="no valid answer after 3 attempts"):
+        LLMJudge(flaky, "m", retries=2, backoff=0.01).compare(["x"], ["a"], ["b"])
+    Flaky.plan = ["malformed"]
+    with pytest.raises(RuntimeError, match="malformed reply"):
+        LLMJudge(flaky, "m", retries=0).compare(["x"], ["a"], ["b"])
+
+
+def test_reward_model_judge(tmp_path, tiny_tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    judge = RewardModelJudge(str(tmp_path / "rm"))
+    ra, rb = judge.rewards(["q", "q"], ["a", "bb"])
+    p = judge.compare(["q"], ["a"], ["bb"])[0]
+    import math
+
+    assert p == pytest.approx(1 / (1 + math.exp(-(ra - rb))), abs=1e-6)
+    assert judge.compare(["q"], ["bb"], ["a"])[0] == pytest.approx(1 - p, abs=1e-6)

@@ -20,8 +20,10 @@ Design (after vLLM's ``examples/offline_inference/rlhf*.py`` and TRL's colocate 
 - *LoRA.* For a peft model the engine is created with ``enable_lora=True`` and ``max_lora_rank`` (r rounded up
   to a rank vLLM accepts); ``update_weights`` then syncs only the adapter: peft's ``save_pretrained`` into a new
   folder and a new ``LoRARequest`` id per version (a new id is also a fresh prefix-cache namespace); the
-  previous adapter is removed from the engine. The base weights in vLLM stay those of the construction or of
-  the last full sync. A peft model given to an engine without LoRA (or one with ``modules_to_save``) is synced
+  previous adapter is removed from the engine. The adapter applies to the base weights vLLM holds: the engine
+  keeps a fingerprint (names and per-tensor sums) of them and, when the peft model's base differs (e.g. after
+  a full sync of another model), pushes that base first (not checked under ZeRO-3, where it would need a
+  full gather: there the base is assumed unchanged, as in LoRA training). A peft model given to an engine without LoRA (or one with ``modules_to_save``) is synced
   merged (merge_adapter -> full weights -> unmerge_adapter), like TRL.
 - *ZeRO-3.* Parameters partitioned by DeepSpeed (``ds_id``) are gathered with ``deepspeed.zero.GatheredParameters``
   around every read (all at once: merging a sharded adapter is not possible); every rank must call
@@ -153,20 +155,24 @@ class VLLMEngine:
         self._lora = None  # the LoRARequest generation uses (None: the full weights)
         self._version = 0
         self._asleep = False
-        self._save_model(model)
+        self._save_model(model, merged=not self.lora_enabled)
         if peft_lora and self.lora_enabled:
             self._sync_lora(model)
 
     # ---------------------------------------------------------------- engine
-    def _save_model(self, model) -> None:
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        base = model.get_base_model() if _is_peft(model) else model
-        with _hf_weights(model, merged=not self.lora_enabled) as named:
-            state = {n: t.detach().to("cpu").clone() for n, t in named}
-        if getattr(base.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
+    def _save_model(self, model, merged: bool = True) -> None:
+        with _hf_weights(model, merged=merged) as named:
+            self._write_folder(model, named)
+            self._base_fp = _fingerprint(model, named)
+
+    def _write_folder(self, model, named) -> None:
         from safetensors.torch import save_file
 
+        base = model.get_base_model() if _is_peft(model) else model
+        state = {n: t.detach().to("cpu").clone() for n, t in named}
+        if getattr(base.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
         for old in self.model_dir.glob("*.safetensors*"):
             old.unlink()
         base.config.save_pretrained(self.model_dir)
@@ -231,16 +237,21 @@ class VLLMEngine:
 
     def _sync_full(self, model) -> None:
         self._drop_lora()
+        self._push_weights(model, merged=True)
+
+    def _push_weights(self, model, merged: bool) -> None:
+        """The model's full weights (a peft model's base, with the adapter merged or not) into vLLM."""
         if self._llm is None:  # not started yet: the folder is what it will load
-            self._save_model(model)
+            self._save_model(model, merged=merged)
             return
-        if self._in_process:
-            with _hf_weights(model, merged=True) as named:
+        with _hf_weights(model, merged=merged) as named:
+            if self._in_process:
                 self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True})
-        else:  # a multiprocess engine: tensors do not survive the RPC, a folder does
-            self._save_model(model)
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.model_dir), "is_checkpoint_format": True})
-        self._llm.reset_prefix_cache()
+            else:  # a multiprocess engine: tensors do not survive the RPC, a folder does
+                self._write_folder(model, named)
+                self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.model_dir), "is_checkpoint_format": True})
+            self._base_fp = _fingerprint(model, named)
+        self._llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def _sync_lora(self, model) -> None:
         from vllm.lora.request import LoRARequest
@@ -248,6 +259,12 @@ class VLLMEngine:
         r = _lora_rank(model)
         if r > self.max_lora_rank:
             raise ValueError(f"LoRA rank {r} is above this engine's max_lora_rank {self.max_lora_rank}")
+        if not _is_zero3(model):  # the adapter applies to vLLM's base weights: make sure they are this model's base
+            with _hf_weights(model, merged=False) as named:
+                same_base = self._base_fp is not None and _fingerprint(model, named) == self._base_fp
+            if not same_base:
+                self._drop_lora()
+                self._push_weights(model, merged=False)
         self._version += 1
         path = self._dir / f"lora-v{self._version}"
         lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -331,6 +348,14 @@ class VLLMEngine:
             text = text[:cut]
         reason = "stop" if c.finish_reason == "stop" else "length"
         return Completion(list(prompt_ids), token_ids, text, logprobs, reason, tops)
+
+
+def _fingerprint(model, named) -> tuple | None:
+    """A cheap identity of a set of weights (names and per-tensor sums); None under ZeRO-3 (not computed)."""
+    if _is_zero3(model):
+        return None
+    sums = torch.stack([t.detach().float().sum() for _, t in named]).cpu() if named else torch.zeros(0)
+    return tuple(n for n, _ in named), tuple(sums.tolist())
 
 
 def _multiprocessing_enabled() -> bool:

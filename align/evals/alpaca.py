@@ -1,0 +1,218 @@
+"""AlpacaEval: score an existing annotations file into a leaderboard row (no generation, no judge calls).
+
+An AlpacaEval annotations file is a JSON list (optionally gzipped) of pairwise judgements, one per instruction:
+``output_1`` is the reference model's answer, ``output_2`` the evaluated model's, and ``preference`` in [1, 2] the
+judge's preference for ``output_2`` (1 = reference wins, 2 = model wins; weighted annotators such as
+``weighted_alpaca_eval_gpt4_turbo`` give a probability-weighted value in between).
+
+The numbers follow alpaca_eval's definitions (``metrics.get_winrate`` and ``main.evaluate``), so a row computed from
+a model's annotations equals that model's row of the public leaderboard:
+
+- win probability per instruction: ``preference - 1``; a legacy ``0`` means a draw (1.5); ``None``/NaN preferences
+  are dropped (they count in no column);
+- ``win_rate``: mean win probability x 100; ``standard_error``: standard error of that mean (sample std, ddof=1) x 100;
+- ``n_wins`` / ``n_wins_base`` / ``n_draws``: instructions with win probability > 0.5 / < 0.5 / exactly 0.5;
+  ``n_total``: instructions with a preference;
+- ``discrete_win_rate``: the same with every judgement rounded to win (1), loss (0) or exact draw (1/2), x 100;
+- ``avg_length``: mean length of the model's answers (``output_2``) in characters, truncated to an int.
+
+One difference is inherent to scoring annotations: alpaca_eval's ``avg_length`` averages over the model-outputs file,
+while annotations exist only for non-empty outputs; where a model left some of the 805 instructions empty, the public
+leaderboard's ``avg_length`` (computed when the empty outputs were still in the outputs file) is a little lower than
+the mean over the annotated answers.
+
+Length-controlled columns are ``None`` for now.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Iterable
+
+from align.errors import UserError
+
+LEADERBOARD_FILE = "leaderboard.json"
+"""The file ``score_annotations_file`` writes in its output folder: ``{model name: row}``."""
+
+COLUMNS = ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total", "discrete_win_rate",
+           "avg_length", "length_controlled_winrate", "lc_standard_error")
+"""The row's keys, in alpaca_eval's leaderboard order."""
+
+
+def load_annotations(path: str | os.PathLike) -> list[dict]:
+    """Read an AlpacaEval annotations file (``.json`` or ``.json.gz``): a JSON list of objects with a ``preference``."""
+    path = Path(path)
+    if path.name.endswith(".json.gz"):
+        opener = gzip.open
+    elif path.name.endswith(".json"):
+        opener = open
+    else:
+        raise UserError(f"{path}: expected an AlpacaEval annotations file ending in .json or .json.gz")
+    if not path.is_file():
+        raise UserError(f"{path}: annotations file not found")
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a readable JSON annotations file: {detail}") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of annotations, got {type(data).__name__}")
+    if not data:
+        raise UserError(f"{path}: no annotations in the file")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: row {i}: expected an object, got {type(row).__name__}")
+        if "preference" not in row:
+            raise UserError(f"{path}: row {i}: no 'preference' field (is this an AlpacaEval annotations file?)")
+    return data
+
+
+def _win_probability(value: Any, where: str) -> float | None:
+    """Preference in [1, 2] -> probability that output_2 wins in [0, 1]; None for a missing judgement."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where}: preference {value!r} is not a number in [1, 2]")
+    if math.isnan(value):
+        return None
+    if value == 0:  # alpaca_eval's legacy encoding of a draw
+        return 0.5
+    if not 1 <= value <= 2:
+        raise UserError(f"{where}: preference {value!r} is outside [1, 2] (1 = reference wins, 2 = model wins)")
+    return float(value) - 1.0  # exact for values in [1, 2]
+
+
+def generator_name(annotations: Iterable[dict]) -> str | None:
+    """The evaluated model's name: the one ``generator_2`` shared by all rows, else None."""
+    names = {row.get("generator_2") for row in annotations}
+    if len(names) == 1:
+        (name,) = names
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def leaderboard_row(annotations: list[dict], name: str | None = None, *, source: str | None = None) -> dict:
+    """alpaca_eval's leaderboard columns for one model's annotations.
+
+    ``name`` (the model) and ``source`` (the file) only label error messages; the row itself is keyed by the model
+    name in the leaderboard, as in alpaca_eval. Raises UserError for a row without ``preference`` or with a value that
+    is not a preference, and when no row has one.
+    """
+    label = source or (f"annotations of {name}" if name else "annotations")
+    probs: list[float] = []
+    for i, row in enumerate(annotations):
+        if not isinstance(row, dict) or "preference" not in row:
+            raise UserError(f"{label}: row {i}: no 'preference' field")
+        p = _win_probability(row["preference"], f"{label}: row {i}")
+        if p is not None:
+            probs.append(p)
+    n = len(probs)
+    if n == 0:
+        raise UserError(f"{label}: no row has a preference (all are null)")
+
+    mean = math.fsum(probs) / n
+    if n > 1:
+        variance = math.fsum((p - mean) ** 2 for p in probs) / (n - 1)
+        standard_error = math.sqrt(variance / n) * 100
+    else:
+        standard_error = None  # undefined for one judgement (alpaca_eval: NaN)
+    n_wins = sum(p > 0.5 for p in probs)
+    n_wins_base = sum(p < 0.5 for p in probs)
+    n_draws = n - n_wins - n_wins_base
+
+    lengths = [len(row["output_2"]) for row in annotations if isinstance(row.get("output_2"), str)]
+    avg_length = sum(lengths) // len(lengths) if lengths else None  # alpaca_eval: int(mean character length)
+
+    return {
+        "win_rate": mean * 100,
+        "standard_error": standard_error,
+        "n_wins": n_wins,
+        "n_wins_base": n_wins_base,
+        "n_draws": n_draws,
+        "n_total": n,
+        "discrete_win_rate": (n_wins + 0.5 * n_draws) / n * 100,
+        "avg_length": avg_length,
+        "length_controlled_winrate": None,
+        "lc_standard_error": None,
+    }
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_leaderboard(path: Path) -> dict[str, dict]:
+    try:
+        board = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: existing leaderboard is not readable JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(board, dict) or not all(isinstance(v, dict) for v in board.values()):
+        raise UserError(f"{path}: existing leaderboard is not a {{model name: row}} object; remove it or pick another --output")
+    return board
+
+
+def score_annotations_file(path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None) -> dict:
+    """Score an annotations file and write ``output_dir/leaderboard.json`` atomically; returns the model's row.
+
+    The leaderboard is ``{model name: row}`` (alpaca_eval's layout, one entry per model). The name is ``name``, else
+    the annotations' single ``generator_2``, else the file name without ``.json[.gz]``. A leaderboard already in the
+    folder keeps its other models (as alpaca_eval adds a model to its leaderboard); entries are sorted by win rate.
+    Nothing is written when the input is bad.
+    """
+    return _score_and_write(path, output_dir, name)[1]
+
+
+def _score_and_write(path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None) -> tuple[str, dict]:
+    path = Path(path)
+    output_dir = Path(output_dir)
+    annotations = load_annotations(path)
+    model = name or generator_name(annotations) or path.name.removesuffix(".gz").removesuffix(".json")
+    row = leaderboard_row(annotations, model, source=str(path))
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{output_dir}: --output exists and is not a folder")
+    out = output_dir / LEADERBOARD_FILE
+    board = _read_leaderboard(out) if out.exists() else {}
+    board[model] = row
+    board = dict(sorted(board.items(), key=lambda kv: -(kv[1].get("win_rate") or 0.0)))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(out, json.dumps(board, indent=2, allow_nan=False) + "\n")
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the leaderboard: {e.strerror or e}") from None
+    return model, row
+
+
+def main_eval_alpaca(args) -> int:
+    """``align eval alpaca --annotations FILE --output DIR [--name NAME]``: prints ``{name: row}`` as one JSON line."""
+    model, row = _score_and_write(args.annotations, args.output, getattr(args, "name", None))
+    print(json.dumps({model: row}))
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    """Register ``align eval alpaca`` on the CLI's top-level subparsers."""
+    e = sub.add_parser("eval", help="score benchmark results (AlpacaEval annotations, ...)")
+    esub = e.add_subparsers(dest="benchmark", required=True)
+    a = esub.add_parser("alpaca", help="AlpacaEval: score an existing annotations file into DIR/leaderboard.json")
+    a.add_argument("--annotations", required=True, help="AlpacaEval annotations.json or .json.gz (preference in [1, 2])")
+    a.add_argument("--output", required=True, help="folder for leaderboard.json ({model: row}; other models in it are kept)")
+    a.add_argument("--name", help="model name in the leaderboard (default: the annotations' generator_2, else the file name)")
+    a.set_defaults(fn=main_eval_alpaca)

@@ -1,4 +1,4 @@
-"""Command line: ``align train | recipes | convert | demo | bench``.
+"""Command line: ``align train | recipes | convert | serve | eval | demo | bench``.
 
 Bad input prints one line ``error: ...`` on stderr and exits with status 2 (no traceback).
 """

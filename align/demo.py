@@ -5,7 +5,8 @@
     2. pairs  the SFT policy samples K answers per training prompt; the programmatic checker judges them;
               (correct, wrong) answers of the same prompt become preference pairs
     3. DPO    trained on those pairs, reference = the SFT policy
-    4. eval   greedy accuracy on held-out prompts and checker-judged win rate against the SFT policy
+    4. INPO   online: each iteration the policy samples, the checker judges, INPO updates (recipes/inpo/tiny.yaml)
+    5. eval   greedy accuracy on held-out prompts and checker-judged win rate against the SFT policy
 
 Everything lands in ``runs/quickstart/``: one folder per stage (model, metrics.jsonl, plots/), pairs.jsonl,
 eval.json (one entry per stage with ``accuracy`` and ``win_rate_vs_sft``) and plots/eval.png.
@@ -65,11 +66,11 @@ def run_demo(output_dir: str = "runs/quickstart", quick: bool = False) -> dict:
     started = time.time()
     small = ["data.builtin_size=960", "train.epochs=2"] if quick else []
 
-    say("== 1/4 SFT: tiny Llama from scratch on the built-in tasks (mixed-quality demonstrations)")
+    say("== 1/5 SFT: tiny Llama from scratch on the built-in tasks (mixed-quality demonstrations)")
     sft = load_recipe(RECIPES / "sft.yaml", [f"data.builtin_families={FAMILIES}"] + small)
     run(sft, out / "sft")
 
-    say("== 2/4 pairs: the SFT policy samples, the checker judges")
+    say("== 2/5 pairs: the SFT policy samples, the checker judges")
     model, tok = _load(out / "sft")
     engine = HFEngine(model, tok, batch_size=256)
     train_tasks = T.make_tasks(200 if quick else 2000, seed=1, split="train", families=FAMILIES)
@@ -77,17 +78,22 @@ def run_demo(output_dir: str = "runs/quickstart", quick: bool = False) -> dict:
     (out / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     say(f"   {len(pairs)} pairs from {len(train_tasks)} prompts")
 
-    say("== 3/4 DPO on the self-judged pairs")
+    say("== 3/5 DPO on the self-judged pairs")
     dpo = load_recipe(RECIPES / "dpo.yaml", [f"model.name_or_path={out / 'sft'}", f"data.train={out / 'pairs.jsonl'}"] + (["train.epochs=1", "train.logging_steps=1"] if quick else []))
     run(dpo, out / "dpo")
 
-    say("== 4/4 evaluation on held-out prompts")
+    say("== 4/5 INPO online from the SFT policy (sample, judge, update; 3 iterations)")
+    online = [f"model.name_or_path={out / 'sft'}"] + (["online.prompts_per_iteration=64", "online.iterations=2"] if quick else [])
+    run(load_recipe(RECIPES.parent / "inpo" / "tiny.yaml", online), out / "inpo")
+
+    say("== 5/5 evaluation on held-out prompts")
     test = T.make_tasks(60 if quick else 300, seed=2, split="test", families=FAMILIES)
     results, ans = {}, {}
-    for stage in ("sft", "dpo"):
+    stages = ("sft", "dpo", "inpo")
+    for stage in stages:
         model, tok = _load(out / stage)
         ans[stage] = answers(HFEngine(model, tok, batch_size=256), test)
-    for stage in ("sft", "dpo"):
+    for stage in stages:
         results[stage] = {"accuracy": accuracy(test, ans[stage]), "win_rate_vs_sft": win_rate(test, ans[stage], ans["sft"]),
                           "per_family": per_family_accuracy(test, ans[stage])}
     summary = {"stages": list(results), "test_prompts": len(test), "pairs": len(pairs), "wall_seconds": round(time.time() - started, 1), **results}

@@ -9,8 +9,8 @@ def test_quick_demo_writes_eval_json_and_plots(tmp_path):
     summary = run_demo(str(tmp_path / "quickstart"), quick=True)
     out = tmp_path / "quickstart"
     data = json.loads((out / "eval.json").read_text())
-    assert data["stages"] == ["sft", "dpo"]
-    for stage in ("sft", "dpo"):
+    assert data["stages"] == ["sft", "dpo", "inpo"]
+    for stage in ("sft", "dpo", "inpo"):
         assert 0.0 <= data[stage]["accuracy"] <= 1.0 and 0.0 <= data[stage]["win_rate_vs_sft"] <= 1.0
         assert (out / stage / "summary.json").is_file() and (out / stage / "plots" / "loss.png").is_file()
     assert data["sft"]["win_rate_vs_sft"] == 0.5

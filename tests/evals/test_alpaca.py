@@ -52,7 +52,7 @@ def test_matches_public_leaderboard(path: Path, public_leaderboard):
     model = _model(path)
     public = public_leaderboard.get(model)
     if public is None:
-        pytest.skip(f"{model} has no row in the AlpacaEval 2 leaderboard CSV (text_davinci_003 is AlpacaEval 1's reference)")
+        pytest.skip(f"{model}: no row in the shared AlpacaEval 2 leaderboard CSV, nothing to compare with")
     annotations = load_annotations(path)
     ours = leaderboard_row(annotations, model)
     assert list(ours) == list(COLUMNS)
@@ -152,6 +152,19 @@ def test_score_file_writes_and_merges(tmp_path):
     board = json.loads((out / "leaderboard.json").read_text())
     assert list(board) == ["other", "m1", "renamed"]  # sorted by win rate; other models kept
     assert sorted(p.name for p in out.iterdir()) == ["leaderboard.json"]  # no temporary file left
+
+
+def test_bad_output_writes_nothing(tmp_path):
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps(_ann(2.0, 1.0)))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        score_annotations_file(src, tmp_path / "file")
+    (tmp_path / "lb").mkdir()
+    (tmp_path / "lb" / "leaderboard.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="existing leaderboard"):
+        score_annotations_file(src, tmp_path / "lb")
+    assert (tmp_path / "lb" / "leaderboard.json").read_text() == "[1, 2]"
 
 
 # ----------------------------------------------------------------------------- command line

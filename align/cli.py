@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("extra", nargs="*", help="key=value options of the benchmark")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)
-    from align.evals.alpaca import add_eval_parser; add_eval_parser(sub)  # noqa: E702 -- align eval alpaca
+    from align.evals.alpaca import add_eval_parser
+
+    add_eval_parser(sub)  # align eval alpaca
     return p
 
 

@@ -72,6 +72,17 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
         if tok is not None:
             tokenize_rows(triples, fmt, tok, recipe.data, source)
         lines.append(f"data     {label} {source}: {len(triples)} rows, format {fmt}" + (", lengths ok" if tok is not None else ""))
+    if recipe.trainer == "online":
+        j = recipe.judge
+        if j.kind == "none":
+            raise UserError(f"{recipe_path}: judge.kind: the online trainer needs a judge (checker, reward_model or llm)")
+        if j.kind == "llm" and not (j.base_url and j.model):
+            raise UserError(f"{recipe_path}: judge.base_url and judge.model are required for an LLM judge")
+        if j.kind == "reward_model" and not (j.path and Path(j.path).is_dir()):
+            raise UserError(f"{recipe_path}: judge.path {j.path!r} is not a reward-model folder")
+        if recipe.rollout.n < 2:
+            raise UserError(f"{recipe_path}: rollout.n must be >= 2 for self-play")
+        lines.append(f"judge    {j.kind}" + (f" at {j.base_url} ({j.model})" if j.kind == "llm" else ""))
     if recipe.accelerate_config:
         cfg_path = recipe.accelerate_config
         if not Path(cfg_path).is_file():

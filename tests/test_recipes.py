@@ -45,3 +45,11 @@ def test_recipes_listing(capsys):
     assert "dpo/tiny.yaml" in out and "INVALID" not in out
     assert main(["recipes", "--explain"]) == 0
     assert "train.lr" in capsys.readouterr().out
+
+
+def test_dry_run_checks_the_online_judge(capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    rc = main(["train", str(REPO_ROOT / "recipes/inpo/tiny.yaml"), "--dry-run", "judge.kind=llm"])
+    assert rc == 2 and "judge.base_url" in capsys.readouterr().err
+    rc = main(["train", str(REPO_ROOT / "recipes/spo/tiny.yaml"), "--dry-run", "judge.kind=reward_model", "judge.path=/nonexistent"])
+    assert rc == 2 and "/nonexistent" in capsys.readouterr().err

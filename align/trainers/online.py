@@ -68,7 +68,8 @@ def win_rates(judge, prompt: str, texts: list[str]) -> list[float]:
 
 def rollout_iteration(engine, judge, prompts: list[str], recipe: Recipe, seed: int) -> list[dict]:
     """Sample K per prompt and judge them; plain data (saved as JSON for resumption)."""
-    groups = engine.generate(prompts, n=recipe.rollout.n, sampling=sampling_from(recipe.rollout, seed=seed))
+    inputs = [[{"role": "user", "content": p}] for p in prompts] if recipe.data.chat_template else prompts
+    groups = engine.generate(inputs, n=recipe.rollout.n, sampling=sampling_from(recipe.rollout, seed=seed))
     out = []
     for prompt, group in zip(prompts, groups):
         r = win_rates(judge, prompt, [c.text for c in group])

@@ -77,3 +77,14 @@ def test_kill_mid_iteration_and_resume_gives_identical_weights(tmp_path):
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_chat_template_prompts_go_through_the_template(tmp_path):
+    recipe = load_recipe(REPO_ROOT / "recipes" / "spo" / "tiny.yaml", SMALL + ["data.chat_template=true", "online.iterations=1"])
+    run(recipe, tmp_path / "chat")
+    group = json.loads((tmp_path / "chat" / "rollouts" / "iter-1.json").read_text())["groups"][0]
+    from align.models import char_tokenizer
+
+    tok = char_tokenizer()
+    rendered = tok.apply_chat_template([{"role": "user", "content": group["prompt"]}], add_generation_prompt=True, tokenize=False)
+    assert tok.decode(group["prompt_ids"]) == rendered and rendered.endswith("<|assistant|>")

@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # dotted.key=value overrides may come after options
         if args.command not in ("train", "bench") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*getattr(args, "overrides", []), *extra] if args.command == "train" else args.overrides
-        if args.command == "bench":
+        if args.command == "train":
+            args.overrides = [*args.overrides, *extra]
+        else:
             args.extra = [*args.extra, *extra]
     try:
         return args.fn(args)

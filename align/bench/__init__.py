@@ -11,7 +11,7 @@ import sys
 
 from align.errors import UserError
 
-BENCHMARKS = {"dpo": "align.bench.dpo", "rollout": "align.bench.rollout"}
+BENCHMARKS = {"dpo": "align.bench.dpo", "rollout": "align.bench.rollout", "online": "align.bench.online"}
 
 
 def run_bench(name: str, extra: list[str]) -> dict:

@@ -336,7 +336,9 @@ def maxdiff(ref, out):
             worst = max(worst, (lp - torch.tensor(c.logprobs)).abs().max().item())
     return worst
 
-acc = Accelerator()
+from align.trainers.offline import make_accelerator
+acc = make_accelerator(1)  # as the trainers build it: a real gloo process group, so each rank knows its index
+assert acc.num_processes == 2
 AcceleratorState().deepspeed_plugin.deepspeed_config.update(
     train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=2)
 model = build()
@@ -358,7 +360,12 @@ for step in range(2):
     stale = maxdiff(ref, engine.generate(prompts, 2, sp))
     engine.update_weights(inner)
     res["steps"].append(dict(stale=stale, synced=maxdiff(ref, engine.generate(prompts, 2, sp)), adapter=engine._lora is not None))
-print("RESULT " + json.dumps(res), flush=True)
+# one file per rank: two ranks printing to one pipe can interleave their lines
+import os
+with open(f"{sys.argv[2]}/result-{os.environ.get('RANK', '0')}.json", "w") as f:
+    json.dump(res, f)
+from align.trainers.offline import finish
+finish(acc)  # ends the process group cleanly (avoids gloo's exit-time abort under ZeRO-3)
 '''
 
 
@@ -380,8 +387,8 @@ def test_weight_sync_under_deepspeed_zero3(vllm_ok, tmp_path, kind):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([accelerate, "launch", "--config_file", str(REPO_ROOT / "recipes" / "accelerate" / "cpu_zero3.yaml"),
-                           str(script), kind], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                           str(script), kind, str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result-*.json"))]
     assert proc.returncode == 0 and len(results) == 2, proc.stderr[-3000:]
     for r in results:
         assert r["partitioned"] and r["lora_path"] == (kind == "lora") and r["start"] < 1e-3

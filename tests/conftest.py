@@ -47,3 +47,20 @@ def run_align(*args: str, env: dict | None = None, timeout: float = 300, cwd: Pa
 def error_lines(stderr: str) -> list[str]:
     """stderr without the DeepSpeed import banner."""
     return [line for line in stderr.splitlines() if line.strip() and "real_accelerator" not in line]
+
+
+SPECIALS = [0, 1, 3]  # <pad>, <s>, <unk> of the character tokenizer: a random model would sample them mid-text
+
+
+class Echo:
+    """Replies with a fixed observation for two turns, then ends."""
+
+    def __init__(self, task: str):
+        self.task, self.seen = task, []
+
+    def reset(self):
+        return self.task
+
+    def step(self, text):
+        self.seen.append(text)
+        return (f"obs{len(self.seen)}", False) if len(self.seen) < 3 else (None, True)

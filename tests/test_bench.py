@@ -18,6 +18,8 @@ def test_bench_dpo_json_contract():
 def test_bench_unknown_option_is_a_user_error():
     res = run_align("bench", "dpo", "--json", "nonsense=1")
     assert res.returncode == 2 and "unknown option 'nonsense'" in res.stderr and res.stdout == ""
+    res = run_align("bench", "rollout", "--json", "batch=many")
+    assert res.returncode == 2 and "needs an integer" in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.slow

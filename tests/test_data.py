@@ -412,7 +412,7 @@ def test_not_gzip(tmp_path, tok):
     assert "cannot read" in load_error(path, tok)
 
 
-# Regressions: each of these inputs currently escapes as a non-UserError exception.
+# Regressions: each of these inputs once escaped as a non-UserError exception.
 
 
 def test_corrupt_gzip_stream_is_a_user_error(tmp_path, tok):

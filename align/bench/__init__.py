@@ -14,6 +14,20 @@ from align.errors import UserError
 BENCHMARKS = {"dpo": "align.bench.dpo", "rollout": "align.bench.rollout", "online": "align.bench.online"}
 
 
+def parse_options(name: str, defaults: dict[str, int], extra: list[str]) -> dict[str, int]:
+    """``["steps=30", ...]`` over a benchmark's integer defaults; unknown keys and non-integers are UserErrors."""
+    options = dict(defaults)
+    for item in extra:
+        key, _, value = item.partition("=")
+        if key not in options:
+            raise UserError(f"bench {name}: unknown option {key!r}; options: {', '.join(options)}")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise UserError(f"bench {name}: option {key!r} needs an integer, got {value!r}") from None
+    return options
+
+
 def run_bench(name: str, extra: list[str]) -> dict:
     if name not in BENCHMARKS:
         raise UserError(f"bench: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")

@@ -106,14 +106,9 @@ def _worker(mode: str, model_dir: str, data: str, out: str, o: dict) -> dict:
 
 
 def run(extra: list[str]) -> dict:
-    o = dict(DEFAULTS)
-    for item in extra:
-        k, _, v = item.partition("=")
-        if k not in o:
-            from align.errors import UserError
+    from align.bench import parse_options
 
-            raise UserError(f"bench dpo: unknown option {k!r}; options: {', '.join(o)}")
-        o[k] = int(v)
+    o = parse_options("dpo", DEFAULTS, extra)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

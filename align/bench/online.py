@@ -50,17 +50,13 @@ def run(extra: list[str]) -> dict:
     from align import tasks as T
     from align.config import load_recipe
     from align.demo import RECIPES, _load
-    from align.errors import UserError
     from align.evaluate import accuracy, answers, win_rate
     from align.rollout.hf import HFEngine
     from align.trainers import run as train
 
-    o = dict(DEFAULTS)
-    for item in extra:
-        k, _, v = item.partition("=")
-        if k not in o:
-            raise UserError(f"bench online: unknown option {k!r}; options: {', '.join(o)}")
-        o[k] = int(v)
+    from align.bench import parse_options
+
+    o = parse_options("online", DEFAULTS, extra)
     per_round = o["prompts"] // o["iterations"]
     quiet = ["logging.progress=false", "logging.plots=false"]
     methods = {

@@ -122,16 +122,12 @@ def _vllm_available() -> str | None:
 def run(extra: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.errors import UserError
     from align.models import build_tiny_model, char_tokenizer
     from align.rollout.hf import HFEngine
 
-    o = dict(DEFAULTS)
-    for item in extra:
-        k, _, v = item.partition("=")
-        if k not in o:
-            raise UserError(f"bench rollout: unknown option {k!r}; options: {', '.join(o)}")
-        o[k] = int(v)
+    from align.bench import parse_options
+
+    o = parse_options("rollout", DEFAULTS, extra)
     torch.manual_seed(o["seed"])
     result: dict = {"benchmark": "rollout", "device": "cpu", "options": o, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:

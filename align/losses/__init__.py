@@ -38,6 +38,12 @@ class PairBatch:
     token_mask: Optional[torch.Tensor] = None  # [B, T] 1 on the model's own response tokens
 
 
+def chosen_nll(b: PairBatch) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the chosen responses over the batch (the ``loss.sft_weight`` term,
+    Pang et al. 2024's NLL regulariser)."""
+    return -b.chosen_logps.sum() / b.chosen_lengths.sum().clamp(min=1)
+
+
 LossFn = Callable[[PairBatch, "LossConfig"], tuple[torch.Tensor, dict[str, torch.Tensor]]]  # noqa: F821
 
 

@@ -26,7 +26,7 @@ from align.config import Recipe
 from align.data import Example, collate, load_examples
 from align.errors import UserError
 from align.logprobs import sequence_logps
-from align.losses import PairBatch, get_loss
+from align.losses import PairBatch, chosen_nll, get_loss
 from align.models import is_peft, load_policy, reference_context, save_model
 
 
@@ -61,7 +61,8 @@ def micro_batch(examples: list[Example], micro_step: int, per_epoch: int, batch_
     return [examples[i] for i in order[start:start + batch_size]]
 
 
-def _policy_logps(model, batch, paired: bool):
+def pair_logps(model, batch, paired: bool):
+    """(chosen sums, chosen lengths, rejected sums, rejected lengths) of a collated [chosen; rejected] batch."""
     logps, lengths = sequence_logps(model, batch)
     if not paired:
         return logps, lengths, None, None
@@ -86,7 +87,7 @@ def precompute_reference(accelerator, model, examples: list[Example], batch_size
         idx = mine[s:s + batch_size]
         batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         with reference_context(accelerator.unwrap_model(model)):
-            c, _, r, _ = _policy_logps(model, batch, paired)
+            c, _, r, _ = pair_logps(model, batch, paired)
         rows_i.append(torch.tensor(idx))
         rows_v.append(torch.stack([c.float().cpu(), (r if r is not None else torch.zeros_like(c)).float().cpu()], -1))
     idx_all = accelerator.gather(torch.cat(rows_i).to(accelerator.device)).cpu()
@@ -172,14 +173,14 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         batch = {k: v.to(accelerator.device) for k, v in collate(exs, pad_id).items()}
         tokens += int(batch["attention_mask"].sum())
         with accelerator.accumulate(model):
-            c, cl, r, rl = _policy_logps(model, batch, paired)
+            c, cl, r, rl = pair_logps(model, batch, paired)
             pb = PairBatch(chosen_logps=c, chosen_lengths=cl, rejected_logps=r, rejected_lengths=rl)
             if reference == "precompute":
                 ref = ref_table[batch["idx"].cpu()].to(c.device)
                 pb.ref_chosen_logps, pb.ref_rejected_logps = ref[:, 0], ref[:, 1]
             elif reference == "model":
                 with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
-                    rc, _, rr, _ = _policy_logps(ref_model if ref_model is not None else model, batch, paired)
+                    rc, _, rr, _ = pair_logps(ref_model if ref_model is not None else model, batch, paired)
                 pb.ref_chosen_logps, pb.ref_rejected_logps = rc, rr
             if spec.needs_anchor:  # offline there is no sampling iterate: pi_t = reference
                 pb.anchor_chosen_logps, pb.anchor_rejected_logps = pb.ref_chosen_logps, pb.ref_rejected_logps
@@ -189,7 +190,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             else:
                 loss = per_example.mean()
             if recipe.loss.sft_weight:
-                loss = loss + recipe.loss.sft_weight * (-c.sum() / cl.sum().clamp(min=1))
+                loss = loss + recipe.loss.sft_weight * chosen_nll(pb)
             bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=accelerator.device), "sum")
             if bad.item() > 0:
                 if t.nan_policy == "stop":

@@ -30,11 +30,11 @@ from align.config import Recipe
 from align.data import Example, collate
 from align.errors import UserError
 from align.judges import make_judge
-from align.logprobs import sequence_logps, token_logps
-from align.losses import PairBatch, get_loss
+from align.logprobs import token_logps
+from align.losses import PairBatch, chosen_nll, get_loss
 from align.models import is_peft, load_policy, reference_context, save_model
 from align.rollout import make_engine, sampling_from
-from align.trainers.offline import finish, make_accelerator, peak_memory_mb, save_checkpoint
+from align.trainers.offline import finish, make_accelerator, pair_logps, peak_memory_mb, save_checkpoint
 
 
 def load_prompts(recipe: Recipe) -> list[str]:
@@ -220,13 +220,10 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device):
     else:
         exs = [Example(i, r["prompt_ids"], r["w"]["token_ids"], r["l"]["token_ids"]) for i, r in enumerate(chunk)]
         batch = {k: v.to(device) for k, v in collate(exs, pad).items()}
-        logps, lengths = sequence_logps(model, batch)
-        c, rj = logps.chunk(2)
-        cl, rl = lengths.chunk(2)
+        c, cl, rj, rl = pair_logps(model, batch, paired=True)
         pb = PairBatch(chosen_logps=c, chosen_lengths=cl, rejected_logps=rj, rejected_lengths=rl)
         with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
-            ref_logps, _ = sequence_logps(ref_model if ref_model is not None else model, batch)
-        pb.ref_chosen_logps, pb.ref_rejected_logps = ref_logps.chunk(2)
+            pb.ref_chosen_logps, _, pb.ref_rejected_logps, _ = pair_logps(ref_model if ref_model is not None else model, batch, paired=True)
         # pi_t: the policy that sampled this iteration's responses; its log-probs came with the samples
         pb.anchor_chosen_logps = torch.tensor([sum(r["w"]["logprobs"]) for r in chunk], device=device)
         pb.anchor_rejected_logps = torch.tensor([sum(r["l"]["logprobs"]) for r in chunk], device=device)
@@ -238,6 +235,6 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device):
     per_example, metrics = spec.fn(pb, recipe.loss)
     loss = per_example.mean()
     if recipe.loss.sft_weight and not spec.per_token:
-        loss = loss + recipe.loss.sft_weight * (-pb.chosen_logps.sum() / pb.chosen_lengths.sum().clamp(min=1))
+        loss = loss + recipe.loss.sft_weight * chosen_nll(pb)
     return loss, metrics
 

@@ -6,23 +6,7 @@ from align.logprobs import token_logps
 from align.rollout import SamplingParams
 from align.rollout.episodes import check_no_drift, run_episodes
 from align.rollout.hf import HFEngine
-
-
-SPECIALS = [0, 1, 3]  # <pad>, <s>, <unk> of the character tokenizer: a random model would sample them mid-text
-
-
-class Echo:
-    """Replies with a fixed observation for two turns, then ends."""
-
-    def __init__(self, task: str):
-        self.task, self.seen = task, []
-
-    def reset(self):
-        return self.task
-
-    def step(self, text):
-        self.seen.append(text)
-        return (f"obs{len(self.seen)}", False) if len(self.seen) < 3 else (None, True)
+from tests.conftest import SPECIALS, Echo
 
 
 def test_masks_logprobs_and_no_drift(tiny_model, tiny_tokenizer):

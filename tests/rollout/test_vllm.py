@@ -28,7 +28,7 @@ def vllm_ok():
 
 
 PROMPTS = ["12+34=", "rev abcdef=", "max 1 2 3=", "x"]
-SPECIALS = [0, 1, 3]  # <pad>, <s>, <unk>
+from tests.conftest import SPECIALS, Echo  # noqa: E402
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -259,20 +259,6 @@ def test_lora_adapter_sync_equals_merged_weight_sync(setup):
     finally:
         e.update_weights(model)
     assert [g[0].token_ids for g in e.generate(PROMPTS, n=1, sampling=greedy)] == [b[0].token_ids for b in base]
-
-
-class Echo:
-    """Replies with a fixed observation for two turns, then ends."""
-
-    def __init__(self, task: str):
-        self.task, self.seen = task, []
-
-    def reset(self):
-        return self.task
-
-    def step(self, text):
-        self.seen.append(text)
-        return (f"obs{len(self.seen)}", False) if len(self.seen) < 3 else (None, True)
 
 
 def test_multi_turn_episodes(setup):

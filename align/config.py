@@ -54,7 +54,7 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = doc("builtin:tasks", "Training data: a .jsonl/.json/.parquet file (optionally .gz), 'hf:<dataset>[:split]' for a datasets hub id or local dataset folder, or 'builtin:tasks' for the built-in verifiable tasks.")
+    train: str = doc("builtin:tasks", "Training data: a .jsonl/.json/.parquet file (optionally .gz), 'hf:<dataset>[:split]' for a datasets hub id or local dataset folder, or 'builtin:<name>' for a built-in set: tasks (verifiable tasks), pets / hh_users (multi-user preference sets, ':train' or ':eval' users), hh_harmless (HH-RLHF harmless 80/20 split).")
     eval: Optional[str] = doc(None, "Held-out data in the same forms; None = no evaluation set.")
     format: Literal["auto", "plain", "conversational", "hh"] = doc("auto", "Row format: plain prompt/chosen/rejected strings, message lists, or HH-RLHF full dialogues (split into prompt and responses). 'auto' detects it.")
     prompt_key: str = doc("prompt", "Column holding the prompt.")
@@ -92,6 +92,28 @@ class OnlineConfig:
 
 
 @dataclass
+class RewardConfig:
+    kind: Literal["bt", "vpl"] = doc("bt", "Reward model: Bradley-Terry ('bt') or variational personalised ('vpl': reward conditioned on a user latent z inferred from that user's labelled pairs).")
+    train_backbone: bool = doc(False, "Train the backbone (full, or LoRA with lora.enabled); False = frozen backbone, its embeddings computed once and only the heads trained.")
+    pooling: Literal["auto", "mean", "last"] = doc("auto", "Pool token states into one embedding: mean (encoders), last token (causal LMs), auto = by architecture.")
+    head_hidden: int = doc(256, "Hidden width of the reward MLP (0 = linear head).")
+    margin_key: Optional[str] = doc(None, "Column with a per-pair margin m for the BT loss (Llama 2 style); None = no margin.")
+    label_smoothing: float = doc(0.0, "BT label smoothing: probability eps that a label is flipped.")
+    latent_dim: int = doc(512, "VPL latent size (paper: 512).")
+    encoder_hidden: int = doc(256, "VPL context-encoder width (pair MLP and self-attention).")
+    encoder_heads: int = doc(4, "VPL self-attention heads over the context pairs.")
+    context_pairs: int = doc(8, "VPL: labelled pairs of a user that form the context C (paper: up to 8).")
+    query_pairs: int = doc(8, "VPL: pairs of the same user scored under z per training sample.")
+    kl_beta: float = doc(1e-4, "VPL KL weight beta (paper: 1e-4).")
+    kl_anneal_steps: int = doc(0, "VPL: beta rises linearly from 0 over this many steps (0 = constant beta).")
+    user_key: str = doc("user", "Column with the user (annotator) id (VPL).")
+    user_type_key: str = doc("user_type", "Optional column with the user type: accuracy is reported per type.")
+    controversial_key: str = doc("controversial", "Optional boolean column marking pairs the user types disagree on: accuracy reported on that subset.")
+    eval_fraction: float = doc(0.0, "Without data.eval: hold out this fraction of pairs (VPL: of users) for evaluation.")
+    eval_seed: int = doc(0, "Seed of the fresh context samples drawn per query pair at evaluation (VPL).")
+
+
+@dataclass
 class TrainConfig:
     seed: int = doc(0, "Seed for model init (tiny models), data order and sampling.")
     epochs: int = doc(1, "Passes over the training data.")
@@ -123,8 +145,9 @@ class RolloutConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["checker", "reward_model", "llm", "none"] = doc("checker", "Preference oracle: programmatic checker of the built-in tasks, a reward model, or an LLM judge over an OpenAI-compatible endpoint.")
-    path: Optional[str] = doc(None, "Reward-model folder (kind: reward_model).")
+    kind: Literal["checker", "reward_model", "vpl", "llm", "none"] = doc("checker", "Preference oracle: programmatic checker of the built-in tasks, a reward model (BT), a VPL personalised reward model with a user context, or an LLM judge over an OpenAI-compatible endpoint.")
+    path: Optional[str] = doc(None, "Reward-model folder (kind: reward_model or vpl): an `align train` reward output or a HF sequence-classification model with one label.")
+    context: Optional[str] = doc(None, "kind vpl: file of the user's labelled pairs (prompt/chosen/rejected rows) that identify the user; z = mu of q(z | context).")
     base_url: Optional[str] = doc(None, "OpenAI-compatible endpoint (kind: llm).")
     model: Optional[str] = doc(None, "Model name at the endpoint (kind: llm).")
     api_key_env: str = doc("OPENAI_API_KEY", "Environment variable holding the API key (the key itself never goes in a recipe).")
@@ -145,11 +168,12 @@ class LoggingConfig:
 @dataclass
 class Recipe:
     description: str = doc("", "One line shown by `align recipes`.")
-    trainer: Literal["preference", "sft", "online"] = doc("preference", "Data flow: offline pairs ('preference'), supervised fine-tuning ('sft'), or online self-play ('online': spo, inpo, dpo, sppo on judged samples of the current policy).")
+    trainer: Literal["preference", "sft", "online", "reward"] = doc("preference", "Data flow: offline pairs ('preference'), supervised fine-tuning ('sft'), online self-play ('online': spo, inpo, dpo, sppo on judged samples of the current policy), or a reward model ('reward': BT or VPL).")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The policy model."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter settings."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "Objective."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward model (trainer: reward)."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollout engine (online trainers, evaluation)."})
     online: OnlineConfig = field(default_factory=OnlineConfig, metadata={"help": "Online iterations (trainer: online)."})
@@ -323,6 +347,9 @@ def validate(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: loss.label_smoothing must be in [0, 0.5), got {recipe.loss.label_smoothing}")
     if d.max_prompt_length >= d.max_length:
         raise UserError(f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})")
+    if recipe.trainer == "reward":
+        _validate_reward(recipe, where)
+        return
     from align.losses import LOSSES  # local import: the registry imports torch
 
     if recipe.loss.name not in LOSSES:
@@ -338,6 +365,25 @@ def validate(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: loss {spec.name!r} needs reference log-probs but train.reference is 'none'")
     if recipe.model.name_or_path.startswith("tiny:") and recipe.model.tiny_hidden_size % recipe.model.tiny_heads:
         raise UserError(f"{where}: model.tiny_hidden_size must be divisible by model.tiny_heads")
+
+
+def _validate_reward(recipe: Recipe, where: str) -> None:
+    r = recipe.reward
+    for key, value in {"reward.latent_dim": r.latent_dim, "reward.encoder_hidden": r.encoder_hidden,
+                       "reward.encoder_heads": r.encoder_heads, "reward.context_pairs": r.context_pairs,
+                       "reward.query_pairs": r.query_pairs}.items():
+        if value <= 0:
+            raise UserError(f"{where}: {key} must be > 0, got {value}")
+    if r.head_hidden < 0 or r.kl_anneal_steps < 0 or r.kl_beta < 0:
+        raise UserError(f"{where}: reward.head_hidden, reward.kl_anneal_steps and reward.kl_beta must be >= 0")
+    if r.encoder_hidden % r.encoder_heads:
+        raise UserError(f"{where}: reward.encoder_hidden ({r.encoder_hidden}) must be divisible by reward.encoder_heads ({r.encoder_heads})")
+    if not 0.0 <= r.label_smoothing < 0.5:
+        raise UserError(f"{where}: reward.label_smoothing must be in [0, 0.5), got {r.label_smoothing}")
+    if not 0.0 <= r.eval_fraction < 1.0:
+        raise UserError(f"{where}: reward.eval_fraction must be in [0, 1), got {r.eval_fraction}")
+    if recipe.lora.enabled and not r.train_backbone:
+        raise UserError(f"{where}: lora.enabled needs reward.train_backbone: true (a frozen backbone trains no adapter)")
 
 
 ONLINE_LOSSES = ("spo", "inpo", "dpo", "sppo", "ipo")

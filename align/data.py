@@ -44,8 +44,12 @@ def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False) -> list[d
     """Raw rows (dicts) from any supported source."""
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
+        from align import userdata
+
+        if name.partition(":")[0] not in userdata.BUILTINS:
+            raise UserError(f"data: unknown built-in dataset {source!r} (known: {', '.join('builtin:' + b for b in userdata.BUILTINS)})")
         if name != "tasks":
-            raise UserError(f"data: unknown built-in dataset {source!r} (known: builtin:tasks)")
+            return userdata.builtin_rows(name, data_cfg, seed)
         from align import tasks
 
         try:
@@ -170,9 +174,10 @@ def _is_messages(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
 
 
-def normalise(rows: list[dict], cfg, source: str, sft: bool) -> tuple[str, list[tuple]]:
+def normalise(rows: list[dict], cfg, source: str, sft: bool, kept: list[int] | None = None) -> tuple[str, list[tuple]]:
     """Rows -> (format, [(prompt, chosen, rejected)]) with strings (plain/hh) or message lists (conversational).
-    With ``data.drop_invalid`` rows that fail validation are dropped (and counted on stderr) instead of fatal."""
+    With ``data.drop_invalid`` rows that fail validation are dropped (and counted on stderr) instead of fatal;
+    ``kept``, if given, receives the indices of the rows returned."""
     if not rows:
         raise UserError(f"{source}: dataset is empty")
     if not isinstance(rows[0], dict):
@@ -182,6 +187,8 @@ def normalise(rows: list[dict], cfg, source: str, sft: bool) -> tuple[str, list[
     for i, row in enumerate(rows):
         try:
             out.append(_normalise_row(row, i, fmt, cfg, source, sft))
+            if kept is not None:
+                kept.append(i)
         except UserError:
             if not cfg.drop_invalid:
                 raise

@@ -12,4 +12,8 @@ def run(recipe, output_dir, resume: bool = False) -> dict:
         from align.trainers.online import train
 
         return train(recipe, output_dir, resume=resume)
+    if recipe.trainer == "reward":
+        from align.trainers.reward import train
+
+        return train(recipe, output_dir, resume=resume)
     raise ValueError(f"unknown trainer {recipe.trainer!r}")

@@ -1,0 +1,354 @@
+"""The reward-model trainer: labelled pairs -> a Bradley-Terry or a VPL reward model.
+
+Data flow, top to bottom:
+    recipe -> pairs (prompt, chosen, rejected[, user, user_type, controversial, margin]) -> train/eval split
+    -> reward model (backbone + head [+ VPL posterior encoder]) -> frozen backbone: every text embedded once
+    -> for each step:
+         BT:  a batch of pairs -> r_w, r_l -> Bradley-Terry loss (margin, label smoothing)
+         VPL: batch_size users -> per user, context pairs C and disjoint query pairs Q (the user's own labels)
+              -> q(z | C) -> z = mu + sigma * e -> r(y_w, z), r(y_l, z) on Q -> negative ELBO (KL weight annealed)
+       backward, clip, step -> metrics.jsonl, checkpoints
+    -> evaluation (accuracy, calibration, per user type, controversial subset; VPL: z = mu of fresh context pairs of
+       the same user for every query pair) -> saved model (loads back as a judge) + summary.json.
+
+Single process. Batches are a pure function of (seed, step), so a resumed run replays exactly the same steps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align import runs
+from align.config import Recipe
+from align.errors import UserError
+from align.losses.reward import bradley_terry, vpl_elbo
+from align.reward_model import RewardModel, build
+from align.trainers.offline import NonFiniteLoss, _order, _scheduler
+
+
+@dataclass
+class Pairs:
+    prompt: list[str] = field(default_factory=list)
+    chosen: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    user: list = field(default_factory=list)
+    user_type: list = field(default_factory=list)
+    controversial: list = field(default_factory=list)
+    margin: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def subset(self, idx: list[int]) -> "Pairs":
+        return Pairs(*[[getattr(self, f)[i] for i in idx] if getattr(self, f) else [] for f in self.__dataclass_fields__])
+
+    def by_user(self) -> dict:
+        out: dict = {}
+        for i, u in enumerate(self.user):
+            out.setdefault(u, []).append(i)
+        return out
+
+
+def _as_text(x) -> str:
+    if isinstance(x, str):
+        return x
+    return "\n".join(f"{m['role']}: {m['content']}" for m in x)
+
+
+def load_pairs(source: str, recipe: Recipe, seed: int) -> Pairs:
+    """Pairs with their user columns; every problem is a UserError naming the file and row."""
+    from align.data import normalise, read_rows
+
+    rc = recipe.reward
+    rows = read_rows(source, recipe.data, seed=seed)
+    if recipe.data.limit:
+        rows = rows[:recipe.data.limit]
+    kept: list[int] = []
+    _, triples = normalise(rows, recipe.data, source, sft=False, kept=kept)
+    p = Pairs()
+    for (prompt, chosen, rejected), i in zip(triples, kept):
+        row = rows[i]
+        p.prompt.append(_as_text(prompt))
+        p.chosen.append(_as_text(chosen))
+        p.rejected.append(_as_text(rejected))
+        p.user.append(row.get(rc.user_key))
+        p.user_type.append(row.get(rc.user_type_key))
+        p.controversial.append(row.get(rc.controversial_key))
+        if rc.margin_key is not None:
+            m = row.get(rc.margin_key)
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+                raise UserError(f"{source}: row {i}: column {rc.margin_key!r} (reward.margin_key) must be a finite number, got {m!r}")
+            p.margin.append(float(m))
+    if rc.kind == "vpl":
+        missing = next((i for i, u in zip(kept, p.user) if u is None), None)
+        if missing is not None:
+            raise UserError(f"{source}: row {missing}: missing column {rc.user_key!r} (reward.user_key; VPL needs a user id per pair)")
+        if all(len(v) < 2 for v in p.by_user().values()):
+            raise UserError(f"{source}: every user has a single pair; VPL needs users with several labelled pairs")
+    return p
+
+
+def split_pairs(recipe: Recipe) -> tuple[Pairs, Pairs | None]:
+    t, rc = recipe.train, recipe.reward
+    train = load_pairs(recipe.data.train, recipe, t.seed)
+    if recipe.data.eval:
+        return train, load_pairs(recipe.data.eval, recipe, t.seed)
+    if not rc.eval_fraction:
+        return train, None
+    rng = random.Random(f"reward-split-{t.seed}")
+    if rc.kind == "vpl":  # hold out whole users
+        users = sorted(train.by_user(), key=str)
+        rng.shuffle(users)
+        held = set(users[:max(1, round(rc.eval_fraction * len(users)))])
+        ev = [i for i, u in enumerate(train.user) if u in held]
+    else:
+        ev = sorted(rng.sample(range(len(train)), max(1, round(rc.eval_fraction * len(train)))))
+    held_idx = set(ev)
+    return train.subset([i for i in range(len(train)) if i not in held_idx]), train.subset(ev)
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings
+
+
+class Embeddings:
+    """Texts -> embeddings. Frozen backbone: each distinct text is embedded once (``cache`` may be shared between
+    runs on the same backbone, e.g. by the benchmark); trainable backbone: embedded in every forward pass."""
+
+    def __init__(self, model: RewardModel, frozen: bool, cache: dict | None = None, progress: bool = True):
+        self.model, self.frozen, self.cache, self.progress = model, frozen, cache if cache is not None else {}, progress
+
+    def warm(self, texts: list[str], batch_size: int = 64) -> None:
+        if not self.frozen:
+            return
+        todo = sorted({t for t in texts if t not in self.cache})
+        prog = runs.Progress(len(todo), "embed", enabled=self.progress and len(todo) > batch_size)
+        with torch.no_grad():
+            for s in range(0, len(todo), batch_size):
+                chunk = todo[s:s + batch_size]
+                for t, e in zip(chunk, self.model.embed(chunk, batch_size)):
+                    self.cache[t] = e
+                if (s // batch_size) % 10 == 9:
+                    prog.update(s + len(chunk))
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if self.frozen:
+            return torch.stack([self.cache[t] for t in texts])
+        return self.model.embed(texts)
+
+
+def _texts(p: Pairs, idx: list[int], which: str) -> list[str]:
+    resp = p.chosen if which == "w" else p.rejected
+    return [p.prompt[i] + resp[i] for i in idx]
+
+
+# ------------------------------------------------------------------------------------------------- VPL sampling
+
+
+def vpl_batch(users: dict, keys: list, n_users: int, n_ctx: int, n_query: int, g: torch.Generator):
+    """For ``n_users`` users drawn with replacement: context and disjoint query pair indices, padded with -1."""
+    ctx, qry = torch.full((n_users, n_ctx), -1), torch.full((n_users, n_query), -1)
+    for row, k in enumerate(torch.randint(len(keys), (n_users,), generator=g).tolist()):
+        idx = users[keys[k]]
+        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        c = min(n_ctx, len(perm) - 1)
+        q = min(n_query, len(perm) - c)
+        ctx[row, :c] = torch.tensor(perm[:c], dtype=torch.long)
+        qry[row, :q] = torch.tensor(perm[c:c + q], dtype=torch.long)
+    return ctx, qry
+
+
+def _gather(emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return emb[idx.clamp(min=0)]
+
+
+def eval_contexts(p: Pairs, n_ctx: int, seed: int) -> torch.Tensor:
+    """For every pair i: up to n_ctx *other* pairs of the same user, freshly sampled per pair ([n, n_ctx], -1 pad)."""
+    g = torch.Generator().manual_seed(seed)
+    users = p.by_user()
+    out = torch.full((len(p), n_ctx), -1)
+    for i, u in enumerate(p.user):
+        others = [j for j in users[u] if j != i]
+        pick = torch.randperm(len(others), generator=g)[:n_ctx].tolist()
+        out[i, :len(pick)] = torch.tensor([others[j] for j in pick], dtype=torch.long)
+    return out
+
+
+@torch.no_grad()
+def pair_probabilities(model: RewardModel, emb: Embeddings, p: Pairs, n_ctx: int = 8, seed: int = 0,
+                       batch: int = 256) -> torch.Tensor:
+    """P(chosen > rejected) for every pair under the model; VPL: z = mu of fresh context pairs of the pair's user."""
+    model.eval()
+    out = []
+    ctx_all = eval_contexts(p, n_ctx, seed) if model.cfg["kind"] == "vpl" else None
+    for s in range(0, len(p), batch):
+        idx = list(range(s, min(s + batch, len(p))))
+        ew, el = emb(_texts(p, idx, "w")), emb(_texts(p, idx, "l"))
+        z = None
+        if ctx_all is not None:
+            c = ctx_all[idx]
+            flat = sorted({j for j in c.flatten().tolist() if j >= 0})
+            pos = {j: k for k, j in enumerate(flat)}
+            cw, cl = emb(_texts(p, flat, "w")), emb(_texts(p, flat, "l"))
+            ci = torch.tensor([[pos.get(j, 0) for j in r] for r in c.tolist()])
+            z, _ = model.posterior(cw[ci], cl[ci], c >= 0)
+        out.append(torch.sigmoid(model.reward(ew, z) - model.reward(el, z)))
+    return torch.cat(out)
+
+
+def evaluate(model: RewardModel, emb: Embeddings, p: Pairs, n_ctx: int, seed: int) -> dict:
+    """accuracy, calibration (ECE over 10 confidence bins), mean P, per user type, and on the controversial subset."""
+    prob = pair_probabilities(model, emb, p, n_ctx, seed)
+    right = (prob > 0.5).float()
+    conf = torch.maximum(prob, 1 - prob)
+    ece = 0.0
+    for b in range(10):
+        m = (conf > 0.5 + b * 0.05) & (conf <= 0.5 + (b + 1) * 0.05) if b else (conf <= 0.55)
+        if m.any():
+            ece += m.float().mean().item() * abs(right[m].mean().item() - conf[m].mean().item())
+    out = {"accuracy": right.mean().item(), "ece": ece, "p_chosen": prob.mean().item(), "pairs": len(p)}
+    types = sorted({t for t in p.user_type if t is not None}, key=str)
+    for ut in types:
+        m = torch.tensor([t == ut for t in p.user_type])
+        out[f"accuracy/{ut}"] = right[m].mean().item()
+    if any(c is not None for c in p.controversial):
+        m = torch.tensor([bool(c) for c in p.controversial])
+        if m.any():
+            out["controversial_accuracy"] = right[m].mean().item()
+        if (~m).any():
+            out["agreed_accuracy"] = right[~m].mean().item()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def _save_checkpoint(output_dir: Path, step: int, recipe: Recipe, model, optimizer, scheduler) -> None:
+    tmp, final = output_dir / f"checkpoint-{step}.tmp", output_dir / f"checkpoint-{step}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               tmp / "state.pt")
+    runs.finish_checkpoint(tmp, final, {"step": step, "recipe_fingerprint": runs.recipe_fingerprint(recipe)},
+                           recipe.train.keep_checkpoints)
+
+
+def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: dict | None = None) -> dict:
+    """Run a reward recipe (trainer 'reward') into ``output_dir``; returns the summary. ``cache`` shares frozen
+    embeddings between runs on the same backbone."""
+    t, rc = recipe.train, recipe.reward
+    output_dir = Path(output_dir)
+    runs.prepare_output_dir(output_dir, resume)
+
+    # ---- data and model (every input check before anything is written)
+    train_p, eval_p = split_pairs(recipe)
+    vpl = rc.kind == "vpl"
+    users = train_p.by_user() if vpl else {}
+    keys = sorted((u for u, v in users.items() if len(v) >= 2), key=str)
+    per_step = t.batch_size * (rc.query_pairs if vpl else 1)
+    per_epoch = max(1, math.ceil(len(train_p) / per_step))
+    total = t.max_steps or per_epoch * t.epochs
+    torch.manual_seed(t.seed)
+    model = build(recipe.model, rc, recipe.data.max_length, t.seed)
+    if recipe.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        model.backbone = get_peft_model(model.backbone, PeftLoraConfig(
+            r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+            target_modules=recipe.lora.target_modules, task_type="FEATURE_EXTRACTION"))
+    elif not rc.train_backbone:
+        model.backbone.requires_grad_(False)
+    emb = Embeddings(model, frozen=not rc.train_backbone, cache=cache, progress=recipe.logging.progress)
+    all_pairs = [train_p] + ([eval_p] if eval_p is not None else [])
+    emb.warm([x for p in all_pairs for w in "wl" for x in _texts(p, list(range(len(p))), w)])
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = _scheduler(optimizer, t, total)
+    start = 0
+    ckpt = runs.latest_checkpoint(output_dir) if resume else None
+    if ckpt is not None:
+        state = runs.read_state(ckpt, recipe)
+        saved = torch.load(ckpt / "state.pt")
+        model.load_state_dict(saved["trainable"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        start = state["step"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_recipe(output_dir, recipe)
+    log = runs.MetricsLog(output_dir / "metrics.jsonl", start)
+    progress = runs.Progress(total, f"reward:{rc.kind}", enabled=recipe.logging.progress)
+
+    # ---- the loop
+    started, window = time.time(), []
+    margins = torch.tensor(train_p.margin) if train_p.margin else None
+    for step in range(start, total):
+        torch.manual_seed(t.seed * 1_000_003 + step)  # dropout in a trainable backbone: same on resume
+        model.train()
+        if vpl:
+            g = torch.Generator().manual_seed(t.seed * 7919 + step)
+            ctx, qry = vpl_batch(users, keys, t.batch_size, rc.context_pairs, rc.query_pairs, g)
+            flat = sorted({j for j in torch.cat([ctx.flatten(), qry.flatten()]).tolist() if j >= 0})
+            pos = torch.zeros(len(train_p), dtype=torch.long)
+            pos[flat] = torch.arange(len(flat))
+            ew, el = emb(_texts(train_p, flat, "w")), emb(_texts(train_p, flat, "l"))
+            mu, logvar = model.posterior(_gather(ew, pos[ctx.clamp(min=0)]), _gather(el, pos[ctx.clamp(min=0)]), ctx >= 0)
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            qi = pos[qry.clamp(min=0)]
+            beta = rc.kl_beta * (min(1.0, (step + 1) / rc.kl_anneal_steps) if rc.kl_anneal_steps else 1.0)
+            per, metrics = vpl_elbo(model.reward(ew[qi], z), model.reward(el[qi], z), mu, logvar, beta, mask=qry >= 0)
+            metrics["kl_beta"] = torch.tensor(beta)
+        else:
+            epoch, k = divmod(step, per_epoch)
+            order = _order(len(train_p), t.seed, epoch)
+            idx = order[k * t.batch_size:(k + 1) * t.batch_size] or order[:t.batch_size]
+            rw, rl = model.reward(emb(_texts(train_p, idx, "w"))), model.reward(emb(_texts(train_p, idx, "l")))
+            per, metrics = bradley_terry(rw, rl, margins[idx] if margins is not None else None, rc.label_smoothing)
+        loss = per.mean()
+        if not torch.isfinite(loss):
+            if t.nan_policy == "stop":
+                raise NonFiniteLoss(f"non-finite loss at step {step + 1}; the last good checkpoint is kept in {output_dir}")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            continue
+        loss.backward()
+        grad_norm = None
+        if t.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        window.append({"loss": loss.item(), **{k: v.float().mean().item() for k, v in metrics.items()}})
+        done = step + 1
+        if done % t.logging_steps == 0 or done == total:
+            row = {"step": done, "epoch": round(done / per_epoch, 4), "lr": scheduler.get_last_lr()[0],
+                   **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+            window = []
+            log.log(row)
+            progress.update(done, f"loss {row['loss']:.4f} acc {row['accuracy']:.3f}")
+        if t.save_steps and done % t.save_steps == 0 and done < total:
+            _save_checkpoint(output_dir, done, recipe, model, optimizer, scheduler)
+
+    # ---- evaluation and outputs
+    wall = time.time() - started
+    final = dict(log.rows[-1]) if log.rows else {}
+    if eval_p is not None:
+        ev = evaluate(model, emb, eval_p, rc.context_pairs, rc.eval_seed)
+        final.update({f"eval/{k}": v for k, v in ev.items()})
+        log.log({"step": total, **{f"eval/{k}": v for k, v in ev.items()}})
+    model.eval()
+    model.save(output_dir)
+    summary = {"trainer": "reward", "kind": rc.kind, "steps": total, "pairs": len(train_p),
+               "users": len(keys) if vpl else None, "eval_pairs": len(eval_p) if eval_p is not None else 0,
+               "backbone": "trained" if rc.train_backbone else "frozen", "wall_seconds": round(wall, 3), "final": final}
+    if recipe.logging.plots:
+        runs.write_plots(output_dir, [r for r in log.rows if "loss" in r])
+    runs.write_summary(output_dir, summary)
+    return summary

@@ -1,0 +1,195 @@
+"""Multi-user preference data: every row is a pair labelled by one user, with that user's id and type.
+
+Rows: ``{"prompt", "chosen", "rejected", "user", "user_type", "controversial"}``; ``chosen`` is what *this user*
+preferred; ``controversial`` is true when the user types of the set disagree on the pair.
+
+``builtin:pets[:train|eval]``: a Pets-style synthetic set written from our own templates (after the Pets set of
+Poddar et al. 2024). One prompt family (which pet to get), answers that recommend one of six animals, written
+either helpfully (a recommendation with one to three reasons) or unhelpfully (dismissive, rude or off-topic).
+Two user types, ``dog`` and ``cat``:
+  - both prefer a helpful answer to an unhelpful one, and among two helpful answers the one with more reasons;
+  - a ``dog`` user prefers any helpful dog answer to a helpful non-dog answer, a ``cat`` user the same for cats.
+Half the pairs are drawn as (helpful dog, helpful cat): the controversial subset where the types disagree.
+``train`` and ``eval`` hold different users (disjoint seeds); each user labels ``pairs_per_user`` pairs.
+
+``builtin:hh_users[:train|eval]``: real text with simulated users. The HH-RLHF harmless pairs in
+``../shared/data/preferences/`` are split 80/20 by pair (seeded), and three transparent rules label them:
+  - ``human``: the answer the HH annotator chose;
+  - ``concise``: the shorter answer (characters);
+  - ``no_question``: the answer that does not ask a question back (no '?'); if both or neither do, the shorter.
+Controversial = the three rules do not all agree. ``train`` users label pairs of the 80% split, ``eval`` users
+(other user ids) pairs of the 20% split, so both the users and the pairs are held out.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+from align.errors import UserError
+
+PETS = ("dog", "cat", "bird", "rabbit", "fish", "hamster")
+PET_TYPES = ("dog", "cat")
+HH_TYPES = ("human", "concise", "no_question")
+
+_PROMPTS = [
+    "What pet should I get?",
+    "I'm thinking about adopting a pet. Any suggestions?",
+    "Which animal makes the best companion for a {who}?",
+    "We have a {home}. What kind of pet would fit?",
+    "Can you recommend a pet for a {who} living in a {home}?",
+    "My kids keep asking for a pet. What would you suggest?",
+]
+_WHO = ["busy student", "retired teacher", "young family", "nurse who works nights", "first-time owner", "writer who works from home"]
+_HOME = ["small apartment", "house with a garden", "farm", "studio flat", "suburban home", "city loft"]
+_REASONS = {
+    "dog": ["dogs are loyal and affectionate", "a dog will get you outside for daily walks", "dogs can be trained to follow commands",
+            "a dog is a great protector of the home", "dogs love playing fetch with children"],
+    "cat": ["cats are independent and easy to care for", "a cat is happy in a small space", "cats keep themselves clean",
+            "a cat is calm company on quiet evenings", "cats do not need to be walked"],
+    "bird": ["birds can learn to mimic words", "a bird fills the home with song", "birds need little floor space",
+             "parrots are clever and social", "a canary is cheerful and easy to keep"],
+    "rabbit": ["rabbits are gentle and quiet", "a rabbit can be litter trained", "rabbits enjoy being petted",
+               "a rabbit is playful in the morning and evening", "rabbits eat simple hay and greens"],
+    "fish": ["fish are calming to watch", "an aquarium needs little daily attention", "fish are quiet neighbours",
+             "a tank of fish is a lovely decoration", "fish are ideal if you travel for a weekend"],
+    "hamster": ["hamsters are small and cheap to keep", "a hamster is fun to watch at night", "hamsters fit in a small cage",
+                "a hamster is a gentle first pet", "hamsters are easy to handle"],
+}
+_GOOD = ["I would recommend a {pet}: {reasons}.", "A {pet} could be a great choice, because {reasons}.",
+         "Consider getting a {pet}. In my view {reasons}.", "You might love a {pet}! {Reasons}."]
+_BAD = ["I don't know, pets are a lot of work. Figure it out yourself.", "Why would you even want a {pet}? That's a silly question.",
+        "Pets are boring. Get a houseplant or something.", "Just get a {pet}, whatever.", "I'm not going to answer that.",
+        "A {pet}? Honestly, who cares.", "Buy whatever is cheapest at the store, it doesn't matter."]
+
+
+def _join(reasons: list[str]) -> str:
+    return reasons[0] if len(reasons) == 1 else ", ".join(reasons[:-1]) + " and " + reasons[-1]
+
+
+def _pet_answer(rng: random.Random, pet: str, good: bool) -> dict:
+    if not good:
+        return {"text": rng.choice(_BAD).format(pet=pet), "pet": pet, "good": False, "n": 0}
+    n = rng.randint(1, 3)
+    reasons = _join(rng.sample(_REASONS[pet], n))
+    text = rng.choice(_GOOD).format(pet=pet, reasons=reasons, Reasons=reasons[0].upper() + reasons[1:])
+    return {"text": text, "pet": pet, "good": True, "n": n}
+
+
+def _pet_score(ans: dict, user_type: str) -> float:
+    if not ans["good"]:
+        return 0.0
+    return 1.0 + ans["n"] + (10.0 if ans["pet"] == user_type else 0.0)
+
+
+def pets_rows(n_users: int = 200, pairs_per_user: int = 32, seed: int = 0, split: str = "train") -> list[dict]:
+    """The Pets-style multi-user set (module docstring); ``split`` 'eval' gives different users."""
+    rng = random.Random(f"pets-{split}-{seed}")
+    rows = []
+    for u in range(n_users):
+        utype = PET_TYPES[u % len(PET_TYPES)]
+        for _ in range(pairs_per_user):
+            prompt = rng.choice(_PROMPTS).format(who=rng.choice(_WHO), home=rng.choice(_HOME))
+            while True:
+                if rng.random() < 0.5:
+                    a, b = _pet_answer(rng, "dog", True), _pet_answer(rng, "cat", True)
+                else:
+                    a = _pet_answer(rng, rng.choice(PETS), rng.random() < 0.7)
+                    b = _pet_answer(rng, rng.choice(PETS), rng.random() < 0.5)
+                scores = {t: (_pet_score(a, t), _pet_score(b, t)) for t in PET_TYPES}
+                if a["text"] != b["text"] and all(x != y for x, y in scores.values()):
+                    break
+            prefs = {t: x > y for t, (x, y) in scores.items()}
+            w, l = (a, b) if prefs[utype] else (b, a)
+            rows.append({"prompt": prompt, "chosen": w["text"], "rejected": l["text"], "user": f"pets-{split}-{u}",
+                         "user_type": utype, "controversial": len(set(prefs.values())) > 1})
+    rng.shuffle(rows)
+    return rows
+
+
+def recommended_pet(text: str) -> str | None:
+    """The animal an answer names first (None if it names none): what an online run aligned to a Pets user changes."""
+    low = text.lower()
+    hits = [(low.find(p), p) for p in PETS if p in low]
+    return min(hits)[1] if hits else None
+
+
+def hh_pairs(path) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) of the HH-RLHF file, rows that do not split into a valid pair dropped."""
+    from align.data import split_hh_pair
+
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            try:
+                p, c, rj = split_hh_pair(r["chosen"], r["rejected"])
+            except ValueError:
+                continue
+            if c.strip() and rj.strip() and c != rj:
+                out.append((p, c, rj))
+    return out
+
+
+def hh_rule(user_type: str, chosen: str, rejected: str) -> bool:
+    """True when a simulated HH user of ``user_type`` prefers the human-chosen answer."""
+    if user_type == "human":
+        return True
+    shorter = len(chosen) < len(rejected) or (len(chosen) == len(rejected) and chosen < rejected)
+    if user_type == "concise":
+        return shorter
+    qc, qr = "?" in chosen, "?" in rejected
+    return (not qc) if qc != qr else shorter
+
+
+def hh_split(pairs: list, seed: int = 0) -> tuple[list, list]:
+    idx = list(range(len(pairs)))
+    random.Random(f"hh-split-{seed}").shuffle(idx)
+    cut = int(0.8 * len(idx))
+    return [pairs[i] for i in sorted(idx[:cut])], [pairs[i] for i in sorted(idx[cut:])]
+
+
+def hh_user_rows(path, users_per_type: int = 20, pairs_per_user: int = 40, seed: int = 0, split: str = "train") -> list[dict]:
+    """The HH-based multi-user set (module docstring)."""
+    train, test = hh_split(hh_pairs(path), seed)
+    pool = train if split == "train" else test
+    rng = random.Random(f"hh-users-{split}-{seed}")
+    rows = []
+    for ti, utype in enumerate(HH_TYPES):
+        for u in range(users_per_type):
+            for p, c, r in rng.sample(pool, min(pairs_per_user, len(pool))):
+                prefs = [hh_rule(t, c, r) for t in HH_TYPES]
+                keep = prefs[ti]
+                rows.append({"prompt": p, "chosen": c if keep else r, "rejected": r if keep else c,
+                             "user": f"hh-{split}-{utype}-{u}", "user_type": utype, "controversial": len(set(prefs)) > 1})
+    rng.shuffle(rows)
+    return rows
+
+
+def hh_human_rows(path, seed: int = 0, split: str = "train") -> list[dict]:
+    """Plain HH harmless pairs (the annotators' labels) of the same 80/20 split: BT's held-out accuracy set."""
+    train, test = hh_split(hh_pairs(path), seed)
+    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in (train if split == "train" else test)]
+
+
+BUILTINS = ("tasks", "pets", "hh_users", "hh_harmless")
+
+
+def builtin_rows(name: str, data_cfg, seed: int) -> list[dict]:
+    """Rows of ``builtin:pets|hh_users|hh_harmless[:train|eval]``."""
+    base, _, split = name.partition(":")
+    split = split or "train"
+    if split not in ("train", "eval"):
+        raise UserError(f"data: builtin:{name}: split must be 'train' or 'eval', got {split!r}")
+    if base == "pets":
+        return pets_rows(n_users=200 if split == "train" else 50, pairs_per_user=32, seed=seed, split=split)
+    from align.paths import shared_data_dir
+
+    shared = shared_data_dir()
+    path = shared / "preferences" / "hh-rlhf-harmless-base-test.jsonl.gz" if shared else None
+    if path is None or not path.is_file():
+        raise UserError(f"data: builtin:{name} needs ../shared/data/preferences/hh-rlhf-harmless-base-test.jsonl.gz (set ALIGN_SHARED_DATA)")
+    if base == "hh_users":
+        return hh_user_rows(path, users_per_type=20 if split == "train" else 10, seed=seed, split=split)
+    return hh_human_rows(path, seed=seed, split=split)

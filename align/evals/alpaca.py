@@ -21,7 +21,10 @@ while annotations exist only for non-empty outputs; where a model left some of t
 leaderboard's ``avg_length`` (computed when the empty outputs were still in the outputs file) is a little lower than
 the mean over the annotated answers.
 
-Length-controlled columns are ``None`` for now.
+``length_controlled_winrate`` and ``lc_standard_error`` come from alpaca_eval's length-controlled GLM
+(``align/evals/alpaca_lc.py``) when LC inputs are given: the hub's ``instruction_difficulty.csv`` / ``df_gamed.csv``
+(``--instruction-difficulty``, ``--gamed``), else our shipped offline estimate of them. ``leaderboard_row`` without
+LC inputs leaves both ``None``.
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ import gzip
 import json
 import math
 import os
+import sys
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from align.errors import UserError
+
+if TYPE_CHECKING:
+    from align.evals.alpaca_lc import LCInputs
 
 LEADERBOARD_FILE = "leaderboard.json"
 """The file ``score_annotations_file`` writes in its output folder: ``{model name: row}``."""
@@ -99,12 +106,14 @@ def generator_name(annotations: Iterable[dict]) -> str | None:
     return None
 
 
-def leaderboard_row(annotations: list[dict], name: str | None = None, *, source: str | None = None) -> dict:
+def leaderboard_row(annotations: list[dict], name: str | None = None, *, source: str | None = None,
+                    lc: "LCInputs | None" = None) -> dict:
     """alpaca_eval's leaderboard columns for one model's annotations.
 
     ``name`` (the model) and ``source`` (the file) only label error messages; the row itself is keyed by the model
     name in the leaderboard, as in alpaca_eval. Raises UserError for a row without ``preference`` or with a value that
-    is not a preference, and when no row has one.
+    is not a preference, and when no row has one. ``lc`` (``alpaca_lc.load_lc_inputs()``) fills the two
+    length-controlled columns; without it they are ``None``.
     """
     label = source or (f"annotations of {name}" if name else "annotations")
     probs: list[float] = []
@@ -131,6 +140,13 @@ def leaderboard_row(annotations: list[dict], name: str | None = None, *, source:
     lengths = [len(row["output_2"]) for row in annotations if isinstance(row.get("output_2"), str)]
     avg_length = sum(lengths) // len(lengths) if lengths else None  # alpaca_eval: int(mean character length)
 
+    lc_winrate = lc_se = None
+    if lc is not None:
+        from align.evals.alpaca_lc import length_controlled_winrate
+
+        res = length_controlled_winrate(annotations, lc, label=label)
+        lc_winrate, lc_se = res["length_controlled_winrate"], res["lc_standard_error"]
+
     return {
         "win_rate": mean * 100,
         "standard_error": standard_error,
@@ -140,8 +156,8 @@ def leaderboard_row(annotations: list[dict], name: str | None = None, *, source:
         "n_total": n,
         "discrete_win_rate": (n_wins + 0.5 * n_draws) / n * 100,
         "avg_length": avg_length,
-        "length_controlled_winrate": None,
-        "lc_standard_error": None,
+        "length_controlled_winrate": lc_winrate,
+        "lc_standard_error": lc_se,
     }
 
 
@@ -168,23 +184,33 @@ def _read_leaderboard(path: Path) -> dict[str, dict]:
     return board
 
 
-def score_annotations_file(path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None) -> dict:
+def score_annotations_file(path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None, *,
+                           instruction_difficulty: str | os.PathLike | None = None,
+                           gamed: str | os.PathLike | None = None, length_controlled: bool = True) -> dict:
     """Score an annotations file and write ``output_dir/leaderboard.json`` atomically; returns the model's row.
 
     The leaderboard is ``{model name: row}`` (alpaca_eval's layout, one entry per model). The name is ``name``, else
     the annotations' single ``generator_2``, else the file name without ``.json[.gz]``. A leaderboard already in the
     folder keeps its other models (as alpaca_eval adds a model to its leaderboard); entries are sorted by win rate.
-    Nothing is written when the input is bad.
+    The LC columns use the hub files where given (``instruction_difficulty``, ``gamed``), else the shipped estimate;
+    ``length_controlled=False`` leaves them ``None``. Nothing is written when an input is bad.
     """
-    return _score_and_write(path, output_dir, name)[1]
+    return _score_and_write(path, output_dir, name, instruction_difficulty=instruction_difficulty, gamed=gamed,
+                            length_controlled=length_controlled)[1]
 
 
-def _score_and_write(path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None) -> tuple[str, dict]:
+def _score_and_write(path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None, *,
+                     instruction_difficulty=None, gamed=None, length_controlled: bool = True) -> tuple[str, dict]:
     path = Path(path)
     output_dir = Path(output_dir)
     annotations = load_annotations(path)
+    lc = None
+    if length_controlled:
+        from align.evals.alpaca_lc import load_lc_inputs
+
+        lc = load_lc_inputs(instruction_difficulty, gamed)
     model = name or generator_name(annotations) or path.name.removesuffix(".gz").removesuffix(".json")
-    row = leaderboard_row(annotations, model, source=str(path))
+    row = leaderboard_row(annotations, model, source=str(path), lc=lc)
 
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: --output exists and is not a folder")
@@ -201,8 +227,17 @@ def _score_and_write(path: str | os.PathLike, output_dir: str | os.PathLike, nam
 
 
 def main_eval_alpaca(args) -> int:
-    """``align eval alpaca --annotations FILE --output DIR [--name NAME]``: prints ``{name: row}`` as one JSON line."""
-    model, row = _score_and_write(args.annotations, args.output, getattr(args, "name", None))
+    """``align eval alpaca --annotations FILE --output DIR [--name NAME] [--instruction-difficulty FILE] [--gamed FILE]``.
+
+    Prints ``{name: row}`` as one JSON line on stdout; which LC inputs were used goes to stderr.
+    """
+    difficulty, gamed = getattr(args, "instruction_difficulty", None), getattr(args, "gamed", None)
+    model, row = _score_and_write(args.annotations, args.output, getattr(args, "name", None),
+                                  instruction_difficulty=difficulty, gamed=gamed)
+    if gamed is None:
+        note = ("instruction difficulty from " + str(difficulty) + ", shipped estimate of df_gamed" if difficulty
+                else "shipped offline estimate of instruction_difficulty.csv and df_gamed.csv (evals/alpaca_lc)")
+        print(f"length-controlled win rate: {note}", file=sys.stderr)
     print(json.dumps({model: row}))
     return 0
 
@@ -215,4 +250,8 @@ def add_eval_parser(sub) -> None:
     a.add_argument("--annotations", required=True, help="AlpacaEval annotations.json or .json.gz (preference in [1, 2])")
     a.add_argument("--output", required=True, help="folder for leaderboard.json ({model: row}; other models in it are kept)")
     a.add_argument("--name", help="model name in the leaderboard (default: the annotations' generator_2, else the file name)")
+    a.add_argument("--instruction-difficulty", metavar="FILE",
+                   help="alpaca_eval's instruction_difficulty.csv from the hub (default: our shipped offline estimate)")
+    a.add_argument("--gamed", metavar="FILE",
+                   help="alpaca_eval's df_gamed.csv from the hub: gamed-baseline rows and difficulty (default: shipped estimate)")
     a.set_defaults(fn=main_eval_alpaca)

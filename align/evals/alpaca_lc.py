@@ -39,16 +39,27 @@ rows with ``index, preference, std_delta_len, instruction_difficulty, not_gamed_
 method: like alpaca_eval, the difficulty of instruction ``k`` is read from ``df_gamed.csv`` (its first row with
 ``index == k``); ``instruction_difficulty.csv`` holds the same vector (alpaca_eval uses it only to change the
 baseline) and, when both are given, is only checked against it (a disagreement prints a warning). Given alone, it
-replaces the difficulty of the model's rows and of the gamed rows. Offline, without the hub files, we ship estimates
-of both in the same formats (``align/evals/data/alpaca_lc_*.csv``), made by ``evals/alpaca_lc/estimate.py`` from the
-shared annotations and the published per-model GLM weights; the method and its measured error are in that script's
-docstring and in ``docs/benchmarks.md``.
+replaces the difficulty of the model's rows and of the gamed rows.
+
+Offline, without the hub files, we ship estimates of both in the same formats (``align/evals/data/alpaca_lc_*.csv``),
+made by ``evals/alpaca_lc/estimate.py``:
+
+- difficulty: with the published per-model GLM weights (alpaca_eval's weights CSV, fitted with the official
+  difficulty) held fixed, the annotations of 48 models on instruction k form a one-parameter logistic regression in
+  d_k; we take its posterior mode under a N(0, 1.5^2) prior. This recovers d on the official scale and offset.
+- gamed rows: lengths from the reference's verbose/concise outputs; as preferences, the variants' expected
+  judgements under their own published weights, ``sigmoid(w_len * tanh(std_delta_len) + w_diff * d)``.
+
+Leave-one-model-out against the public leaderboard (the scored model never contributes to the estimate), 48 models:
+mean |LC error| 0.25 points, max 1.34; ``lc_standard_error`` within 0.06 of the 6 public values. Details, the
+alternatives tried and the exact command are in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import inspect
 import io
 import math
 import sys
@@ -262,8 +273,6 @@ def _liblinear_l1(C: float):
 
     kwargs = dict(C=C, solver="liblinear", fit_intercept=False, random_state=RANDOM_STATE, dual=False)
     # scikit-learn 1.8 deprecated ``penalty`` for ``l1_ratio``; older versions need ``penalty="l1"``
-    import inspect
-
     if inspect.signature(LogisticRegression).parameters["penalty"].default == "deprecated":
         kwargs["l1_ratio"] = 1.0
     else:

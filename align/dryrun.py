@@ -53,6 +53,8 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
     from align.losses import get_loss
     from align.models import check_model_path, load_tokenizer
 
+    if recipe.trainer == "reward":
+        return _dry_run_reward(recipe, recipe_path)
     lines = [f"recipe   {recipe_path}: ok ({recipe.trainer}, loss {recipe.loss.name})"]
     spec = get_loss(recipe.loss.name)
     name = recipe.model.name_or_path
@@ -74,6 +76,8 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
         lines.append(f"data     {label} {source}: {len(triples)} rows, format {fmt}" + (", lengths ok" if tok is not None else ""))
     if recipe.trainer == "online":
         j = recipe.judge
+        if j.kind == "vpl" and not (j.path and Path(j.path).is_dir() and j.context and Path(j.context).is_file()):
+            raise UserError(f"{recipe_path}: judge kind 'vpl' needs judge.path (a VPL model folder) and judge.context (the user's labelled pairs)")
         if j.kind == "none":
             raise UserError(f"{recipe_path}: judge.kind: the online trainer needs a judge (checker, reward_model or llm)")
         if j.kind == "llm" and not (j.base_url and j.model):
@@ -91,5 +95,26 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
         if "ZeRO-3" in launch and recipe.train.reference == "model" and not recipe.lora.enabled and spec.needs_reference:
             raise UserError(f"{recipe_path}: train.reference 'model' keeps an unsharded reference copy, which ZeRO-3 cannot hold; use train.reference=precompute (or LoRA)")
         lines.append(f"launch   {recipe.accelerate_config}: {launch}")
+    lines.append("dry run ok: nothing was loaded or written")
+    return "\n".join(lines)
+
+
+def _dry_run_reward(recipe: Recipe, recipe_path: str) -> str:
+    """Reward recipes: the backbone folder (``pkg:`` resolved), its tokenizer, and the pairs with their user columns."""
+    from align.models import check_model_path
+    from align.reward_model import resolve_backbone
+    from align.trainers.reward import split_pairs
+
+    name = recipe.model.name_or_path
+    path = resolve_backbone(name)
+    check_model_path(path)
+    lines = [f"recipe   {recipe_path}: ok (reward, {recipe.reward.kind})",
+             f"model    {name}: {'local' if name.startswith('tiny:') or Path(path).is_dir() else 'hub id'}"
+             + (f" ({path})" if path != name else "") + (", backbone trained" if recipe.reward.train_backbone else ", backbone frozen")]
+    train, ev = split_pairs(recipe)
+    users = len(train.by_user()) if recipe.reward.kind == "vpl" else None
+    lines.append(f"data     train {recipe.data.train}: {len(train)} pairs" + (f", {users} users" if users else ""))
+    if ev is not None:
+        lines.append(f"data     eval {recipe.data.eval or 'held-out fraction'}: {len(ev)} pairs")
     lines.append("dry run ok: nothing was loaded or written")
     return "\n".join(lines)

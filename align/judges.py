@@ -4,8 +4,10 @@
 
 Kinds (``judge.kind`` in a recipe):
     checker        the built-in tasks' exact checker: 1 / 0 / 0.5 (both right or both wrong)
-    reward_model   a scalar-reward model folder (AutoModelForSequenceClassification, 1 label):
-                   Bradley-Terry P = sigmoid(r(x, a) - r(x, b))
+    reward_model   a scalar-reward model folder (an `align train` reward output, or a HF
+                   AutoModelForSequenceClassification with 1 label): Bradley-Terry P = sigmoid(r(x, a) - r(x, b))
+    vpl            a VPL reward model and one user's labelled context pairs: z = mu of q(z | context),
+                   P = sigmoid(r(x, a, z) - r(x, b, z)); the SPO-style scaled reward E_y'[P(y > y' | z)] in [0, 1]
     llm            an LLM over any OpenAI-compatible endpoint, pairwise prompt, P from the log-probs of the two
                    answer tokens, both orders averaged to remove position bias; timeouts, bounded retries with
                    backoff; the API key is read from the environment and never logged
@@ -79,6 +81,53 @@ class CheckerJudge:
             cx, cy = t.check(x), t.check(y)
             out.append(1.0 if cx > cy else 0.0 if cx < cy else 0.5)
         return out
+
+
+class AlignRewardJudge:
+    """A reward model written by ``align train`` (trainer: reward). BT: P(a > b) = sigmoid(r(x, a) - r(x, b)).
+    VPL: the same with r(x, y, z) and z = mu of q(z | the user's context pairs) (Poddar et al. 2024, Sec. 4.3)."""
+
+    def __init__(self, path: str, context_pairs: list[tuple[str, str, str]] | None = None, batch_size: int = 64):
+        import torch
+
+        from align.reward_model import RewardModel
+
+        self.model, self.batch_size, self.torch = RewardModel.load(path), batch_size, torch
+        self.z = None
+        if self.model.cfg["kind"] == "vpl":
+            if not context_pairs:
+                raise UserError(f"judge.context: the VPL model {path!r} needs the user's labelled context pairs")
+            with torch.no_grad():
+                ew = self.model.embed([p + c for p, c, _ in context_pairs])
+                el = self.model.embed([p + r for p, _, r in context_pairs])
+                self.z, _ = self.model.posterior(ew[None], el[None], torch.ones(1, len(context_pairs), dtype=torch.bool))
+
+    def rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
+        with self.torch.no_grad():
+            e = self.model.embed([p + r for p, r in zip(prompts, responses)], self.batch_size)
+            return self.model.reward(e, None if self.z is None else self.z.expand(len(e), -1)).tolist()
+
+    def compare(self, prompts, a, b):
+        ra, rb = self.rewards(prompts, a), self.rewards(prompts, b)
+        return [1 / (1 + math.exp(-(x - y))) for x, y in zip(ra, rb)]
+
+    def scaled_rewards(self, prompt: str, responses: list[str]) -> list[float]:
+        """SPO-style scaled reward of each response, E_{y'}[P(y > y' | z)] over the other responses (in [0, 1])."""
+        r = self.rewards([prompt] * len(responses), responses)
+        n = len(r)
+        return [sum(1 / (1 + math.exp(-(r[i] - r[j]))) for j in range(n) if j != i) / max(n - 1, 1) for i in range(n)]
+
+
+def read_context(path: str) -> list[tuple[str, str, str]]:
+    """A user's labelled pairs (rows with prompt/chosen/rejected, any format `align train` reads) for a VPL judge."""
+    from types import SimpleNamespace
+
+    from align.data import normalise, read_rows
+
+    cfg = SimpleNamespace(format="auto", prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
+                          drop_invalid=False, builtin_size=0, builtin_families=[], builtin_sloppy=0.0)
+    _, triples = normalise(read_rows(path, cfg), cfg, path, sft=False)
+    return [(p if isinstance(p, str) else str(p), c, r) for p, c, r in triples]
 
 
 class RewardModelJudge:
@@ -176,7 +225,17 @@ def make_judge(judge_cfg, tasks=None) -> CachedJudge:
     if judge_cfg.kind == "checker":
         inner = CheckerJudge(tasks)
     elif judge_cfg.kind == "reward_model":
-        inner = RewardModelJudge(judge_cfg.path or "")
+        from align.reward_model import CONFIG_FILE
+
+        path = judge_cfg.path or ""
+        ours = os.path.isfile(os.path.join(path, CONFIG_FILE))
+        inner = AlignRewardJudge(path) if ours else RewardModelJudge(path)
+    elif judge_cfg.kind == "vpl":
+        if not judge_cfg.path or not os.path.isdir(judge_cfg.path):
+            raise UserError(f"judge.path: {judge_cfg.path!r} is not a VPL reward-model folder")
+        if not judge_cfg.context:
+            raise UserError("judge.context: a VPL judge needs the file of the user's labelled pairs")
+        inner = AlignRewardJudge(judge_cfg.path, read_context(judge_cfg.context))
     elif judge_cfg.kind == "llm":
         inner = LLMJudge(judge_cfg.base_url or "", judge_cfg.model or "", judge_cfg.api_key_env)
     else:

@@ -31,7 +31,7 @@ from align.errors import UserError
 
 PETS = ("dog", "cat", "bird", "rabbit", "fish", "hamster")
 PET_TYPES = ("dog", "cat")
-HH_TYPES = ("human", "concise", "no_question")
+HH_TYPES = ("human", "concise", "verbose", "no_question")
 
 _PROMPTS = [
     "What pet should I get?",
@@ -139,6 +139,8 @@ def hh_rule(user_type: str, chosen: str, rejected: str) -> bool:
     shorter = len(chosen) < len(rejected) or (len(chosen) == len(rejected) and chosen < rejected)
     if user_type == "concise":
         return shorter
+    if user_type == "verbose":
+        return not shorter
     qc, qr = "?" in chosen, "?" in rejected
     return (not qc) if qc != qr else shorter
 
@@ -150,7 +152,7 @@ def hh_split(pairs: list, seed: int = 0) -> tuple[list, list]:
     return [pairs[i] for i in sorted(idx[:cut])], [pairs[i] for i in sorted(idx[cut:])]
 
 
-def hh_user_rows(path, users_per_type: int = 20, pairs_per_user: int = 40, seed: int = 0, split: str = "train") -> list[dict]:
+def hh_user_rows(path, users_per_type: int = 20, pairs_per_user: int = 64, seed: int = 0, split: str = "train") -> list[dict]:
     """The HH-based multi-user set (module docstring)."""
     train, test = hh_split(hh_pairs(path), seed)
     pool = train if split == "train" else test
@@ -191,5 +193,5 @@ def builtin_rows(name: str, data_cfg, seed: int) -> list[dict]:
     if path is None or not path.is_file():
         raise UserError(f"data: builtin:{name} needs ../shared/data/preferences/hh-rlhf-harmless-base-test.jsonl.gz (set ALIGN_SHARED_DATA)")
     if base == "hh_users":
-        return hh_user_rows(path, users_per_type=20 if split == "train" else 10, seed=seed, split=split)
+        return hh_user_rows(path, users_per_type=45 if split == "train" else 10, seed=seed, split=split)
     return hh_human_rows(path, seed=seed, split=split)

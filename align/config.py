@@ -81,6 +81,7 @@ class LossConfig:
     tau: float = doc(0.005 / 3, "INPO KL-to-reference strength tau (tau = eta gives online IPO).")
     clip_eps: float = doc(0.2, "PPO-style ratio clipping of policy-gradient losses (spo).")
     sft_weight: float = doc(0.0, "Add this times the chosen NLL (per token) to the loss (RPO-style regulariser).")
+    importance: Literal["token", "trajectory"] = doc("token", "loop: per-token importance weights and clipping (LOOP), or one length-normalised weight per episode (ablation).")
 
 
 @dataclass
@@ -111,6 +112,23 @@ class RewardConfig:
     controversial_key: str = doc("controversial", "Optional boolean column marking pairs the user types disagree on: accuracy reported on that subset.")
     eval_fraction: float = doc(0.0, "Without data.eval: hold out this fraction of pairs (VPL: of users) for evaluation.")
     eval_seed: int = doc(0, "Seed of the fresh context samples drawn per query pair at evaluation (VPL).")
+
+
+@dataclass
+class AgentConfig:
+    world: Literal["builtin", "appworld"] = doc("builtin", "Environment: the built-in AppWorld-shaped world, or the real AppWorld over its HTTP server.")
+    appworld_url: str = doc("http://127.0.0.1:8000", "AppWorld environment server (`appworld serve environment`), world: appworld.")
+    split: str = doc("train", "Task split the trainer samples from (built-in: train; AppWorld: train). Test tasks are never trained on.")
+    world_seed: int = doc(0, "Seed of the built-in world's task generator.")
+    tasks_per_iteration: int = doc(40, "Tasks sampled per iteration (paper: 40); K = rollout.n rollouts each (paper: 6).")
+    iterations: int = doc(10, "Iterations: rollouts, advantages, PPO epochs, weight sync.")
+    epochs_per_iteration: int = doc(2, "PPO epochs over an iteration's episodes (paper: 2; rloo: 1 on-policy step).")
+    max_turns: int = doc(4, "Model turns per episode.")
+    advantage: Literal["loo", "grpo"] = doc("loo", "loo: A_k = R_k - mean_{i != k} R_i (LOOP/RLOO); grpo: (R_k - mean R) / std R over the K rollouts (ablation).")
+    min_advantage: float = doc(0.01, "Drop episodes with |A| < this (paper: 0.01).")
+    show_docs: bool = doc(True, "Show the API docs in the first observation (tiny CPU policies learn without them).")
+    turn_timeout: float = doc(5.0, "Wall-clock seconds per agent turn in the sandbox.")
+    eval_split: Optional[str] = doc("dev", "Split evaluated (greedy, one rollout per task) at the end; None = no evaluation.")
 
 
 @dataclass
@@ -168,12 +186,13 @@ class LoggingConfig:
 @dataclass
 class Recipe:
     description: str = doc("", "One line shown by `align recipes`.")
-    trainer: Literal["preference", "sft", "online", "reward"] = doc("preference", "Data flow: offline pairs ('preference'), supervised fine-tuning ('sft'), online self-play ('online': spo, inpo, dpo, sppo on judged samples of the current policy), or a reward model ('reward': BT or VPL).")
+    trainer: Literal["preference", "sft", "online", "reward", "agent"] = doc("preference", "Data flow: offline pairs ('preference'), supervised fine-tuning ('sft'), online self-play ('online': spo, inpo, dpo, sppo on judged samples of the current policy), a reward model ('reward': BT or VPL), or multi-turn agent RL ('agent': LOOP and its ablations).")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The policy model."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter settings."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "Objective."})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward model (trainer: reward)."})
+    agent: AgentConfig = field(default_factory=AgentConfig, metadata={"help": "Agent environment and LOOP iterations (trainer: agent)."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollout engine (online trainers, evaluation)."})
     online: OnlineConfig = field(default_factory=OnlineConfig, metadata={"help": "Online iterations (trainer: online)."})
@@ -355,9 +374,23 @@ def validate(recipe: Recipe, where: str) -> None:
     if recipe.loss.name not in LOSSES:
         raise UserError(f"{where}: loss.name {recipe.loss.name!r} is not registered; choose one of {', '.join(sorted(LOSSES))}")
     spec = LOSSES[recipe.loss.name]
+    if recipe.trainer == "agent":
+        a = recipe.agent
+        if spec.name != "loop":
+            raise UserError(f"{where}: trainer 'agent' needs loss.name 'loop' (ablations via agent.advantage, agent.epochs_per_iteration, loss.importance); got {recipe.loss.name!r}")
+        for key, value in {"agent.tasks_per_iteration": a.tasks_per_iteration, "agent.iterations": a.iterations,
+                           "agent.epochs_per_iteration": a.epochs_per_iteration, "agent.max_turns": a.max_turns}.items():
+            if value <= 0:
+                raise UserError(f"{where}: {key} must be > 0, got {value}")
+        if a.split.startswith("test"):
+            raise UserError(f"{where}: agent.split {a.split!r}: test tasks are never used for training")
+        if recipe.rollout.n < 2:
+            raise UserError(f"{where}: rollout.n must be >= 2 (leave-one-out advantages need K >= 2 rollouts per task)")
+    elif spec.name == "loop":
+        raise UserError(f"{where}: loss 'loop' needs trainer 'agent'")
     if recipe.trainer == "online" and spec.name not in ONLINE_LOSSES:
         raise UserError(f"{where}: trainer 'online' supports loss.name {', '.join(ONLINE_LOSSES)}; got {recipe.loss.name!r}")
-    if recipe.trainer != "online" and spec.per_token:
+    if recipe.trainer not in ("online", "agent") and spec.per_token:
         raise UserError(f"{where}: loss {spec.name!r} needs sampled responses: use trainer 'online'")
     if recipe.trainer == "sft" and spec.name != "sft":
         raise UserError(f"{where}: trainer 'sft' needs loss.name 'sft', got {recipe.loss.name!r}")

@@ -55,6 +55,8 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
 
     if recipe.trainer == "reward":
         return _dry_run_reward(recipe, recipe_path)
+    if recipe.trainer == "agent":
+        return _dry_run_agent(recipe, recipe_path)
     lines = [f"recipe   {recipe_path}: ok ({recipe.trainer}, loss {recipe.loss.name})"]
     spec = get_loss(recipe.loss.name)
     name = recipe.model.name_or_path
@@ -116,5 +118,28 @@ def _dry_run_reward(recipe: Recipe, recipe_path: str) -> str:
     lines.append(f"data     train {recipe.data.train}: {len(train)} pairs" + (f", {users} users" if users else ""))
     if ev is not None:
         lines.append(f"data     eval {recipe.data.eval or 'held-out fraction'}: {len(ev)} pairs")
+    lines.append("dry run ok: nothing was loaded or written")
+    return "\n".join(lines)
+
+
+def _dry_run_agent(recipe: Recipe, recipe_path: str) -> str:
+    """Agent recipes: the policy path, the world and its task splits (the built-in world is generated, not loaded)."""
+    from align.models import check_model_path
+
+    check_model_path(recipe.model.name_or_path)
+    a = recipe.agent
+    lines = [f"recipe   {recipe_path}: ok (agent, loss {recipe.loss.name}, advantage {a.advantage}, importance {recipe.loss.importance})",
+             f"model    {recipe.model.name_or_path}" + (" + LoRA" if recipe.lora.enabled else "")]
+    if a.world == "builtin":
+        from align.trainers.agent import load_tasks
+
+        train = load_tasks(recipe, a.split)
+        ev = load_tasks(recipe, a.eval_split) if a.eval_split else []
+        lines.append(f"world    builtin: {len(train)} {a.split} tasks ({len({t.scenario for t in train})} scenarios)"
+                     + (f", {len(ev)} {a.eval_split} tasks" if ev else ""))
+    else:
+        lines.append(f"world    appworld at {a.appworld_url} (reached when training starts)")
+    if recipe.accelerate_config:
+        lines.append(f"launch   {recipe.accelerate_config}: {check_accelerate_config(recipe.accelerate_config)}")
     lines.append("dry run ok: nothing was loaded or written")
     return "\n".join(lines)

@@ -16,4 +16,8 @@ def run(recipe, output_dir, resume: bool = False) -> dict:
         from align.trainers.reward import train
 
         return train(recipe, output_dir, resume=resume)
+    if recipe.trainer == "agent":
+        from align.trainers.agent import train
+
+        return train(recipe, output_dir, resume=resume)
     raise ValueError(f"unknown trainer {recipe.trainer!r}")

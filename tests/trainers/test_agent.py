@@ -1,0 +1,133 @@
+"""The agent trainer (LOOP) end to end on a tiny policy with a toy environment; advantages and the loop loss by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.config import load_recipe
+from align.errors import UserError
+from align.losses import PairBatch, get_loss
+from align.paths import REPO_ROOT
+from align.trainers.agent import advantages, scores, train
+
+RECIPE = REPO_ROOT / "recipes" / "loop" / "tiny.yaml"
+SMALL = ["model.tiny_max_positions=256", "rollout.n=3", "rollout.max_new_tokens=12", "agent.tasks_per_iteration=4",
+         "agent.iterations=3", "agent.epochs_per_iteration=2", "agent.eval_split=null", "train.batch_size=4",
+         "train.lr=1e-3", "logging.progress=false", "logging.plots=false"]
+
+
+@dataclass
+class ToyTask:
+    id: str
+    scenario: str
+    difficulty: int = 1
+
+
+class ToyEnv:
+    """Two turns: the first gets an observation back, the second ends the episode; reward = an arbitrary but
+    deterministic function of what the model wrote (the mechanics, not learning, are under test here)."""
+
+    def __init__(self, task):
+        self.task, self.said = task, []
+
+    def reset(self):
+        return f"task {self.task.id}: write e"
+
+    def step(self, text):
+        self.said.append(text)
+        return ("ok, again", False) if len(self.said) < 2 else (None, True)
+
+    def evaluate(self):
+        text = "".join(self.said)
+        r = (sum(map(ord, text)) % 11) / 10
+        return {"passed": int(r * 10), "total": 10, "reward": r, "success": r >= 0.99}
+
+    def close(self):
+        pass
+
+
+TASKS = [ToyTask(f"t{i}", f"s{i % 3}") for i in range(8)]
+
+
+@pytest.fixture(autouse=True)
+def toy_world(monkeypatch):
+    import align.trainers.agent as A
+
+    monkeypatch.setattr(A, "load_tasks", lambda recipe, split: TASKS)
+
+
+def test_leave_one_out_and_grpo_advantages_by_hand():
+    assert advantages([1.0, 0.0, 0.5], "loo") == pytest.approx([1 - 0.25, 0 - 0.75, 0.5 - 0.5])
+    std = math.sqrt(((0.5) ** 2 + 0.5 ** 2 + 0) / 2)
+    assert advantages([1.0, 0.0, 0.5], "grpo") == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0])
+
+
+def test_loop_loss_by_hand_token_and_trajectory():
+    spec = get_loss("loop")
+    lp = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]])
+    old = torch.tensor([[math.log(0.4), math.log(0.2), 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    b = PairBatch(chosen_logps=lp.sum(-1), chosen_lengths=mask.sum(-1), token_logps=lp, old_token_logps=old,
+                  token_mask=mask, advantages=torch.tensor([2.0]))
+    cfg = load_recipe(RECIPE).loss  # clip_eps 0.1
+    loss, m = spec.fn(b, cfg)
+    # rho = (1.25, 1.0): min(1.25*2, 1.1*2) = 2.2 and 2.0; mean over the 2 model tokens, negated
+    assert loss.item() == pytest.approx(-(2.2 + 2.0) / 2)
+    assert m["loop/clip_fraction"].item() == pytest.approx(0.5)
+    cfg.importance = "trajectory"
+    loss, _ = spec.fn(b, cfg)
+    rho = math.exp(math.log(1.25) / 2)  # 1.118 -> clipped at 1.1
+    assert rho > 1.1 and loss.item() == pytest.approx(-1.1 * 2.0)
+
+
+def test_scores_tgc_sgc():
+    rows = [{"task": "a", "scenario": "s", "success": True, "reward": 1.0, "difficulty": 1},
+            {"task": "b", "scenario": "s", "success": False, "reward": 0.5, "difficulty": 2},
+            {"task": "c", "scenario": "u", "success": True, "reward": 1.0, "difficulty": 1}]
+    sc = scores(rows)
+    assert sc["tgc"] == pytest.approx(200 / 3) and sc["sgc"] == 50.0 and sc["tgc_by_difficulty"] == {"1": 100.0, "2": 0.0}
+
+
+def test_loop_trains_masks_environment_tokens_and_resumes_after_a_crash_mid_rollout(tmp_path):
+    recipe = load_recipe(RECIPE, SMALL)
+    full = train(recipe, tmp_path / "full", env_for=ToyEnv)
+    assert full["trainer"] == "agent" and full["steps"] == 3
+    ep = json.loads((tmp_path / "full" / "rollouts" / "iter-1.json").read_text())["episodes"]
+    assert len(ep) == 12 and {e["turns"] for e in ep} == {2}
+    for e in ep:  # model tokens carry log-probs; environment tokens are masked with 0.0
+        assert len(e["token_ids"]) == len(e["mask"]) == len(e["logprobs"])
+        assert all(lp == 0.0 for lp, m in zip(e["logprobs"], e["mask"]) if not m)
+        assert 0 < sum(e["mask"]) < len(e["mask"])
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train_episodes"] > 0 for r in rows)
+
+    calls = {"n": 0}
+
+    def crashing(task):
+        calls["n"] += 1
+        if calls["n"] > 12 * 2 + 5:  # inside iteration 3's rollouts
+            raise RuntimeError("simulated crash mid-rollout")
+        return ToyEnv(task)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(recipe, tmp_path / "part", env_for=crashing)
+    assert not (tmp_path / "part" / "summary.json").exists()
+    train(recipe, tmp_path / "part", resume=True, env_for=ToyEnv)
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "part" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_agent_recipe_checks():
+    with pytest.raises(UserError, match="loss.name 'loop'"):
+        load_recipe(RECIPE, ["loss.name=spo"])
+    with pytest.raises(UserError, match="never used for training"):
+        load_recipe(RECIPE, ["agent.split=test"])
+    with pytest.raises(UserError, match="needs trainer 'agent'"):
+        load_recipe(REPO_ROOT / "recipes" / "spo" / "tiny.yaml", ["loss.name=loop"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-HARNESSES = ["align.evals.alpaca"]
+HARNESSES = ["align.evals.alpaca", "align.evals.agent"]
 """Modules with ``add_parser(esub)``; add a harness by appending its module here."""
 
 

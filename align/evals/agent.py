@@ -55,7 +55,7 @@ def _write_report(out: Path, rows: list[dict], meta: dict) -> dict:
 
 
 def evaluate_agent(model_path: str, output: str, world: str = "builtin", split: str = "test", limit: int | None = None,
-                   max_turns: int = 2, max_new_tokens: int = 96, temperature: float = 0.0, show_docs: bool = False,
+                   max_turns: int = 2, max_new_tokens: int = 160, temperature: float = 0.0, show_docs: bool = False,
                    backend: str = "hf", appworld_url: str = "http://127.0.0.1:8000", seed: int = 0) -> dict:
     from align.config import ModelConfig, Recipe, RolloutConfig
     from align.models import load_policy
@@ -115,7 +115,7 @@ def _arguments(a, world: bool) -> None:
     a.add_argument("--output", required=True, help="folder for transcripts.jsonl, report.json, report.md, report.png")
     a.add_argument("--limit", type=int, help="only the first N tasks")
     a.add_argument("--max-turns", type=int, default=2)
-    a.add_argument("--max-new-tokens", type=int, default=96)
+    a.add_argument("--max-new-tokens", type=int, default=160)
     a.add_argument("--temperature", type=float, default=0.0)
     a.add_argument("--show-docs", action="store_true", help="put the API docs in the first observation")
     a.add_argument("--backend", choices=["hf", "vllm"], default="hf")

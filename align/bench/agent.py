@@ -52,7 +52,7 @@ def demonstrations(demo_seeds: int, sloppy_pct: int, seed: int) -> list[dict]:
             sol = t.solution
             if rng.random() * 100 < sloppy_pct:
                 sol = sloppy(sol) or sol
-            rows.append({"prompt": first_observation(t.instruction, False), "completion": sol})
+            rows.append({"prompt": first_observation(t.instruction, False), "chosen": sol})
     rng.shuffle(rows)
     return rows
 

@@ -1,0 +1,44 @@
+"""``python -m align.agents``: the sandbox level on this machine and the cost of episodes (every gold solution of
+the built-in world through WorldEnv), as one JSON object."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from align.agents.env import WorldEnv
+from align.agents.sandbox import sandbox_level
+from align.agents.world import make_tasks
+
+
+def main() -> dict:
+    t = time.perf_counter()
+    level = sandbox_level()
+    zygote_s = time.perf_counter() - t
+    tasks = make_tasks()
+    starts, steps, failed = [], [], []
+    t = time.perf_counter()
+    for task in tasks:
+        env = WorldEnv(task)
+        env.reset()
+        starts.append(env.startup_seconds)
+        s = time.perf_counter()
+        _, done = env.step(task.solution)
+        steps.append(time.perf_counter() - s)
+        if not (done and env.evaluate()["success"]):
+            failed.append(task.id)
+        env.close()
+    total = time.perf_counter() - t
+
+    def ms(xs, q):
+        return round(1000 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 2)
+
+    return {"sandbox_level": level, "first_sandbox_ms": round(1000 * zygote_s, 1), "tasks": len(tasks),
+            "gold_failed": failed, "reset_ms": {"median": round(1000 * statistics.median(starts), 2), "p90": ms(starts, 0.9)},
+            "gold_step_ms": {"median": round(1000 * statistics.median(steps), 2), "p90": ms(steps, 0.9)},
+            "all_gold_episodes_s": round(total, 3)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=1))

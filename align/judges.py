@@ -241,3 +241,145 @@ def make_judge(judge_cfg, tasks=None) -> CachedJudge:
     else:
         raise UserError(f"judge.kind {judge_cfg.kind!r}: an online trainer needs a judge")
     return CachedJudge(inner)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AlpacaEval-style weighted judge (additive): one answer token, P from its log-probs, both orders averaged.
+
+ALPACA_EVAL_SYSTEM = (
+    "You are a careful, impartial evaluator of AI assistants. You compare the answers that different language "
+    "models gave to the same instruction and pick the one people would prefer; your picks are used to rank the "
+    "models on a public leaderboard."
+)
+"""System message of the weighted AlpacaEval-style judge (our wording, in the style of alpaca_eval's
+``weighted_alpaca_eval_gpt4_turbo`` annotator)."""
+
+ALPACA_EVAL_TEMPLATE = '''We are ranking language models. Below is one instruction that was given to two models and the answer each model wrote. Decide which answer a thoughtful person would prefer: the one that follows the instruction more faithfully and is more helpful, accurate and clearly presented.
+
+## The instruction
+
+{
+    "instruction": """{instruction}""",
+}
+
+## The answers
+
+The answers are listed in no particular order. Each carries a short model identifier.
+
+{
+    {
+        "model_identifier": "m",
+        "output": """{output_1}"""
+    },
+    {
+        "model_identifier": "M",
+        "output": """{output_2}"""
+    }
+}
+
+## What to do
+
+Pick the model whose answer is better and reply with its identifier alone. A program reads your reply as the name of the winning model, so it must be exactly one of the two identifiers, m or M, and nothing else (no quotes, spaces, punctuation or explanation).
+
+## Identifier of the better model
+'''
+"""User message of the weighted AlpacaEval-style judge. Placeholders ``{instruction}``, ``{output_1}`` (identifier
+``m``) and ``{output_2}`` (identifier ``M``) are filled in one pass, so braces in the texts are left alone."""
+
+
+def fill_template(template: str, **values: str) -> str:
+    """Replace ``{name}`` placeholders for the given names in one pass (other braces, and braces inside the values,
+    are kept as they are)."""
+    import re
+
+    pattern = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
+    return pattern.sub(lambda m: values[m.group(1)], template)
+
+
+class WeightedLLMJudge(LLMJudge):
+    """AlpacaEval-style weighted LLM judge over an OpenAI-compatible endpoint (``/chat/completions`` or
+    ``/completions``).
+
+    The judge answers with one token naming the better output (``m`` = the first shown, ``M`` = the second, as in
+    alpaca_eval's ``weighted_alpaca_eval_gpt4_turbo``). One order gives P(first better) = p(m) / (p(m) + p(M)) from
+    the top log-probs of that token (alpaca_eval's ``logprob_parser`` with ``is_binarize: false``); an order where
+    neither token is among the top log-probs gives no information (alpaca_eval: NaN). ``compare`` judges both
+    orders and averages them, P(a > b) = (P_first(a, b) + 1 - P_first(b, a)) / 2, using the one informative order
+    when only one is, and NaN when neither is.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", *, api: str = "chat",
+                 top_logprobs: int = 5, temperature: float = 1.0, system: str = ALPACA_EVAL_SYSTEM,
+                 template: str = ALPACA_EVAL_TEMPLATE, tokens: tuple[str, str] = ("m", "M"), timeout: float = 60.0,
+                 retries: int = 4, backoff: float = 0.5):
+        super().__init__(base_url, model, api_key_env, timeout=timeout, retries=retries, backoff=backoff, template=template)
+        if api not in ("chat", "completions"):
+            raise UserError(f"judge.api: {api!r} is not 'chat' or 'completions'")
+        self.api, self.top_logprobs, self.temperature, self.system, self.tokens = api, top_logprobs, temperature, system, tokens
+        self.url = base_url.rstrip("/") + ("/chat/completions" if api == "chat" else "/completions")
+
+    def __repr__(self) -> str:
+        return f"WeightedLLMJudge(url={self.url!r}, model={self.model!r})"
+
+    def _tops(self, reply: dict) -> dict[str, float]:
+        """token -> log-prob of the first generated position, from a chat or a completions reply."""
+        try:
+            lp = reply["choices"][0]["logprobs"]
+            if self.api == "chat":
+                return {t["token"]: t["logprob"] for t in lp["content"][0]["top_logprobs"]}
+            return dict(lp["top_logprobs"][0] or {})
+        except (KeyError, IndexError, TypeError):
+            raise RuntimeError(f"LLM judge at {self.url}: malformed reply (no top log-probs)") from None
+
+    def p_first_or_none(self, instruction: str, first: str, second: str) -> float | None:
+        """P(the first output is better) from one call; None when neither identifier is among the top log-probs."""
+        user = fill_template(self.template, instruction=instruction, output_1=first, output_2=second)
+        if self.api == "chat":
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": user}]
+            body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": self.temperature,
+                    "logprobs": True, "top_logprobs": self.top_logprobs}
+        else:
+            prompt = (self.system + "\n\n" if self.system else "") + user
+            body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": self.temperature,
+                    "logprobs": self.top_logprobs}
+        tops = self._tops(self._post(body))
+        t1, t2 = self.tokens
+        p1 = sum(math.exp(v) for k, v in tops.items() if isinstance(k, str) and k.strip() == t1)
+        p2 = sum(math.exp(v) for k, v in tops.items() if isinstance(k, str) and k.strip() == t2)
+        return None if p1 + p2 == 0 else p1 / (p1 + p2)
+
+    def compare_detailed(self, prompts, a, b) -> list[dict]:
+        """Per triple: ``p`` = P(a > b) (NaN if neither order was informative), ``p_a_first`` = P(first better) with a
+        shown first, ``p_b_first`` = the same with b shown first (None = not informative)."""
+        out = []
+        for p, x, y in zip(prompts, a, b):
+            fx, fy = self.p_first_or_none(p, x, y), self.p_first_or_none(p, y, x)
+            votes = [v for v in (fx, None if fy is None else 1 - fy) if v is not None]
+            out.append({"p": sum(votes) / len(votes) if votes else math.nan, "p_a_first": fx, "p_b_first": fy})
+        return out
+
+    def compare(self, prompts, a, b):
+        return [d["p"] for d in self.compare_detailed(prompts, a, b)]
+
+
+class LLMChat(LLMJudge):
+    """Free-text chat completions from an OpenAI-compatible ``/chat/completions`` endpoint (the graders of MT-Bench
+    and Arena-Hard): same timeouts, bounded retries with backoff and key handling as ``LLMJudge``."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", *, max_tokens: int = 2048,
+                 temperature: float = 0.0, timeout: float = 120.0, retries: int = 4, backoff: float = 0.5):
+        super().__init__(base_url, model, api_key_env, timeout=timeout, retries=retries, backoff=backoff)
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.max_tokens, self.temperature = max_tokens, temperature
+
+    def __repr__(self) -> str:
+        return f"LLMChat(url={self.url!r}, model={self.model!r})"
+
+    def chat(self, messages: list[dict]) -> str:
+        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, "temperature": self.temperature}
+        reply = self._post(body)
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise RuntimeError(f"LLM judge at {self.url}: malformed reply (no message content)") from None
+        return content if isinstance(content, str) else ""

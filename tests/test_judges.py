@@ -94,3 +94,102 @@ def test_reward_model_judge(tmp_path, tiny_tokenizer):
 
     assert p == pytest.approx(1 / (1 + math.exp(-(ra - rb))), abs=1e-6)
     assert judge.compare(["q"], ["bb"], ["a"])[0] == pytest.approx(1 - p, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the weighted AlpacaEval-style judge
+
+
+class Weighted(BaseHTTPRequestHandler):
+    """Answers with fixed top log-probs for the first token: chat format on /chat/completions, legacy on /completions.
+    ``Weighted.tops(body) -> {token: logprob}``."""
+
+    tops = staticmethod(lambda body: {"m": -0.2, "M": -1.8, "The": -3.0})
+    bodies: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Weighted.bodies.append((self.path, body))
+        tops = Weighted.tops(body)
+        if self.path.endswith("/chat/completions"):
+            lp = {"content": [{"token": next(iter(tops), "x"), "logprob": -0.1,
+                               "top_logprobs": [{"token": k, "logprob": v} for k, v in tops.items()]}]}
+            choice = {"message": {"role": "assistant", "content": "m"}, "logprobs": lp}
+        else:
+            choice = {"text": "m", "logprobs": {"tokens": ["m"], "token_logprobs": [-0.1], "top_logprobs": [tops]}}
+        data = json.dumps({"choices": [choice]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def weighted():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Weighted)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    Weighted.bodies = []
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_weighted_judge_reads_the_identifier_logprobs_in_both_orders(weighted, api):
+    import math
+
+    from align.judges import WeightedLLMJudge
+
+    # the judge prefers whichever output mentions "good": p(m) high when it is shown first
+    def tops(body):
+        text = body["messages"][1]["content"] if "messages" in body else body["prompt"]
+        first = text.index('"m"')
+        good_first = "good" in text[first:text.index('"M"')]
+        return {"m": -0.1, "M": -2.5, " ": -4.0} if good_first else {"M": -0.3, "m": -1.5}
+
+    Weighted.tops = staticmethod(tops)
+    judge = WeightedLLMJudge(weighted, "gpt-4-turbo", api=api, top_logprobs=5)
+    d = judge.compare_detailed(["Say {x} please"], ["a good {answer}"], ["a bad one"])[0]
+    p_hi = math.exp(-0.1) / (math.exp(-0.1) + math.exp(-2.5))
+    p_lo = math.exp(-1.5) / (math.exp(-1.5) + math.exp(-0.3))
+    assert d["p_a_first"] == pytest.approx(p_hi) and d["p_b_first"] == pytest.approx(p_lo)
+    assert d["p"] == pytest.approx((p_hi + 1 - p_lo) / 2)
+    assert judge.compare(["Say {x} please"], ["a bad one"], ["a good {answer}"])[0] == pytest.approx(1 - d["p"])
+    path, body = Weighted.bodies[0]
+    assert path.endswith("/chat/completions" if api == "chat" else "/v1/completions")
+    text = body["messages"][1]["content"] if api == "chat" else body["prompt"]
+    assert '"""Say {x} please"""' in text and '"""a good {answer}"""' in text  # braces in the texts left alone
+    assert body["max_tokens"] == 1 and (body["top_logprobs"] == 5 if api == "chat" else body["logprobs"] == 5)
+    if api == "chat":
+        assert body["messages"][0]["role"] == "system" and body["logprobs"] is True
+
+
+def test_weighted_judge_without_the_identifiers_is_nan_or_one_order(weighted):
+    import math
+
+    from align.judges import WeightedLLMJudge
+
+    Weighted.tops = staticmethod(lambda body: {"The": -0.1, "Based": -1.0})
+    judge = WeightedLLMJudge(weighted, "m", api="chat")
+    assert math.isnan(judge.compare(["q"], ["a"], ["b"])[0])
+    calls = iter([{"m": -0.5, "M": -0.5}, {"x": -0.1}])  # only the first order is informative
+    Weighted.tops = staticmethod(lambda body: next(calls))
+    d = judge.compare_detailed(["q"], ["a"], ["b"])[0]
+    assert d["p"] == pytest.approx(0.5) and d["p_b_first"] is None
+
+
+def test_llm_chat_returns_the_message(flaky):
+    from align.judges import LLMChat
+
+    chat = LLMChat(flaky, "m", retries=0)
+    assert chat.url.endswith("/v1/chat/completions")
+    Flaky.plan = ["malformed"]
+    with pytest.raises(RuntimeError, match="malformed reply"):
+        chat.chat([{"role": "user", "content": "hi"}])
+
+
+def test_fill_template_is_one_pass():
+    from align.judges import fill_template
+
+    assert fill_template("{a}|{b}|{c}", a="{b}", b="x") == "{b}|x|{c}"

@@ -1,4 +1,8 @@
-"""AlpacaEval: score an existing annotations file into a leaderboard row (no generation, no judge calls).
+"""AlpacaEval: score an existing annotations file into a leaderboard row (no generation, no judge calls here).
+
+``align eval alpaca --annotations FILE`` scores a file; ``align eval alpaca --model PATH --judge JUDGE.yaml`` (the
+generation path, ``align/evals/alpaca_generate.py``) generates, judges, and scores its annotations through the same
+``leaderboard_row`` (``score_rows_and_write``). The two options are mutually exclusive.
 
 An AlpacaEval annotations file is a JSON list (optionally gzipped) of pairwise judgements, one per instruction:
 ``output_1`` is the reference model's answer, ``output_2`` the evaluated model's, and ``preference`` in [1, 2] the
@@ -202,7 +206,6 @@ def score_annotations_file(path: str | os.PathLike, output_dir: str | os.PathLik
 def _score_and_write(path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None, *,
                      instruction_difficulty=None, gamed=None, length_controlled: bool = True) -> tuple[str, dict]:
     path = Path(path)
-    output_dir = Path(output_dir)
     annotations = load_annotations(path)
     lc = None
     if length_controlled:
@@ -210,7 +213,16 @@ def _score_and_write(path: str | os.PathLike, output_dir: str | os.PathLike, nam
 
         lc = load_lc_inputs(instruction_difficulty, gamed)
     model = name or generator_name(annotations) or path.name.removesuffix(".gz").removesuffix(".json")
-    row = leaderboard_row(annotations, model, source=str(path), lc=lc)
+    return model, score_rows_and_write(annotations, output_dir, model, source=str(path), lc=lc)
+
+
+def score_rows_and_write(annotations: list[dict], output_dir: str | os.PathLike, model: str, *, source: str,
+                         lc: "LCInputs | None" = None) -> dict:
+    """``leaderboard_row`` of annotations already in memory, merged into ``output_dir/leaderboard.json`` (atomic
+    write, other models kept, sorted by win rate); returns the row. The generation path of ``align eval alpaca
+    --model`` scores its annotations through here."""
+    output_dir = Path(output_dir)
+    row = leaderboard_row(annotations, model, source=source, lc=lc)
 
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: --output exists and is not a folder")
@@ -223,14 +235,35 @@ def _score_and_write(path: str | os.PathLike, output_dir: str | os.PathLike, nam
         _atomic_write_text(out, json.dumps(board, indent=2, allow_nan=False) + "\n")
     except OSError as e:
         raise UserError(f"{out}: cannot write the leaderboard: {e.strerror or e}") from None
-    return model, row
+    return row
+
+
+GENERATION_OPTIONS = ("judge", "limit", "backend", "max_new_tokens", "reference", "temperature", "batch_size", "parallel")
+"""Options of the generation path (``--model``); they mean nothing with ``--annotations``."""
 
 
 def main_eval_alpaca(args) -> int:
-    """``align eval alpaca --annotations FILE --output DIR [--name NAME] [--instruction-difficulty FILE] [--gamed FILE]``.
+    """``align eval alpaca --annotations FILE --output DIR [--name NAME] [--instruction-difficulty FILE] [--gamed FILE]``,
+    or the generation path ``align eval alpaca --model PATH --judge JUDGE.yaml --output DIR [...]``
+    (``align/evals/alpaca_generate.py``); the two are mutually exclusive.
 
     Prints ``{name: row}`` as one JSON line on stdout; which LC inputs were used goes to stderr.
     """
+    annotations, model = getattr(args, "annotations", None), getattr(args, "model", None)
+    if annotations and model:
+        raise UserError("--annotations and --model are mutually exclusive: score an existing annotations file, "
+                        "or generate with --model and judge with --judge")
+    if not annotations and not model:
+        raise UserError("one of --annotations FILE (score an existing file) or --model PATH --judge FILE (generate and "
+                        "judge) is required")
+    if model:
+        from align.evals.alpaca_generate import main_generate
+
+        return main_generate(args)
+    given = [o for o in GENERATION_OPTIONS if getattr(args, o, None) is not None]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} applies only with --model (generation); --annotations scores "
+                        "an existing file")
     difficulty, gamed = getattr(args, "instruction_difficulty", None), getattr(args, "gamed", None)
     model, row = _score_and_write(args.annotations, args.output, getattr(args, "name", None),
                                   instruction_difficulty=difficulty, gamed=gamed)
@@ -244,10 +277,24 @@ def main_eval_alpaca(args) -> int:
 
 def add_parser(esub) -> None:
     """Register ``align eval alpaca`` on the ``align eval`` subparsers."""
-    a = esub.add_parser("alpaca", help="AlpacaEval: score an existing annotations file into DIR/leaderboard.json")
-    a.add_argument("--annotations", required=True, help="AlpacaEval annotations.json or .json.gz (preference in [1, 2])")
-    a.add_argument("--output", required=True, help="folder for leaderboard.json ({model: row}; other models in it are kept)")
-    a.add_argument("--name", help="model name in the leaderboard (default: the annotations' generator_2, else the file name)")
+    a = esub.add_parser("alpaca", help="AlpacaEval 2: generate + judge (--model) or score an annotations file (--annotations)")
+    a.add_argument("--annotations", help="AlpacaEval annotations.json or .json.gz (preference in [1, 2]) to score")
+    a.add_argument("--model", help="generate: policy folder (HF format, or a training run's output folder) or tiny:llama")
+    a.add_argument("--judge", metavar="FILE", help="--model: judge config YAML (kind: llm | reward_model | vpl; see evals/judges/)")
+    a.add_argument("--output", required=True,
+                   help="folder for leaderboard.json ({model: row}; other models in it are kept); with --model also "
+                        "model_outputs.json, annotations.json, report.md, report.png")
+    a.add_argument("--name", help="model name in the leaderboard (default: the annotations' generator_2, else the file "
+                                  "name; with --model the model folder's name)")
+    a.add_argument("--limit", metavar="N", help="--model: only the first N instructions")
+    a.add_argument("--backend", choices=["hf", "vllm"], help="--model: rollout backend (default hf)")
+    a.add_argument("--max-new-tokens", metavar="N", help="--model: tokens generated per answer (default 2048)")
+    a.add_argument("--temperature", metavar="T", help="--model: sampling temperature (default 0: greedy)")
+    a.add_argument("--batch-size", metavar="N", help="--model: instructions per generation batch (default 16)")
+    a.add_argument("--parallel", metavar="N", help="--model: LLM-judge requests in flight (default 4)")
+    a.add_argument("--reference", metavar="FILE_OR_HUB_ID",
+                   help="--model: reference outputs (alpaca_eval model_outputs .json/.json.gz/.jsonl, or the hub id "
+                        "tatsu-lab/alpaca_eval[:config] when online; default: the shared gpt4_1106_preview copy)")
     a.add_argument("--instruction-difficulty", metavar="FILE",
                    help="alpaca_eval's instruction_difficulty.csv from the hub (default: our shipped offline estimate)")
     a.add_argument("--gamed", metavar="FILE",

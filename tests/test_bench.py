@@ -44,3 +44,13 @@ def test_bench_reward_json_contract():
     assert 0.0 <= out["hh_harmless_bt_accuracy"] <= 1.0
     for row in ("sft", "dog_user", "cat_user"):
         assert {"dog", "cat", "samples"} <= set(out["personalised"][row])
+
+
+def test_bench_agent_json_contract():
+    res = run_align("bench", "agent", "--json", "quick=1", "demo_seeds=1", "iterations=1", "tasks=4", "k=2", timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    for method in ("sft", "loop", "grpo"):
+        assert {"tgc", "sgc"} <= set(out["test"][method]), method
+        assert 0.0 <= out["test"][method]["tgc"] <= 100.0
+    assert len(out["curves"]["loop"]) == 1

@@ -21,7 +21,7 @@ import torch
 from align.config import LossConfig
 from align.losses import LOSSES, PairBatch, get_loss, register_loss
 
-ALL_LOSSES = {"dpo", "cdpo", "robust", "ipo", "ipo_norm", "hinge", "simpo", "sppo", "inpo", "sft", "spo"}
+ALL_LOSSES = {"dpo", "cdpo", "robust", "ipo", "ipo_norm", "hinge", "simpo", "sppo", "inpo", "sft", "spo", "loop"}
 TOL = 1e-6
 
 
@@ -73,11 +73,11 @@ def test_registry_holds_exactly_the_documented_losses():
         assert get_loss(name).name == name
 
 
-def test_needs_reference_false_exactly_for_simpo_sft_and_spo():
-    assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == {"simpo", "sft", "spo"}
+def test_needs_reference_false_exactly_for_simpo_sft_spo_and_loop():
+    assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == {"simpo", "sft", "spo", "loop"}
     assert {name for name, spec in LOSSES.items() if spec.needs_anchor} == {"inpo"}
-    assert {name for name, spec in LOSSES.items() if not spec.needs_rejected} == {"sft", "spo"}
-    assert {name for name, spec in LOSSES.items() if spec.per_token} == {"spo"}
+    assert {name for name, spec in LOSSES.items() if not spec.needs_rejected} == {"sft", "spo", "loop"}
+    assert {name for name, spec in LOSSES.items() if spec.per_token} == {"spo", "loop"}
 
 
 @pytest.mark.parametrize("name", sorted(ALL_LOSSES))
@@ -274,7 +274,7 @@ def test_sppo_hard_labels_equal_trl_sppo_hard():
 # ---------------------------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("name", sorted(ALL_LOSSES - {"spo"}))  # spo: test_spo_on_policy_is_reinforce_with_the_baseline
+@pytest.mark.parametrize("name", sorted(ALL_LOSSES - {"spo", "loop"}))  # spo, loop: per-token tests (loop: tests/trainers/test_agent.py)
 def test_gradients_flow(name):
     if name == "sft":
         batch = PairBatch(chosen_logps=t(-10.0, -7.5, grad=True), chosen_lengths=t(4.0, 3.0))

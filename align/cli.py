@@ -72,7 +72,7 @@ def _serve(args) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         raise UserError(f"--host {args.host}: align serve only binds to loopback (127.0.0.1); put a proxy in front for remote use")
-    serve_main(args.model, backend=args.backend, host=args.host, port=args.port, name=args.name)
+    serve_main(args.model, backend=args.backend, host=args.host, port=args.port, name=args.name, max_context=args.max_context)
     return 0
 
 
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", help="model name reported by /v1/models (default: the path)")
+    s.add_argument("--max-context", type=int, help="refuse prompts with no room for a token (400) and cut max_tokens to fit (default: no limit)")
     s.set_defaults(fn=_serve)
 
     d = sub.add_parser("demo", help="the quickstart: SFT -> self-judged pairs -> DPO -> evaluation, on CPU in minutes")

@@ -3,21 +3,28 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (n samples, stop, seed,
 temperature/top_p/top_k, max_tokens, log-probs with top alternatives; no streaming). It is what local LLM
 judges and agents talk to. Requests are served by a thread pool; generation is serialised through one lock
-(the engine batches within a request). Bad requests get HTTP 400 with an OpenAI-style error body.
+(the engine batches within a request). Bad requests get HTTP 400 with an OpenAI-style error body; a failure
+inside the engine gets HTTP 500 (same body, type "server_error") and the server keeps serving. With
+``max_context`` set, a prompt that leaves no room for one generated token is refused (400) and ``max_tokens``
+is cut to what fits (finish reason "length"), as vLLM does. A connection that sits idle or stalls mid-request
+for ``client_timeout`` seconds is closed, so stalled clients cannot pile up threads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from align.rollout import SamplingParams
+from align.rollout import SamplingParams, encode_prompt
 
 MAX_BODY = 8 * 2**20
+CLIENT_TIMEOUT = 120.0  # seconds a connection may sit idle or stall mid-request before it is closed
 
 
 class BadRequest(ValueError):
@@ -31,6 +38,8 @@ def _sampling(body: dict, chat: bool) -> tuple[SamplingParams, int, int | None]:
             return default
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
             raise BadRequest(f"'{key}' must be a number")
+        if not math.isfinite(v):  # JSON parsers accept NaN and Infinity
+            raise BadRequest(f"'{key}' must be a finite number")
         v = kind(v)
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise BadRequest(f"'{key}' must be in [{lo}, {hi}]")
@@ -52,14 +61,28 @@ def _sampling(body: dict, chat: bool) -> tuple[SamplingParams, int, int | None]:
         logprobs = None if lp is None else num("logprobs", 0, int, 0, 20)
         top = logprobs or 0
     sp = SamplingParams(max_new_tokens=max_tokens, temperature=num("temperature", 1.0, float, 0.0, 10.0),
-                        top_p=num("top_p", 1.0, float, 0.0, 1.0), top_k=num("top_k", 0, int, 0, None), stop=stop,
-                        seed=None if body.get("seed") is None else num("seed", 0, int), top_logprobs=top)
+                        top_p=num("top_p", 1.0, float, 0.0, 1.0), top_k=num("top_k", 0, int, 0, 2**31 - 1), stop=stop,
+                        seed=None if body.get("seed") is None else num("seed", 0, int, -(2**63), 2**64 - 1), top_logprobs=top)
     return sp, num("n", 1, int, 1, 128), logprobs
 
 
 class Server:
-    def __init__(self, engine, tokenizer, model_name: str):
+    def __init__(self, engine, tokenizer, model_name: str, max_context: int | None = None):
         self.engine, self.tok, self.name, self.lock = engine, tokenizer, model_name, threading.Lock()
+        self.max_context = max_context
+
+    def _fit(self, prompts: list, sp: SamplingParams) -> SamplingParams:
+        """With ``max_context``: refuse a prompt with no room for one new token; cut max_tokens to what fits."""
+        if not self.max_context:
+            return sp
+        lengths = [len(encode_prompt(self.tok, p)) for p in prompts]
+        for i, n in enumerate(lengths):
+            if n >= self.max_context:
+                which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+                raise BadRequest(f"{which} is {n} tokens; this model's maximum context length is {self.max_context} tokens "
+                                 "(prompt and completion together)")
+        room = self.max_context - max(lengths)
+        return dataclasses.replace(sp, max_new_tokens=room) if sp.max_new_tokens > room else sp
 
     def _tok_str(self, tid: int) -> str:
         return self.tok.decode([tid])
@@ -70,6 +93,7 @@ class Server:
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise BadRequest("'prompt' must be a string or a list of strings")
         sp, n, logprobs = _sampling(body, chat=False)
+        sp = self._fit(prompts, sp)
         with self.lock:
             groups = self.engine.generate(prompts, n=n, sampling=sp)
         choices, used = [], 0
@@ -98,6 +122,7 @@ class Server:
             raise BadRequest("'messages' must be a non-empty list of {role, content} objects with string content")
         sp, n, logprobs = _sampling(body, chat=True)
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        sp = self._fit([msgs], sp)
         with self.lock:
             group = self.engine.generate([msgs], n=n, sampling=sp)[0]
         choices, used = [], 0
@@ -121,23 +146,32 @@ class Server:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "align"}]}
 
 
-def make_handler(server: Server):
+def make_handler(server: Server, client_timeout: float | None = CLIENT_TIMEOUT):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = client_timeout  # socket timeout: an idle or stalled connection is closed
 
         def log_message(self, fmt, *args):  # quiet: one line per request on stderr, never request bodies
-            print(f"[serve] {self.command} {self.path} {args[1] if len(args) > 1 else ''}", file=sys.stderr)
+            if fmt.startswith('"%s"'):  # log_request: '"<request line>" <code> <size>'
+                print(f"[serve] {getattr(self, 'command', None)} {getattr(self, 'path', '')} {args[1] if len(args) > 1 else ''}", file=sys.stderr)
+            else:  # log_error: a timed-out connection, a malformed request line
+                print(f"[serve] {(fmt % args)[:200]}", file=sys.stderr)
 
         def _send(self, code: int, obj: dict) -> None:
             data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:  # the client went away (broken pipe, reset, timeout): nobody to answer
+                self.close_connection = True
 
-        def _error(self, code: int, message: str) -> None:
-            self._send(code, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
+        def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
+            self._send(code, {"error": {"message": message, "type": kind, "code": code}})
 
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
@@ -147,11 +181,23 @@ def make_handler(server: Server):
             self._error(404, f"no route {self.path}")
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                return self._error(413, "request body too large")
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0 or length > MAX_BODY:  # the body is not read: the connection cannot be reused
+                self.close_connection = True
+                return self._error(413, "request body too large") if length > MAX_BODY else self._error(400, "invalid Content-Length header")
+            try:
+                raw = self.rfile.read(length)
+            except OSError:  # the client stalled past the timeout or went away mid-body
+                self.close_connection = True
+                return None
+            if len(raw) < length:  # the client closed its side mid-body
+                self.close_connection = True
+                return self._error(400, f"the request body ended after {len(raw)} of {length} bytes")
+            try:
+                body = json.loads(raw or b"{}")
                 if not isinstance(body, dict):
                     raise BadRequest("the request body must be a JSON object")
                 if body.get("stream"):
@@ -162,26 +208,30 @@ def make_handler(server: Server):
                 if route == "/v1/chat/completions":
                     return self._send(200, server.chat(body))
                 return self._error(404, f"no route {self.path}")
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 return self._error(400, "the request body is not valid JSON")
             except BadRequest as e:
                 return self._error(400, str(e))
-            except (BrokenPipeError, ConnectionResetError):  # the client went away
-                return None
+            except Exception as e:  # a failure inside the engine: answer it, keep serving
+                line = (str(e).strip().splitlines() or [""])[0][:300]
+                print(f"[serve] {self.command} {self.path} 500 {type(e).__name__}: {line}", file=sys.stderr)
+                return self._error(500, f"internal error: {type(e).__name__}: {line}", "server_error")
 
     return Handler
 
 
-def start(engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+def start(engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 0, *, max_context: int | None = None,
+          client_timeout: float | None = CLIENT_TIMEOUT) -> ThreadingHTTPServer:
     """Start serving in a background thread; returns the server (``server.server_address[1]`` is the port)."""
-    httpd = ThreadingHTTPServer((host, port), make_handler(Server(engine, tokenizer, model_name)))
+    httpd = ThreadingHTTPServer((host, port), make_handler(Server(engine, tokenizer, model_name, max_context), client_timeout))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd
 
 
-def serve_main(model_path: str, backend: str = "hf", host: str = "127.0.0.1", port: int = 8000, name: str | None = None) -> None:
-    """Load a model folder and serve it until interrupted."""
+def serve_main(model_path: str, backend: str = "hf", host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
+               max_context: int | None = None, client_timeout: float | None = CLIENT_TIMEOUT) -> None:
+    """Load a model folder and serve it until interrupted (``max_context``, ``client_timeout``: see ``start``)."""
     from align.config import ModelConfig, RolloutConfig
     from align.models import load_policy
     from align.rollout import make_engine
@@ -189,7 +239,7 @@ def serve_main(model_path: str, backend: str = "hf", host: str = "127.0.0.1", po
     model, tok = load_policy(ModelConfig(name_or_path=model_path, attn_implementation=None))
     model.eval()
     engine = make_engine(RolloutConfig(backend=backend), model, tok)
-    httpd = start(engine, tok, name or model_path, host, port)
+    httpd = start(engine, tok, name or model_path, host, port, max_context=max_context, client_timeout=client_timeout)
     print(f"serving {model_path} ({backend}) at http://{host}:{httpd.server_address[1]}/v1", file=sys.stderr, flush=True)
     try:
         threading.Event().wait()

@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -240,11 +241,28 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     return summary
 
 
+def dist_timeout() -> timedelta | None:
+    """``$ALIGN_DIST_TIMEOUT`` (seconds): how long a collective waits for a rank that stopped answering before
+    the run fails. Unset: torch's default (30 min for gloo, 10 min for NCCL). A killed rank is noticed at once
+    (its sockets close); a frozen one (a hung host, a stopped process) only through this timeout."""
+    raw = os.environ.get("ALIGN_DIST_TIMEOUT", "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"ALIGN_DIST_TIMEOUT={raw}: must be a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
 def make_accelerator(grad_accum: int):
     """An Accelerator that gets the CPU cases right (measured with accelerate 1.15 / DeepSpeed 0.19):
     DDP on CPU needs ``cpu=True`` (gloo); DeepSpeed on CPU needs an explicit gloo process group, or every rank
     believes it is rank 0 while DeepSpeed sees the real world size. DeepSpeed's shared-memory comm op (a ~50 s
-    JIT build on first use) is skipped on CPU: plain gloo collectives give the same results."""
+    JIT build on first use) is skipped on CPU: plain gloo collectives give the same results.
+    The process-group timeout comes from ``$ALIGN_DIST_TIMEOUT`` (see ``dist_timeout``)."""
     import warnings
 
     from accelerate import Accelerator
@@ -253,7 +271,10 @@ def make_accelerator(grad_accum: int):
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     on_cpu = not torch.cuda.is_available()
     use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    handlers = []
+    pg = {}
+    timeout = dist_timeout()
+    if timeout is not None:
+        pg["timeout"] = timeout
     if on_cpu and use_ds:
         try:
             import deepspeed.ops
@@ -261,7 +282,8 @@ def make_accelerator(grad_accum: int):
             deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
         except ImportError:
             pass
-        handlers = [InitProcessGroupKwargs(backend="gloo")]
+        pg["backend"] = "gloo"
+    handlers = [InitProcessGroupKwargs(**pg)] if pg else []
     return Accelerator(gradient_accumulation_steps=grad_accum, cpu=on_cpu and not use_ds, kwargs_handlers=handlers)
 
 

@@ -1,4 +1,5 @@
-"""Same seed, same recipe -> identical metrics.jsonl (timing columns aside) on CPU, for every trainer so far."""
+"""Same seed, same recipe -> identical metrics.jsonl (timing columns aside) on CPU, for every trainer: offline (DPO,
+SFT), online (SPO, INPO), reward (VPL; BT shares its code path), agent (LOOP on the sandboxed built-in world)."""
 
 import json
 
@@ -23,6 +24,10 @@ def _rows(path):
     ("sft/tiny.yaml", ["data.builtin_size=256", "train.epochs=1"]),
     ("spo/tiny.yaml", SMALL_ONLINE),
     ("inpo/tiny.yaml", SMALL_ONLINE),
+    ("reward/pets-vpl.yaml", ["model.name_or_path=tiny:llama", "data.limit=300", "data.max_length=96", "data.max_prompt_length=64",
+                              "train.max_steps=6", "train.logging_steps=2"]),
+    ("loop/tiny.yaml", ["model.tiny_max_positions=256", "rollout.n=2", "rollout.max_new_tokens=16", "agent.tasks_per_iteration=4",
+                        "agent.iterations=2", "agent.eval_split=null", "train.batch_size=4"]),
 ])
 def test_same_seed_same_metrics(tmp_path, recipe, overrides):
     outs = []

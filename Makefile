@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-vllm test test-slow demo bench clean
+.PHONY: install install-vllm install-appworld test test-slow demo bench clean
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,11 @@ $(VENV)/.vllm-installed: $(VENV)/.installed
 	touch $@
 
 # the test suite, vLLM conformance included (CPU); `slow` and `gpu` tests are opt-in
-test: install install-vllm
+# the real AppWorld in its own venv (its server-start tests); a failure here only makes those tests skip
+install-appworld:
+	-bash evals/appworld/setup.sh
+
+test: install install-vllm install-appworld
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-slow: install

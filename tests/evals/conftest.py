@@ -1,13 +1,30 @@
-"""Fixtures of the generation harnesses: a tiny policy saved to a folder, local judges over HTTP on 127.0.0.1."""
+"""Fixtures of the harness tests: the public leaderboard CSV, a tiny policy saved to a folder, local judges over HTTP
+on 127.0.0.1."""
 
 from __future__ import annotations
 
+import csv
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from align.paths import shared_data_dir
+
+_DATA = shared_data_dir()
+ALPACA = _DATA / "alpaca_eval" if _DATA is not None and (_DATA / "alpaca_eval").is_dir() else None
+NO_DATA = "shared data folder ../shared/data/alpaca_eval not found (set ALIGN_SHARED_DATA)"
+
+
+@pytest.fixture(scope="session")
+def public_leaderboard() -> dict[str, dict]:
+    """The shared public AlpacaEval 2 leaderboard CSV, {model: row}."""
+    if ALPACA is None:
+        pytest.skip(NO_DATA)
+    with open(ALPACA / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv", newline="", encoding="utf-8") as f:
+        return {row[""]: row for row in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="session")

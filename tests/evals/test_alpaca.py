@@ -9,7 +9,6 @@ The public value is exactly ``sum(len(output_2)) // 805``.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 from pathlib import Path
@@ -36,14 +35,6 @@ FILES = sorted((ALPACA / "annotations").glob("*.json.gz")) if ALPACA else []
 
 def _model(path: Path) -> str:
     return path.name.removesuffix(".json.gz")
-
-
-@pytest.fixture(scope="module")
-def public_leaderboard() -> dict[str, dict]:
-    if ALPACA is None:
-        pytest.skip(NO_DATA)
-    with open(ALPACA / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv", newline="", encoding="utf-8") as f:
-        return {row[""]: row for row in csv.DictReader(f)}
 
 
 @pytest.mark.parametrize("path", FILES or [pytest.param(None, marks=pytest.mark.skip(reason=NO_DATA))],

@@ -260,14 +260,6 @@ def test_shipped_estimate_files_and_package_data():
     assert "evals/data/*.csv" in pyproject["tool"]["setuptools"]["package-data"]["align"]
 
 
-@pytest.fixture(scope="module")
-def public_leaderboard() -> dict[str, dict]:
-    if ALPACA is None:
-        pytest.skip(NO_DATA)
-    with open(ALPACA / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv", newline="", encoding="utf-8") as f:
-        return {row[""]: row for row in csv.DictReader(f)}
-
-
 # a strong and a weak model with a public lc_standard_error, a mid-range one, and one with a missing instruction
 @pytest.mark.parametrize("model", ["NullModel", "FuseChat-Llama-3.2-1B-Instruct", "claude-2", "text_davinci_001"])
 def test_shipped_estimate_matches_public_lc(model, public_leaderboard):

@@ -60,7 +60,7 @@ def evaluate_agent(model_path: str, output: str, world: str = "builtin", split: 
     from align.config import ModelConfig, Recipe, RolloutConfig
     from align.models import load_policy
     from align.rollout import SamplingParams, make_engine
-    from align.trainers.agent import load_tasks, make_env, play
+    from align.trainers.agent import load_tasks, make_env, mid_turn_suppressed, play
 
     recipe = Recipe(trainer="agent")
     recipe.loss.name = "loop"
@@ -82,8 +82,8 @@ def evaluate_agent(model_path: str, output: str, world: str = "builtin", split: 
     todo = [t for t in tasks if t.id not in done]
     print(f"[eval agent] {len(tasks)} tasks, {len(done)} already done, {len(todo)} to run", file=sys.stderr, flush=True)
     engine = make_engine(RolloutConfig(backend=backend, batch_size=64), model.eval(), tok)
-    suppress = sorted({i for i in (tok.pad_token_id, tok.bos_token_id, tok.unk_token_id) if i is not None and i != tok.eos_token_id})
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, suppress_token_ids=suppress)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                              suppress_token_ids=mid_turn_suppressed(tok))
     step = 16
     for s in range(0, len(todo), step):
         rows = play(engine, tok, todo[s:s + step], 1, sampling, max_turns, lambda t: make_env(recipe, t))

@@ -36,6 +36,7 @@ from align.models import load_policy, save_model
 from align.rollout import SamplingParams, make_engine
 from align.rollout.episodes import run_episodes
 from align.trainers.offline import finish, make_accelerator, peak_memory_mb, save_checkpoint
+from align.trainers.online import start_iterations, update
 
 EPISODE_CHUNK = 64  # environments (sandbox processes) alive at once
 
@@ -91,6 +92,11 @@ def play(engine, tokenizer, tasks: list, k: int, sampling: SamplingParams, max_t
             for env in envs:
                 env.close()
     return rows
+
+
+def mid_turn_suppressed(tok) -> list[int]:
+    """Token ids a small policy must not sample inside a turn: pad, bos and unk (eos ends the turn)."""
+    return sorted({i for i in (tok.pad_token_id, tok.bos_token_id, tok.unk_token_id) if i is not None and i != tok.eos_token_id})
 
 
 def advantages(rewards: list[float], kind: str) -> list[float]:
@@ -161,26 +167,13 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
     model, tok = load_policy(recipe.model, recipe.lora, seed=t.seed)
     tasks = load_tasks(recipe, a.split)
     eval_tasks = load_tasks(recipe, a.eval_split) if a.eval_split else []
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # paper: constant learning rate
-    accelerator.register_for_checkpointing(scheduler)
+    # paper: a constant learning rate
+    model, optimizer, start, log, progress = start_iterations(recipe, model, accelerator, output_dir, resume,
+                                                              a.iterations, f"agent:{spec.name}")
     device, pad = accelerator.device, tok.pad_token_id
-
-    start = 0
-    ckpt = runs.latest_checkpoint(output_dir) if resume else None
-    if ckpt is not None:
-        start = runs.read_state(ckpt, recipe)["step"]
-        accelerator.load_state(str(ckpt))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "rollouts").mkdir(exist_ok=True)
-    runs.write_recipe(output_dir, recipe)
-    log = runs.MetricsLog(output_dir / "metrics.jsonl", start)
-    progress = runs.Progress(a.iterations, f"agent:{spec.name}", enabled=recipe.logging.progress)
     engine = make_engine(recipe.rollout, accelerator.unwrap_model(model), tok)
     r = recipe.rollout
-    # a small model must not sample pad/bos/unk mid-turn
-    suppress = sorted({i for i in (tok.pad_token_id, tok.bos_token_id, tok.unk_token_id) if i is not None and i != tok.eos_token_id})
+    suppress = mid_turn_suppressed(tok)
     started = time.time()
 
     for it in range(start, a.iterations):
@@ -231,13 +224,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
                                token_mask=mask, advantages=torch.tensor([row["adv"] for row in chunk], device=device))
                 per, metrics = spec.fn(pb, recipe.loss)
                 loss = per.mean()
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss at iteration {it + 1}")
-                accelerator.backward(loss)
-                if t.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                update(accelerator, model, optimizer, loss, t.max_grad_norm, f"iteration {it + 1}")
                 window.append({"loss": loss.item(), **{k: v.float().mean().item() for k, v in metrics.items()}})
         engine.update_weights(accelerator.unwrap_model(model))
 

@@ -89,6 +89,38 @@ def _token_batch(rows: list[tuple[list[int], list[int], list[float]]], pad: int,
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def start_iterations(recipe: Recipe, model, accelerator, output_dir: Path, resume: bool, iterations: int, label: str):
+    """Shared by the iterative trainers (online, agent): AdamW on the trainable parameters, a constant schedule (the
+    iterations are the schedule), the newest checkpoint restored when resuming, the output folder with rollouts/,
+    recipe.yaml, the metrics log and the progress line. Returns (model, optimizer, start iteration, log, progress)."""
+    t = recipe.train
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    accelerator.register_for_checkpointing(scheduler)
+    start = 0
+    ckpt = runs.latest_checkpoint(output_dir) if resume else None
+    if ckpt is not None:
+        start = runs.read_state(ckpt, recipe)["step"]
+        accelerator.load_state(str(ckpt))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "rollouts").mkdir(exist_ok=True)
+    runs.write_recipe(output_dir, recipe)
+    log = runs.MetricsLog(output_dir / "metrics.jsonl", start)
+    return model, optimizer, start, log, runs.Progress(iterations, label, enabled=recipe.logging.progress)
+
+
+def update(accelerator, model, optimizer, loss, max_grad_norm: float | None, where: str) -> None:
+    """One optimizer step on ``loss`` (clipped); a non-finite loss stops the run naming ``where``."""
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss at {where}")
+    accelerator.backward(loss)
+    if max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     """Run an online recipe into ``output_dir``; returns the summary."""
     from accelerate.utils import set_seed
@@ -112,22 +144,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     ref_model = None
     if spec.needs_reference and not is_peft(model):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant: the iterations are the schedule
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer, start, log, progress = start_iterations(recipe, model, accelerator, output_dir, resume,
+                                                              o.iterations, f"online:{spec.name}")
     device, pad = accelerator.device, tok.pad_token_id
-
-    start = 0
-    ckpt = runs.latest_checkpoint(output_dir) if resume else None
-    if ckpt is not None:
-        start = runs.read_state(ckpt, recipe)["step"]
-        accelerator.load_state(str(ckpt))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "rollouts").mkdir(exist_ok=True)
-    runs.write_recipe(output_dir, recipe)
-    log = runs.MetricsLog(output_dir / "metrics.jsonl", start)
-    progress = runs.Progress(o.iterations, f"online:{spec.name}", enabled=recipe.logging.progress)
     engine = make_engine(recipe.rollout, accelerator.unwrap_model(model), tok)
     started = time.time()
 
@@ -169,13 +188,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             for s in range(0, len(order), t.batch_size):
                 chunk = [rows[i] for i in order[s:s + t.batch_size]]
                 loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss at iteration {it + 1}")
-                accelerator.backward(loss)
-                if t.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                update(accelerator, model, optimizer, loss, t.max_grad_norm, f"iteration {it + 1}")
                 window.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
         engine.update_weights(accelerator.unwrap_model(model))
 

@@ -44,6 +44,23 @@ def run_align(*args: str, env: dict | None = None, timeout: float = 300, cwd: Pa
     return subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
 
 
+def kill_train_when(marker: Path, recipe, output: Path, *overrides: str, timeout: float = 180) -> None:
+    """Start ``align train RECIPE -o OUTPUT OVERRIDES``, SIGKILL it as soon as ``marker`` exists, and check the kill
+    came before the run finished (no summary.json)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "align", "train", str(recipe), "-o", str(output), *overrides], cwd=REPO_ROOT,
+                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, f"run ended (or timed out) before {marker} appeared"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (output / "summary.json").exists(), "the kill came too late to test anything"
+
+
 def error_lines(stderr: str) -> list[str]:
     """stderr without the DeepSpeed import banner."""
     return [line for line in stderr.splitlines() if line.strip() and "real_accelerator" not in line]

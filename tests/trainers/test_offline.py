@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from align.config import load_recipe
 from align.paths import REPO_ROOT
 from align.trainers import run
-from tests.conftest import error_lines, run_align
+from tests.conftest import error_lines, kill_train_when, run_align
 
 TINY = REPO_ROOT / "recipes" / "dpo" / "tiny.yaml"
 
@@ -49,16 +49,7 @@ def test_sigkill_after_first_checkpoint_then_resume_gives_identical_weights(tmp_
     assert run_align("train", str(TINY), "-o", str(full), *overrides).returncode == 0
 
     part = tmp_path / "part"
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-m", "align", "train", str(TINY), "-o", str(part), *overrides],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (part / "checkpoint-4" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (part / "summary.json").exists(), "the kill came too late to test anything"
+    kill_train_when(part / "checkpoint-4" / "trainer_state.json", TINY, part, *overrides, timeout=120)
 
     resumed = run_align("train", str(TINY), "-o", str(part), "--resume", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

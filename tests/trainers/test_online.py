@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +13,7 @@ from align.judges import CachedJudge, CheckerJudge
 from align.paths import REPO_ROOT
 from align.trainers import run
 from align.trainers.online import win_rates
-from tests.conftest import run_align
+from tests.conftest import kill_train_when, run_align
 
 SMALL = ["model.name_or_path=tiny:llama", "model.tiny_hidden_size=64", "model.tiny_layers=2", "model.tiny_heads=2",
          "model.tiny_intermediate_size=128", "model.tiny_max_positions=64", "online.prompts_per_iteration=12",
@@ -63,15 +58,7 @@ def test_kill_mid_iteration_and_resume_gives_identical_weights(tmp_path):
     full = tmp_path / "full"
     assert run_align("train", recipe, "-o", str(full), *args).returncode == 0
     part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, "-m", "align", "train", recipe, "-o", str(part), *args], cwd=REPO_ROOT,
-                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (part / "rollouts" / "iter-2.json").exists():  # iteration 2 sampled and judged, now training
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (part / "summary.json").exists()
+    kill_train_when(part / "rollouts" / "iter-2.json", recipe, part, *args)  # iteration 2 sampled and judged, now training
     res = run_align("train", recipe, "-o", str(part), "--resume", *args)
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))

@@ -7,11 +7,6 @@ Fast tests use a tiny Llama backbone; one module fixture trains on the real pret
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +19,7 @@ from align.paths import REPO_ROOT
 from align.reward_model import RewardModel
 from align.trainers import run
 from align.trainers.reward import Embeddings, load_pairs, pair_probabilities
-from tests.conftest import error_lines, run_align
+from tests.conftest import error_lines, kill_train_when, run_align
 
 RECIPES = REPO_ROOT / "recipes" / "reward"
 TINY = ["model.name_or_path=tiny:llama", "data.limit=400", "data.max_length=96", "data.max_prompt_length=64",
@@ -65,15 +60,7 @@ def test_vpl_with_a_trained_lora_backbone_resumes_after_sigkill_with_identical_h
     full = tmp_path / "full"
     assert run_align("train", str(recipe), "-o", str(full), *over).returncode == 0
     part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, "-m", "align", "train", str(recipe), "-o", str(part), *over], cwd=REPO_ROOT,
-                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (part / "checkpoint-4" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (part / "summary.json").exists(), "the kill came too late to test anything"
+    kill_train_when(part / "checkpoint-4" / "trainer_state.json", recipe, part, *over)
     resumed = run_align("train", str(recipe), "-o", str(part), "--resume", *over)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     from safetensors.torch import load_file

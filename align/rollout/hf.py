@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from align.attention import gqa_attention
+from align.rollout.decode import llama_decoder
 from align.rollout import Completion, Prompt, SamplingParams, encode_prompt
 
 
@@ -26,8 +27,9 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 64):
+    def __init__(self, model, tokenizer, batch_size: int = 64, fast: bool = True):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.fast = fast  # the lean decoder (align.rollout.decode) where it applies; False: transformers' forward
 
     def update_weights(self, model) -> None:
         self.model = model  # same live module: nothing to copy
@@ -72,12 +74,18 @@ class HFEngine:
             attn[i, width - len(p):] = 1
         input_ids, attn = input_ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
-        # share the prefill: repeat cache, mask and last logits n times (sample k of prompt i is row i*n + k)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            attn, logits, pos = attn.repeat_interleave(n, 0), logits.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
+        fast = self.fast and llama_decoder(model)
+        if fast and fast.fits(width + sp.max_new_tokens):
+            logits = fast.prefill(input_ids, attn, pos, n, sp.max_new_tokens)
+            attn, pos = attn.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
+        else:
+            fast = None
+            cache = DynamicCache()
+            logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            # share the prefill: repeat cache, mask and last logits n times (sample k of prompt i is row i*n + k)
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+                attn, logits, pos = attn.repeat_interleave(n, 0), logits.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
         rows = attn.size(0)
         next_pos = pos[:, -1:] + 1
         stop_ids = torch.tensor(sorted({*sp.stop_token_ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])}), device=device)
@@ -115,8 +123,11 @@ class HFEngine:
                         done[r], lengths[r], texts_done[r] = True, t + 1, True
             if bool(done.all()) or t == sp.max_new_tokens - 1:
                 break
-            attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
-            logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            if fast is not None:
+                logits = fast.step(nxt, next_pos)
+            else:
+                attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
+                logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
         tokens, logps, lengths, top_v, top_i = tokens.cpu(), logps.cpu(), lengths.cpu(), top_v.cpu(), top_i.cpu()
         stopped = done.cpu()

@@ -7,7 +7,8 @@ grows the KV cache with ``torch.cat``. For small models on CPU that bookkeeping 
     prefill   x = embed(prompt ids) -> per layer: RMSNorm -> fused q/k/v -> RoPE -> SDPA (causal + left padding)
               -> o_proj -> residual -> RMSNorm -> down(act(gate) * up) -> residual; K/V written into a cache
               preallocated for the whole chunk ([rows, kv_heads, prompt + new tokens, head_dim] per layer)
-    step      the same for one token per row, K/V written in place, attention over the filled prefix
+    step      the same for one token per row, K/V written in place; attention over the filled prefix as two batched
+              matmuls per KV head group (baddbmm with the padding bias, softmax, bmm)
 
 The n samples of a prompt share its prefill (the cache rows are repeated). LoRA adapters (peft) are folded into
 per-call weight copies (W + B A scaled), so the adapter state in force when ``generate`` is called (enabled,
@@ -153,9 +154,15 @@ class LlamaDecoder:
             qk = torch.view_as_real(torch.view_as_complex(qk.float()) * rot).to(x.dtype).view(rows, q, nh + nk, hd)
             self.k[i][:, :, start:end] = qk[:, :, nh:].transpose(1, 2)
             self.v[i][:, :, start:end] = qkv[:, (nh + nk) * hd:].view(rows, q, nk, hd).transpose(1, 2)
-            a = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end],
-                                               attn_mask=mask, scale=L["scaling"], enable_gqa=nh != nk)
-            x = torch.addmm(x, a.transpose(1, 2).reshape(rows * q, nh * hd), L["o_w"])
+            if q == 1:  # decoding: the g = nh / nk query heads of a KV head against its keys, two batched matmuls
+                kf, vf = self.k[i].view(rows * nk, -1, hd)[:, :end], self.v[i].view(rows * nk, -1, hd)[:, :end]
+                scores = torch.baddbmm(mask, qk[:, 0, :nh].reshape(rows * nk, nh // nk, hd), kf.transpose(1, 2), alpha=L["scaling"])
+                a = torch.bmm(scores.softmax(-1), vf).view(rows, nh * hd)
+            else:
+                a = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), self.k[i][:, :, :end], self.v[i][:, :, :end],
+                                                   attn_mask=mask, scale=L["scaling"], enable_gqa=nh != nk)
+                a = a.transpose(1, 2).reshape(rows * q, nh * hd)
+            x = torch.addmm(x, a, L["o_w"])
             if L["o_b"] is not None:
                 x = x + L["o_b"]
             gu = self._mm(self._norm(x, L["post_eps"]), L["gu_w"], L["gu_b"])
@@ -190,8 +197,10 @@ class LlamaDecoder:
                 full_v[i][:, :, :width] = self.v[i][:, :, :width].repeat_interleave(n, 0)
             x, valid = x.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
         self.k, self.v = full_k, full_v
-        self.valid = torch.ones(rows, total, dtype=torch.bool, device=device)
-        self.valid[:, :width] = valid
+        # decoding mask as an additive bias per (row, KV head): 0 where a key may be attended, -inf on prompt padding
+        self.bias = torch.zeros(rows, self.kv_heads, 1, total, dtype=x.dtype, device=device)
+        self.bias[:, :, :, :width].masked_fill_(~valid[:, None, None, :], float("-inf"))
+        self.bias = self.bias.view(rows * self.kv_heads, 1, total)
         self.filled = width
         return self._logits(x)
 
@@ -199,6 +208,6 @@ class LlamaDecoder:
         """One token per row ([rows]) at rotary positions ``pos`` [rows, 1] -> logits [rows, vocab]."""
         x = F.embedding(tokens[:, None], self.embed)
         end = self.filled + 1
-        x = self._layers(x, pos, self.valid[:, None, None, :end], self.filled)
+        x = self._layers(x, pos, self.bias[:, :, :end], self.filled)
         self.filled = end
         return self._logits(x[:, 0])

@@ -96,6 +96,8 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
         launch = check_accelerate_config(cfg_path)
         if "ZeRO-3" in launch and recipe.train.reference == "model" and not recipe.lora.enabled and spec.needs_reference:
             raise UserError(f"{recipe_path}: train.reference 'model' keeps an unsharded reference copy, which ZeRO-3 cannot hold; use train.reference=precompute (or LoRA)")
+        if "ZeRO-3" in launch and recipe.trainer == "online" and not recipe.lora.enabled and spec.needs_reference:
+            raise UserError(f"{recipe_path}: online loss {spec.name!r} needs a frozen reference copy of the policy, which ZeRO-3 cannot hold; use LoRA (lora.enabled=true) or ZeRO-2")
         lines.append(f"launch   {recipe.accelerate_config}: {launch}")
     lines.append("dry run ok: nothing was loaded or written")
     return "\n".join(lines)

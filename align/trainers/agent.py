@@ -13,7 +13,13 @@ Data flow, top to bottom (Chen et al. 2025, Algorithm 1):
     -> final model + summary; greedy evaluation on agent.eval_split (TGC, SGC)
 
 Ablations by recipe: RLOO = agent.epochs_per_iteration 1 (one on-policy step, rho = 1); GRPO = agent.advantage grpo;
-trajectory-level importance weights = loss.importance trajectory. Single process; resumable per iteration.
+trajectory-level importance weights = loss.importance trajectory. Resumable per iteration.
+
+Under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3) the online trainer's scheme: rank r plays tasks[r::world]
+with its own seed, the episodes are gathered to every rank in task order and rank 0 writes ``rollouts/iter-N.json``;
+every rank recomputes pi_old for all kept episodes and takes its equal share of each global minibatch; under
+ZeRO-3 the hf engine plays from an unsharded copy of the policy (``align/rollout/zero.py``). The final greedy
+evaluation is sharded the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from align.models import load_policy, save_model
 from align.rollout import SamplingParams, make_engine
 from align.rollout.episodes import run_episodes
 from align.trainers.offline import finish, make_accelerator, peak_memory_mb, save_checkpoint
-from align.trainers.online import start_iterations, update
+from align.rollout.zero import UnshardedCopy, unpartitioned, zero_stage
+from align.trainers.online import RANK_SEED_STRIDE, rank_minibatches, shard_and_gather, start_iterations, update
 
 EPISODE_CHUNK = 64  # environments (sandbox processes) alive at once
 
@@ -152,26 +159,38 @@ def episode_token_logps(model, rows: list[dict], pad: int, device) -> tuple[torc
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=None) -> dict:
     """Run an agent recipe (trainer 'agent') into ``output_dir``; returns the summary. ``env_for(task)`` overrides the
     environment factory (tests)."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     t, a = recipe.train, recipe.agent
     spec = get_loss(recipe.loss.name)
     output_dir = Path(output_dir)
     runs.prepare_output_dir(output_dir, resume)
     accelerator = make_accelerator(1)
-    if accelerator.num_processes > 1:
-        raise UserError("trainer 'agent': multi-process launches are not supported yet; run it as one process")
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(t.seed)
     env_for = env_for or (lambda task: make_env(recipe, task))
 
-    model, tok = load_policy(recipe.model, recipe.lora, seed=t.seed)
+    plain_engine = zero_stage(accelerator) == 3 and recipe.rollout.backend == "hf"  # see the online trainer
+    with unpartitioned(accelerator, enabled=plain_engine):
+        model, tok = load_policy(recipe.model, recipe.lora, seed=t.seed)
     tasks = load_tasks(recipe, a.split)
     eval_tasks = load_tasks(recipe, a.eval_split) if a.eval_split else []
+    plain = UnshardedCopy(model) if plain_engine else None
     # paper: a constant learning rate
     model, optimizer, start, log, progress = start_iterations(recipe, model, accelerator, output_dir, resume,
                                                               a.iterations, f"agent:{spec.name}")
     device, pad = accelerator.device, tok.pad_token_id
-    engine = make_engine(recipe.rollout, accelerator.unwrap_model(model), tok)
+
+    def policy():  # the module the engine samples from (a collective under ZeRO-3: every rank calls it)
+        return plain.sync(accelerator.unwrap_model(model)) if plain is not None else accelerator.unwrap_model(model)
+
+    def play_sharded(task_list, k, sampling):  # this rank's tasks, episodes gathered in task order (k per task)
+        def mine(ts):
+            rows = play(engine, tok, ts, k, sampling, a.max_turns, env_for)
+            return [rows[i * k:(i + 1) * k] for i in range(len(ts))]
+        return [e for per_task in shard_and_gather(task_list, world, rank, mine) for e in per_task]
+
+    engine = make_engine(recipe.rollout, policy(), tok)
     r = recipe.rollout
     suppress = mid_turn_suppressed(tok)
     started = time.time()
@@ -184,11 +203,12 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         else:
             rng = random.Random(t.seed * 1000 + it)
             batch_tasks = rng.sample(tasks, min(a.tasks_per_iteration, len(tasks)))
-            sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                      top_k=r.top_k, seed=t.seed * 1000 + it, suppress_token_ids=suppress)
+            sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                      seed=t.seed * 1000 + it + rank * RANK_SEED_STRIDE, suppress_token_ids=suppress)
             model.eval()
-            episodes = play(engine, tok, batch_tasks, r.n, sampling, a.max_turns, env_for)
-            runs.atomic_write(path, json.dumps({"episodes": episodes}))
+            episodes = play_sharded(batch_tasks, r.n, sampling)
+            if main:
+                runs.atomic_write(path, json.dumps({"episodes": episodes}))
 
         # ---- 2. advantages per task; drop the uninformative
         by_task: dict = {}
@@ -214,8 +234,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         for _ in range(a.epochs_per_iteration):
             order = list(range(len(rows)))
             rng.shuffle(order)
-            for s in range(0, len(order), t.batch_size):
-                chunk = [rows[i] for i in order[s:s + t.batch_size]]
+            for share in rank_minibatches(order, t.batch_size, world, rank):
+                chunk = [rows[i] for i in share]
                 lp, mask = episode_token_logps(model, chunk, pad, device)
                 old = torch.zeros_like(lp)
                 for i, row in enumerate(chunk):
@@ -226,7 +246,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
                 loss = per.mean()
                 update(accelerator, model, optimizer, loss, t.max_grad_norm, f"iteration {it + 1}")
                 window.append({"loss": loss.item(), **{k: v.float().mean().item() for k, v in metrics.items()}})
-        engine.update_weights(accelerator.unwrap_model(model))
+        window = [w for part in gather_object([window]) for w in part]  # every rank's steps
+        engine.update_weights(policy())
 
         # ---- 4. log, checkpoint
         sc = scores(episodes)
@@ -236,23 +257,30 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
                "model_tokens/mean": sum(sum(e["mask"]) for e in episodes) / max(len(episodes), 1)}
         if window:
             row.update({k: sum(w[k] for w in window) / len(window) for k in window[0]})
-        log.log(row)
+        if main:
+            log.log(row)
         progress.update(it + 1, f"reward {row['reward/mean']:.3f} kept {len(rows)}/{len(episodes)}")
         if it + 1 < a.iterations:
             save_checkpoint(accelerator, output_dir, it + 1, recipe, None)
 
+    accelerator.wait_for_everyone()
     wall = time.time() - started
     unwrapped = accelerator.unwrap_model(model)
-    save_model(unwrapped, tok, output_dir, state_dict=accelerator.get_state_dict(model))
-    summary = {"trainer": "agent", "loss": spec.name, "advantage": a.advantage, "steps": a.iterations,
-               "wall_seconds": round(wall, 3), "peak_memory_mb": peak_memory_mb(), "final": log.rows[-1] if log.rows else {}}
+    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3
+    save_model(unwrapped, tok, output_dir, state_dict=state_dict, is_main_process=main)
+    ev = None
     if eval_tasks:
         unwrapped.eval()
         greedy = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0, suppress_token_ids=suppress)
-        ev = play(engine, tok, eval_tasks, 1, greedy, a.max_turns, env_for)
-        summary["eval"] = {"split": a.eval_split, **scores(ev)}
-    if recipe.logging.plots:
-        runs.write_plots(output_dir, log.rows)
-    runs.write_summary(output_dir, summary)
+        ev = play_sharded(eval_tasks, 1, greedy)
+    summary = {}
+    if main:
+        summary = {"trainer": "agent", "loss": spec.name, "advantage": a.advantage, "steps": a.iterations, "processes": world,
+                   "wall_seconds": round(wall, 3), "peak_memory_mb": peak_memory_mb(), "final": log.rows[-1] if log.rows else {}}
+        if ev is not None:
+            summary["eval"] = {"split": a.eval_split, **scores(ev)}
+        if recipe.logging.plots:
+            runs.write_plots(output_dir, log.rows)
+        runs.write_summary(output_dir, summary)
     finish(accelerator)
     return summary

@@ -12,7 +12,18 @@ Data flow of one iteration, top to bottom:
 
 Rollouts and judge results are saved per iteration (``rollouts/iter-N.json``) before training on them, and a
 checkpoint is written after each iteration, so a run killed mid-iteration resumes with the same samples and
-ends with the same weights. Single process for now (``accelerate launch`` with several processes is refused).
+ends with the same weights.
+
+Under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3; one process is the world = 1 case of the same code):
+    - each iteration's prompts are chosen as in one process; rank r samples and judges prompts[r::world] with its
+      own seed (rank 0 keeps the single-process seed), the groups are gathered to every rank in prompt order, and
+      rank 0 writes ``rollouts/iter-N.json`` (every rank reads it back when resuming);
+    - every rank builds the same rows and the same shuffled order; each global minibatch of batch_size x world rows
+      is cut into equal per-rank shares (``rank_minibatches``), so every rank runs the same number of steps;
+    - under ZeRO-3 the live module's parameters are partitioned: the hf engine samples from an unsharded copy
+      refreshed after each iteration (``align/rollout/zero.py``). A non-LoRA reference copy is refused there
+      (as the offline trainer refuses ``train.reference=model``): use LoRA (reference = adapter off) or ZeRO-2.
+Metrics are averaged over every rank's steps and logged by rank 0.
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ from align.logprobs import token_logps
 from align.losses import PairBatch, chosen_nll, get_loss
 from align.models import is_peft, load_policy, reference_context, save_model
 from align.rollout import make_engine, sampling_from
+from align.rollout.zero import UnshardedCopy, unpartitioned, zero_stage
 from align.trainers.offline import finish, make_accelerator, pair_logps, peak_memory_mb, save_checkpoint
+
+RANK_SEED_STRIDE = 1_000_003  # rank r samples with seed + r * stride (rank 0: the single-process seed)
 
 
 def load_prompts(recipe: Recipe) -> list[str]:
@@ -89,12 +103,43 @@ def _token_batch(rows: list[tuple[list[int], list[int], list[float]]], pad: int,
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def rank_minibatches(order: list[int], batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's share of each global minibatch (batch_size x world consecutive entries of ``order``). Shares are
+    equal, so every rank runs the same number of steps (ZeRO's collectives need it) and the gradient averaged over
+    the ranks is the mean over the global minibatch. A ragged last minibatch is split evenly and the fewer than
+    ``world`` entries left over are skipped this epoch (the next epoch reshuffles); with world = 1 none are."""
+    out = []
+    for s in range(0, len(order), batch_size * world):
+        block = order[s:s + batch_size * world]
+        share = len(block) // world
+        if share:
+            out.append(block[rank * share:(rank + 1) * share])
+    return out
+
+
+def shard_and_gather(items: list, world: int, rank: int, work) -> list:
+    """``work(items[rank::world])`` on each rank (a list with one result per item), gathered to every rank in the
+    order of ``items``. One process: ``work(items)``."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([work(items[rank::world])])
+    return [parts[i % world][i // world] for i in range(len(items))]
+
+
 def start_iterations(recipe: Recipe, model, accelerator, output_dir: Path, resume: bool, iterations: int, label: str):
     """Shared by the iterative trainers (online, agent): AdamW on the trainable parameters, a constant schedule (the
     iterations are the schedule), the newest checkpoint restored when resuming, the output folder with rollouts/,
-    recipe.yaml, the metrics log and the progress line. Returns (model, optimizer, start iteration, log, progress)."""
+    recipe.yaml, the metrics log and the progress line (rank 0 only; ``log`` is None on the others). Returns
+    (model, optimizer, start iteration, log, progress)."""
     t = recipe.train
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is not None:  # one optimizer step per minibatch of batch_size rows on each rank (as offline)
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
+        ds_plugin.deepspeed_config["gradient_accumulation_steps"] = 1
+        ds_plugin.deepspeed_config["train_batch_size"] = t.batch_size * accelerator.num_processes
+        # DeepSpeed clips at 1.0 unless told otherwise (and ignores clip_grad_norm_'s max_norm): 0.0 = off
+        ds_plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm or 0.0
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     accelerator.register_for_checkpointing(scheduler)
@@ -103,16 +148,21 @@ def start_iterations(recipe: Recipe, model, accelerator, output_dir: Path, resum
     if ckpt is not None:
         start = runs.read_state(ckpt, recipe)["step"]
         accelerator.load_state(str(ckpt))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "rollouts").mkdir(exist_ok=True)
-    runs.write_recipe(output_dir, recipe)
-    log = runs.MetricsLog(output_dir / "metrics.jsonl", start)
-    return model, optimizer, start, log, runs.Progress(iterations, label, enabled=recipe.logging.progress)
+    main = accelerator.is_main_process
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "rollouts").mkdir(exist_ok=True)
+        runs.write_recipe(output_dir, recipe)
+    accelerator.wait_for_everyone()
+    log = runs.MetricsLog(output_dir / "metrics.jsonl", start) if main else None
+    return model, optimizer, start, log, runs.Progress(iterations, label, enabled=main and recipe.logging.progress)
 
 
 def update(accelerator, model, optimizer, loss, max_grad_norm: float | None, where: str) -> None:
-    """One optimizer step on ``loss`` (clipped); a non-finite loss stops the run naming ``where``."""
-    if not torch.isfinite(loss):
+    """One optimizer step on ``loss`` (clipped); a non-finite loss on any rank stops the run on every rank, naming
+    ``where``."""
+    bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=accelerator.device), "sum")
+    if bad.item() > 0:
         raise RuntimeError(f"non-finite loss at {where}")
     accelerator.backward(loss)
     if max_grad_norm is not None:
@@ -122,45 +172,61 @@ def update(accelerator, model, optimizer, loss, max_grad_norm: float | None, whe
 
 
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
-    """Run an online recipe into ``output_dir``; returns the summary."""
-    from accelerate.utils import set_seed
+    """Run an online recipe into ``output_dir``; returns the summary (rank 0; {} on the other ranks)."""
+    from accelerate.utils import gather_object, set_seed
 
     t, o = recipe.train, recipe.online
     spec = get_loss(recipe.loss.name)
     output_dir = Path(output_dir)
     runs.prepare_output_dir(output_dir, resume)
     accelerator = make_accelerator(1)
-    if accelerator.num_processes > 1:
-        raise UserError("trainer 'online': multi-process launches are not supported yet; run it as one process")
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    zero3 = zero_stage(accelerator) == 3
+    if zero3 and spec.needs_reference and not recipe.lora.enabled:
+        raise UserError(f"loss.name: {spec.name!r} needs a frozen reference copy of the policy, which ZeRO-3 cannot hold; "
+                        "use LoRA (lora.enabled=true: the reference is the adapter-free base) or ZeRO-2")
     set_seed(t.seed)
 
-    model, tok = load_policy(recipe.model, recipe.lora, seed=t.seed)
+    # ZeRO-3: the hf engine samples from an unsharded copy of the policy (vLLM gathers by itself), so the policy is
+    # loaded whole (not partitioned by from_pretrained) and copied before accelerator.prepare partitions it
+    plain_engine = zero3 and recipe.rollout.backend == "hf"
+    with unpartitioned(accelerator, enabled=plain_engine):
+        model, tok = load_policy(recipe.model, recipe.lora, seed=t.seed)
     prompts = load_prompts(recipe)
     if len(prompts) < o.prompts_per_iteration:
         raise UserError(f"{recipe.data.train}: {len(prompts)} prompts < online.prompts_per_iteration {o.prompts_per_iteration}")
     if recipe.rollout.n < 2:
         raise UserError("rollout.n: self-play needs at least 2 samples per prompt")
-    judge = make_judge(recipe.judge)
+    with unpartitioned(accelerator):  # every rank judges its own samples with a whole judge model
+        judge = make_judge(recipe.judge)
     ref_model = None
     if spec.needs_reference and not is_peft(model):
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
+    plain = UnshardedCopy(model) if plain_engine else None
     model, optimizer, start, log, progress = start_iterations(recipe, model, accelerator, output_dir, resume,
                                                               o.iterations, f"online:{spec.name}")
     device, pad = accelerator.device, tok.pad_token_id
-    engine = make_engine(recipe.rollout, accelerator.unwrap_model(model), tok)
+
+    def policy():  # the module the engine samples from (a collective under ZeRO-3: every rank calls it)
+        return plain.sync(accelerator.unwrap_model(model)) if plain is not None else accelerator.unwrap_model(model)
+
+    engine = make_engine(recipe.rollout, policy(), tok)
     started = time.time()
 
     for it in range(start, o.iterations):
         # ---- 1. rollouts + judge (reused when resuming mid-iteration)
         path = output_dir / "rollouts" / f"iter-{it + 1}.json"
-        if path.exists():
+        if path.exists():  # (a run with several processes: rank 0 wrote it before any rank could get here again)
             data = json.loads(path.read_text())
         else:
             rng = random.Random(t.seed * 1000 + it)
             calls_before = judge.calls
-            data = {"groups": rollout_iteration(engine, judge, rng.sample(prompts, o.prompts_per_iteration), recipe, seed=t.seed * 1000 + it)}
-            data["judge_calls"] = judge.calls - calls_before
-            runs.atomic_write(path, json.dumps(data))
+            seed = t.seed * 1000 + it + rank * RANK_SEED_STRIDE
+            groups = shard_and_gather(rng.sample(prompts, o.prompts_per_iteration), world, rank,
+                                      lambda mine: rollout_iteration(engine, judge, mine, recipe, seed=seed))
+            data = {"groups": groups, "judge_calls": sum(gather_object([judge.calls - calls_before]))}
+            if main:
+                runs.atomic_write(path, json.dumps(data))
         groups = data["groups"]
 
         # ---- 2. training rows for the objective
@@ -179,18 +245,19 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                     rows.append({"prompt_ids": g["prompt_ids"], "w": g["samples"][best], "l": g["samples"][worst]})
         rng = random.Random(t.seed * 7919 + it)
 
-        # ---- 3. updates
+        # ---- 3. updates (this rank's share of each global minibatch)
         window = []
         model.train()
         for _ in range(o.epochs_per_iteration):
             order = list(range(len(rows)))
             rng.shuffle(order)
-            for s in range(0, len(order), t.batch_size):
-                chunk = [rows[i] for i in order[s:s + t.batch_size]]
+            for share in rank_minibatches(order, t.batch_size, world, rank):
+                chunk = [rows[i] for i in share]
                 loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device)
                 update(accelerator, model, optimizer, loss, t.max_grad_norm, f"iteration {it + 1}")
                 window.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
-        engine.update_weights(accelerator.unwrap_model(model))
+        window = [w for part in gather_object([window]) for w in part]  # every rank's steps
+        engine.update_weights(policy())
 
         # ---- 4. log, checkpoint
         rewards = [s["reward"] for g in groups for s in g["samples"]]
@@ -204,19 +271,24 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             row["sample_accuracy"] = sum(T.parse_prompt(g["prompt"]).check(s["text"]) for g in groups for s in g["samples"]) / len(rewards)
         if window:
             row.update({k_: sum(w[k_] for w in window) / len(window) for k_ in window[0]})
-        log.log(row)
+        if main:
+            log.log(row)
         progress.update(it + 1, f"reward spread {row['reward/spread']:.3f} loss {row.get('loss', float('nan')):.4f}")
         if it + 1 < o.iterations:
             save_checkpoint(accelerator, output_dir, it + 1, recipe, None)
 
+    accelerator.wait_for_everyone()
     wall = time.time() - started
-    save_model(accelerator.unwrap_model(model), tok, output_dir, state_dict=accelerator.get_state_dict(model))
-    summary = {"trainer": "online", "loss": spec.name, "steps": o.iterations, "wall_seconds": round(wall, 3),
-               "judge_calls": sum(r.get("judge_calls", 0) for r in log.rows), "peak_memory_mb": peak_memory_mb(),
-               "final": log.rows[-1] if log.rows else {}}
-    if recipe.logging.plots:
-        runs.write_plots(output_dir, log.rows)
-    runs.write_summary(output_dir, summary)
+    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3
+    save_model(accelerator.unwrap_model(model), tok, output_dir, state_dict=state_dict, is_main_process=main)
+    summary = {}
+    if main:
+        summary = {"trainer": "online", "loss": spec.name, "steps": o.iterations, "processes": world, "wall_seconds": round(wall, 3),
+                   "judge_calls": sum(r.get("judge_calls", 0) for r in log.rows), "peak_memory_mb": peak_memory_mb(),
+                   "final": log.rows[-1] if log.rows else {}}
+        if recipe.logging.plots:
+            runs.write_plots(output_dir, log.rows)
+        runs.write_summary(output_dir, summary)
     finish(accelerator)
     return summary
 

@@ -6,7 +6,7 @@ instead let each rank sample its own shard of prompts from a plain, unsharded co
 
     with unpartitioned(accelerator):     # transformers would partition a from_pretrained model at load time
         model, tok = load_policy(...)
-    copy = UnshardedCopy(model)          # before accelerator.prepare: a deepcopy of the full initial weights
+    copy = UnshardedCopy(model, accelerator.device)   # before accelerator.prepare: a deepcopy of the whole model
     model = accelerator.prepare(model)   # ... training ...
     engine.update_weights(copy.sync(accelerator.unwrap_model(model)))   # on every rank (gathering is collective)
 
@@ -54,10 +54,10 @@ def unpartitioned(accelerator, enabled: bool = True):
 class UnshardedCopy:
     """A plain copy of ``model`` (taken before DeepSpeed partitions it) kept equal to the live ZeRO-3 module."""
 
-    def __init__(self, model):
+    def __init__(self, model, device=None):
         if any(hasattr(p, "ds_id") for p in model.parameters()):
             raise ValueError("UnshardedCopy needs the policy before DeepSpeed partitions it (load it inside unpartitioned())")
-        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.model = copy.deepcopy(model).requires_grad_(False).to(device)  # where the live module will train
 
     @torch.no_grad()
     def sync(self, live):

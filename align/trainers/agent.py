@@ -175,7 +175,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         model, tok = load_policy(recipe.model, recipe.lora, seed=t.seed)
     tasks = load_tasks(recipe, a.split)
     eval_tasks = load_tasks(recipe, a.eval_split) if a.eval_split else []
-    plain = UnshardedCopy(model) if plain_engine else None
+    plain = UnshardedCopy(model, accelerator.device) if plain_engine else None
     # paper: a constant learning rate
     model, optimizer, start, log, progress = start_iterations(recipe, model, accelerator, output_dir, resume,
                                                               a.iterations, f"agent:{spec.name}")

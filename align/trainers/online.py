@@ -202,7 +202,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     ref_model = None
     if spec.needs_reference and not is_peft(model):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
-    plain = UnshardedCopy(model) if plain_engine else None
+    plain = UnshardedCopy(model, accelerator.device) if plain_engine else None
     model, optimizer, start, log, progress = start_iterations(recipe, model, accelerator, output_dir, resume,
                                                               o.iterations, f"online:{spec.name}")
     device, pad = accelerator.device, tok.pad_token_id

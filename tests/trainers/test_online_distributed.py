@@ -221,3 +221,20 @@ def test_dry_run_refuses_a_full_reference_copy_under_zero3_but_accepts_lora_and_
         assert main(["train", inpo, "--dry-run", *extra]) == 0, extra
     assert main(["train", str(REPO_ROOT / "recipes" / "spo" / "tiny.yaml"), "--dry-run",
                  "accelerate_config=recipes/accelerate/cpu_zero3.yaml"]) == 0  # SPO needs no reference
+
+
+def test_unsharded_copy_takes_the_trainable_parameters_and_refuses_a_partitioned_model():
+    from align.rollout.zero import UnshardedCopy
+
+    live = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    live[0].requires_grad_(False)  # frozen (a LoRA base): never changes, never gathered
+    plain = UnshardedCopy(live)
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(1.0)
+    copied = plain.sync(live)
+    assert copied is plain.model and not any(p.requires_grad for p in copied.parameters())
+    assert [torch.equal(a, b) for a, b in zip(copied.parameters(), live.parameters())] == [False, False, True, True]
+    live[1].weight.ds_id = 0  # what deepspeed.zero.Init leaves on a partitioned parameter
+    with pytest.raises(ValueError, match="before DeepSpeed partitions it"):
+        UnshardedCopy(live)

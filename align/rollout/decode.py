@@ -135,16 +135,16 @@ class LlamaDecoder:
     def _mm(x, w, b):
         return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
 
-    def _rotation(self, x, pos):
-        """e^{i theta pos} per row and position, [rows, q, 1, head_dim / 2] complex (the model's own RoPE tables)."""
-        cos, sin = self.rotary(x, pos)
+    def _rotations(self, x, length: int):
+        """e^{i theta p} for positions p < length, [length, head_dim / 2] complex, from the model's own RoPE module."""
+        cos, sin = self.rotary(x, torch.arange(length, device=x.device)[None])
         half = self.head_dim // 2
-        return torch.complex(cos[..., :half].float(), sin[..., :half].float())[:, :, None]
+        return torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
 
     def _layers(self, x, pos, mask, start: int):
         """x [rows, q, hidden] at cache positions start..start+q-1 (rotary positions ``pos`` [rows, q])."""
         rows, q = x.shape[0], x.shape[1]
-        rot = self._rotation(x, pos)
+        rot = self.rot[pos][:, :, None]  # [rows, q, 1, head_dim / 2]
         hd, nh, nk = self.head_dim, self.heads, self.kv_heads
         end = start + q
         x = x.reshape(rows * q, self.hidden)
@@ -188,6 +188,7 @@ class LlamaDecoder:
         # padded query positions attend to themselves only, so no row is all -inf (their outputs are never used)
         mask = ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
         x = F.embedding(input_ids, self.embed)
+        self.rot = self._rotations(x, total)
         full_k, full_v = self.k, self.v
         self.k, self.v = [t[:b] for t in full_k], [t[:b] for t in full_v]  # the prompts once, in the first b rows
         x = self._layers(x, pos, mask, 0)[:, -1]

@@ -108,10 +108,9 @@ class HFEngine:
             if sp.temperature <= 0:
                 nxt = logits.argmax(-1)
             else:
-                probs = _filter(logits / sp.temperature, sp.top_k, sp.top_p).softmax(-1)
+                probs = _filter(logits / sp.temperature if sp.temperature != 1.0 else logits, sp.top_k, sp.top_p).softmax(-1)
                 nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(device)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            tokens[:, t] = nxt
+            tokens[:, t] = nxt  # (rows already done keep sampling; their tokens past the stop are never returned)
             logps[:, t] = raw.gather(-1, nxt[:, None]).squeeze(-1)
             newly = ~done & torch.isin(nxt, stop_ids)
             lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)

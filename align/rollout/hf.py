@@ -108,8 +108,11 @@ class HFEngine:
             if sp.temperature <= 0:
                 nxt = logits.argmax(-1)
             else:
-                probs = _filter(logits / sp.temperature if sp.temperature != 1.0 else logits, sp.top_k, sp.top_p).softmax(-1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(device)
+                # Gumbel-max: argmax(z + G), G = -log(-log U), draws from softmax(z) (uniform draws are cheaper
+                # than multinomial's exponential ones); U comes from the seeded CPU generator
+                z = _filter(logits / sp.temperature if sp.temperature != 1.0 else logits, sp.top_k, sp.top_p)
+                u = torch.rand(z.shape, generator=gen).to(device)
+                nxt = (z - u.log_().neg_().log_()).argmax(-1)
             tokens[:, t] = nxt  # (rows already done keep sampling; their tokens past the stop are never returned)
             logps[:, t] = raw.gather(-1, nxt[:, None]).squeeze(-1)
             newly = ~done & torch.isin(nxt, stop_ids)

@@ -77,3 +77,32 @@ def test_top_logprobs(tiny_model, tiny_tokenizer):
     for tid, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
         assert len(top) == 5 and max(top, key=top.get) == tid and abs(top[tid] - lp) < 1e-6
     assert engine.generate(PROMPTS[:1], n=1, sampling=SamplingParams(max_new_tokens=2))[0][0].top_logprobs is None
+
+
+def test_sampling_follows_the_model_distribution(tiny_tokenizer):
+    """Gumbel-max sampling draws from softmax(logits / T) (with top-k): over 4,000 samples the chi-square statistic
+    of the first-token counts against the model's own distribution stays within 5 standard deviations of its
+    expectation (k - 1), and tokens outside the top k never appear."""
+    from align.models import build_tiny_model
+
+    model = build_tiny_model(tokenizer=tiny_tokenizer, hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=5).eval()
+    prompt = "12+34="
+    ids = torch.tensor([tiny_tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    for temperature, top_k in ((1.0, 0), (0.05, 0), (0.05, 5)):
+        z = logits / temperature
+        if top_k:
+            z = z.masked_fill(z < torch.topk(z, top_k).values[-1], float("-inf"))
+        probs = z.softmax(-1).double()
+        out = HFEngine(model, tiny_tokenizer, batch_size=4000).generate(
+            [prompt], n=4000, sampling=SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, seed=3))
+        counts = torch.bincount(torch.tensor([c.token_ids[0] for c in out[0]]), minlength=len(probs)).double()
+        assert counts[probs == 0].sum() == 0
+        expected = probs * counts.sum()
+        keep = expected > 5  # the usual chi-square validity rule; the rest pooled into one cell
+        obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+        exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+        obs, exp = obs[exp > 0], exp[exp > 0]
+        chi2, dof = float(((obs - exp) ** 2 / exp).sum()), len(obs) - 1
+        assert dof >= 1 and chi2 < dof + 5 * (2 * dof) ** 0.5, (temperature, top_k, chi2, dof)

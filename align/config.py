@@ -163,7 +163,8 @@ class RolloutConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["checker", "reward_model", "vpl", "llm", "none"] = doc("checker", "Preference oracle: programmatic checker of the built-in tasks, a reward model (BT), a VPL personalised reward model with a user context, or an LLM judge over an OpenAI-compatible endpoint.")
+    kind: Literal["checker", "story", "reward_model", "vpl", "llm", "none"] = doc("checker", "Preference oracle: programmatic checker of the built-in tasks, the programmatic story goal (BabyLlama: mentions judge.goal and ends happily), a reward model (BT), a VPL personalised reward model with a user context, or an LLM judge over an OpenAI-compatible endpoint.")
+    goal: str = doc("cat", "kind story: the topic word a story should mention (half the score; a happy ending is the other half).")
     path: Optional[str] = doc(None, "Reward-model folder (kind: reward_model or vpl): an `align train` reward output or a HF sequence-classification model with one label.")
     context: Optional[str] = doc(None, "kind vpl: file of the user's labelled pairs (prompt/chosen/rejected rows) that identify the user; z = mu of q(z | context).")
     base_url: Optional[str] = doc(None, "OpenAI-compatible endpoint (kind: llm).")

@@ -66,6 +66,11 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
     tok = load_tokenizer(name, recipe.model.revision, recipe.model.trust_remote_code) if local else None
     sources = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])
     for label, source in sources:
+        if recipe.trainer == "online" and source.startswith("builtin:stories"):
+            from align.trainers.online import load_prompts
+
+            lines.append(f"data     {label} {source}: {len(load_prompts(recipe))} story openings")
+            continue
         if source.startswith("hf:") and not Path(source[3:].split(":")[0]).is_dir():
             lines.append(f"data     {label} {source}: hub dataset (checked when training starts)")
             continue

@@ -4,6 +4,7 @@
 
 Kinds (``judge.kind`` in a recipe):
     checker        the built-in tasks' exact checker: 1 / 0 / 0.5 (both right or both wrong)
+    story          the BabyLlama story goal (align/stories.py): 1/2 + (score(a) - score(b)) / 2
     reward_model   a scalar-reward model folder (an `align train` reward output, or a HF
                    AutoModelForSequenceClassification with 1 label): Bradley-Terry P = sigmoid(r(x, a) - r(x, b))
     vpl            a VPL reward model and one user's labelled context pairs: z = mu of q(z | context),
@@ -224,6 +225,10 @@ class LLMJudge:
 def make_judge(judge_cfg, tasks=None) -> CachedJudge:
     if judge_cfg.kind == "checker":
         inner = CheckerJudge(tasks)
+    elif judge_cfg.kind == "story":
+        from align.stories import StoryJudge
+
+        inner = StoryJudge(judge_cfg.goal)
     elif judge_cfg.kind == "reward_model":
         from align.reward_model import CONFIG_FILE
 

@@ -25,11 +25,17 @@ def test_bench_unknown_option_is_a_user_error():
 
 @pytest.mark.slow
 def test_bench_online_json_contract():
-    res = run_align("bench", "online", "--json", "prompts=60", "iterations=2", "test=30", timeout=900)
+    res = run_align("bench", "online", "--json", "prompts=60", "iterations=2", "test=30", "story_prompts=16",
+                    "story_iterations=2", "story_test=8", timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo"):
         assert {"accuracy", "win_rate_vs_sft", "kl_to_ref", "judge_calls", "wall_seconds"} <= set(out["verifiable"][method])
+        if shared_data_dir() is not None:
+            assert {"gold_score", "win_rate_vs_sft", "kl_to_ref", "base_logp_per_token", "judge_calls", "wall_seconds"} <= set(out["babyllama"][method])
+            assert 0 <= out["babyllama"][method]["gold_score"] <= 1
+    if shared_data_dir() is None:
+        assert "skipped" in out["babyllama"]
 
 
 @pytest.mark.skipif(shared_data_dir() is None, reason="shared data folder ../shared/data not found (the HH sets need it; set ALIGN_SHARED_DATA)")

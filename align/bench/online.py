@@ -9,7 +9,8 @@ mixed-quality demonstrations (``recipes/quickstart/sft.yaml``), then from that p
 all through the online trainer with the checker judge, K = 8, so every method judges the same number of pairs.
 Reported per method: held-out greedy accuracy, checker win rate against the SFT policy, KL to the SFT
 policy (mean over held-out prompts of log pi(y) - log pi_sft(y) for y sampled from pi), judge calls, wall time.
-The BabyLlama story-level comparison is not built yet and is reported as skipped.
+On BabyLlama (``babyllama``): the same four methods from the pretrained TinyStories model towards the story goal of
+align/stories.py (mention a cat, end happily), judged by the goal's programmatic score (see ``_babyllama``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULTS = {"prompts": 2100, "iterations": 3, "test": 300, "seed": 0}
+DEFAULTS = {"verifiable": 1, "babyllama": 1, "prompts": 2100, "iterations": 3, "test": 300, "seed": 0, "story_prompts": 768, "story_iterations": 3, "story_test": 128}
+RECIPES_ROOT = Path(__file__).resolve().parent.parent.parent / "recipes"
 FAMILIES = ["sort", "count", "max"]
 
 
@@ -30,14 +32,14 @@ def _say(msg: str) -> None:
 
 
 @torch.no_grad()
-def kl_to_ref(model, ref, tok, prompts: list[str], seed: int = 0) -> float:
+def kl_to_ref(model, ref, tok, prompts: list[str], seed: int = 0, max_new_tokens: int = 12) -> float:
     """Monte-Carlo KL(pi || ref) per prompt: sample y ~ pi, average log pi(y) - log ref(y) over prompts."""
     from align.data import Example, collate
     from align.logprobs import sequence_logps
     from align.rollout import SamplingParams
     from align.rollout.hf import HFEngine
 
-    groups = HFEngine(model, tok, batch_size=256).generate(prompts, n=4, sampling=SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed))
+    groups = HFEngine(model, tok, batch_size=256).generate(prompts, n=4, sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed))
     exs = [Example(i, c.prompt_ids, c.token_ids or [tok.eos_token_id], None) for i, g in enumerate(groups) for c in g]
     total = 0.0
     for s in range(0, len(exs), 256):
@@ -47,6 +49,20 @@ def kl_to_ref(model, ref, tok, prompts: list[str], seed: int = 0) -> float:
 
 
 def run(extra: list[str]) -> dict:
+    from align.bench import parse_options
+
+    o = parse_options("online", DEFAULTS, extra)
+    quiet = ["logging.progress=false", "logging.plots=false"]
+    result: dict = {"benchmark": "online", "options": o}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        result["verifiable"] = _verifiable(o, tmp, quiet) if o["verifiable"] else {"skipped": "verifiable=0"}
+        result["babyllama"] = _babyllama(o, tmp, quiet) if o["babyllama"] else {"skipped": "babyllama=0"}
+    return result
+
+
+def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> dict:
+    """The built-in tasks: SFT, then each method from the SFT policy with the checker judge."""
     from align import tasks as T
     from align.config import load_recipe
     from align.demo import RECIPES, _load
@@ -54,11 +70,7 @@ def run(extra: list[str]) -> dict:
     from align.rollout.hf import HFEngine
     from align.trainers import run as train
 
-    from align.bench import parse_options
-
-    o = parse_options("online", DEFAULTS, extra)
     per_round = o["prompts"] // o["iterations"]
-    quiet = ["logging.progress=false", "logging.plots=false"]
     methods = {
         "dpo": ["loss.name=dpo", "loss.beta=0.1", "loss.sft_weight=1.0", "train.lr=5e-4", "online.iterations=1",
                 f"online.prompts_per_iteration={per_round * o['iterations']}", "online.epochs_per_iteration=3"],
@@ -67,30 +79,100 @@ def run(extra: list[str]) -> dict:
         "inpo": [f"online.iterations={o['iterations']}", f"online.prompts_per_iteration={per_round}"],
         "spo": ["loss.name=spo", "loss.clip_eps=0.2", f"online.iterations={o['iterations']}", f"online.prompts_per_iteration={per_round}"],
     }
-    result: dict = {"benchmark": "online", "options": o}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        _say("SFT")
+    _say("SFT")
+    t0 = time.time()
+    train(load_recipe(RECIPES / "sft.yaml", [f"data.builtin_families={FAMILIES}", f"train.seed={o['seed']}"] + quiet), tmp / "sft")
+    sft_seconds = time.time() - t0
+    test = T.make_tasks(o["test"], seed=2, split="test", families=FAMILIES)
+    sft_model, tok = _load(tmp / "sft")
+    sft_answers = answers(HFEngine(sft_model, tok, batch_size=256), test)
+    rows = {"sft": {"accuracy": accuracy(test, sft_answers), "win_rate_vs_sft": 0.5, "kl_to_ref": 0.0, "judge_calls": 0,
+                    "wall_seconds": round(sft_seconds, 1)}}
+    for name, overrides in methods.items():
+        _say(name)
+        recipe = load_recipe(RECIPES.parent / ("spo" if name == "spo" else "inpo") / "tiny.yaml",
+                             [f"model.name_or_path={tmp / 'sft'}", f"train.seed={o['seed']}", "data.builtin_size=2500"] + overrides + quiet)
         t0 = time.time()
-        train(load_recipe(RECIPES / "sft.yaml", [f"data.builtin_families={FAMILIES}", f"train.seed={o['seed']}"] + quiet), tmp / "sft")
-        sft_seconds = time.time() - t0
-        test = T.make_tasks(o["test"], seed=2, split="test", families=FAMILIES)
-        sft_model, tok = _load(tmp / "sft")
-        sft_answers = answers(HFEngine(sft_model, tok, batch_size=256), test)
-        rows = {"sft": {"accuracy": accuracy(test, sft_answers), "win_rate_vs_sft": 0.5, "kl_to_ref": 0.0, "judge_calls": 0,
-                        "wall_seconds": round(sft_seconds, 1)}}
-        for name, overrides in methods.items():
-            _say(name)
-            recipe = load_recipe(RECIPES.parent / ("spo" if name == "spo" else "inpo") / "tiny.yaml",
-                                 [f"model.name_or_path={tmp / 'sft'}", f"train.seed={o['seed']}", "data.builtin_size=2500"] + overrides + quiet)
-            t0 = time.time()
-            summary = train(recipe, tmp / name)
-            wall = time.time() - t0
-            model, _ = _load(tmp / name)
-            ans = answers(HFEngine(model, tok, batch_size=256), test)
-            rows[name] = {"accuracy": accuracy(test, ans), "win_rate_vs_sft": win_rate(test, ans, sft_answers),
-                          "kl_to_ref": kl_to_ref(model, sft_model, tok, [t.prompt for t in test]),
-                          "judge_calls": summary["judge_calls"], "wall_seconds": round(wall, 1)}
-    result["verifiable"] = rows
-    result["babyllama"] = {"skipped": "story-level goal and judge for BabyLlama not built yet"}
-    return result
+        summary = train(recipe, tmp / name)
+        wall = time.time() - t0
+        model, _ = _load(tmp / name)
+        ans = answers(HFEngine(model, tok, batch_size=256), test)
+        rows[name] = {"accuracy": accuracy(test, ans), "win_rate_vs_sft": win_rate(test, ans, sft_answers),
+                      "kl_to_ref": kl_to_ref(model, sft_model, tok, [t.prompt for t in test]),
+                      "judge_calls": summary["judge_calls"], "wall_seconds": round(wall, 1)}
+    return rows
+
+
+STORY_METHODS = {
+    "dpo": ["loss.name=dpo", "loss.beta=0.1", "loss.sft_weight=0.0"],
+    "iterative_dpo": ["loss.name=dpo", "loss.beta=0.1", "loss.sft_weight=0.0"],
+    "inpo": [],
+    "spo": [],
+}
+
+
+def _story_samples(model, tok, prompts: list[str], new: int, seed: int):
+    from align.rollout import SamplingParams
+    from align.rollout.hf import HFEngine
+
+    return HFEngine(model, tok, batch_size=256).generate(prompts, n=4, sampling=SamplingParams(max_new_tokens=new, temperature=1.0, seed=seed))
+
+
+@torch.no_grad()
+def base_logp_per_token(base, tok, groups) -> float:
+    """Mean log-probability per token of the sampled continuations under the pretrained model: a fluency measure
+    (degenerate text that games the programmatic goal scores far below the pretrained model's own samples)."""
+    from align.data import Example, collate
+    from align.logprobs import sequence_logps
+
+    exs = [Example(i, c.prompt_ids, c.token_ids or [tok.eos_token_id], None) for i, g in enumerate(groups) for c in g]
+    total, count = 0.0, 0.0
+    for s in range(0, len(exs), 128):
+        lp, n = sequence_logps(base, collate(exs[s:s + 128], tok.pad_token_id or 0))
+        total, count = total + float(lp.sum()), count + float(n.sum())
+    return total / count
+
+
+def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> dict:
+    """BabyLlama (the TinyStories checkpoint) with the story goal of align/stories.py (mention a cat, end happily),
+    the goal's own programmatic score as the judge. 'sft' is the pretrained model itself. Evaluation: 4 samples
+    (temperature 1, fixed seed) for each held-out opening; gold score = mean story_score; win rate vs sft = the
+    gold comparison of the k-th sample of each policy, ties 1/2."""
+    from align.bench.rollout import _babyllama as convert
+    from align.config import load_recipe
+    from align.demo import _load
+    from align.stories import story_prompts, story_score
+    from align.trainers import run as train
+
+    path, why = convert(tmp)
+    if path is None:
+        return {"skipped": why}
+    topic, new = "cat", 64
+    test = story_prompts(o["story_test"], seed=1, split="test")
+    base, tok = _load(path)
+    base_groups = _story_samples(base, tok, test, new, seed=o["seed"])
+    base_samples = [[c.text for c in g] for g in base_groups]
+    gold = lambda samples: sum(story_score(t, topic) for g in samples for t in g) / sum(map(len, samples))  # noqa: E731
+    rows = {"sft": {"gold_score": gold(base_samples), "win_rate_vs_sft": 0.5, "kl_to_ref": 0.0,
+                    "base_logp_per_token": base_logp_per_token(base, tok, base_groups), "judge_calls": 0, "wall_seconds": 0.0}}
+    per_round = o["story_prompts"] // o["story_iterations"]
+    for name, extra in STORY_METHODS.items():
+        _say(f"babyllama {name}")
+        rounds = 1 if name == "dpo" else o["story_iterations"]
+        recipe = load_recipe(RECIPES_ROOT / ("spo" if name == "spo" else "inpo") / "babyllama-story.yaml",
+                             [f"model.name_or_path={path}", f"train.seed={o['seed']}", f"judge.goal={topic}",
+                              f"online.iterations={rounds}", f"online.prompts_per_iteration={per_round * o['story_iterations'] // rounds}"]
+                             + extra + quiet)
+        t0 = time.time()
+        summary = train(recipe, tmp / f"story-{name}")
+        wall = time.time() - t0
+        model, _ = _load(tmp / f"story-{name}")
+        groups = _story_samples(model, tok, test, new, seed=o["seed"])
+        samples = [[c.text for c in g] for g in groups]
+        wins = [1.0 if a > b else 0.0 if a < b else 0.5
+                for g, h in zip(samples, base_samples) for a, b in ((story_score(x, topic), story_score(y, topic)) for x, y in zip(g, h))]
+        rows[name] = {"gold_score": gold(samples), "win_rate_vs_sft": sum(wins) / len(wins),
+                      "kl_to_ref": kl_to_ref(model, base, tok, test, max_new_tokens=new),
+                      "base_logp_per_token": base_logp_per_token(base, tok, groups), "judge_calls": summary["judge_calls"],
+                      "wall_seconds": round(wall, 1)}
+    return rows

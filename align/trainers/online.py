@@ -53,6 +53,10 @@ RANK_SEED_STRIDE = 1_000_003  # rank r samples with seed + r * stride (rank 0: t
 
 def load_prompts(recipe: Recipe) -> list[str]:
     d = recipe.data
+    if d.train in ("builtin:stories", "builtin:stories:train"):
+        from align.stories import story_prompts
+
+        return story_prompts(10**9, seed=recipe.train.seed, split="train")
     if d.train.startswith("builtin:"):
         from align import tasks as T
 
@@ -269,6 +273,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             from align import tasks as T
 
             row["sample_accuracy"] = sum(T.parse_prompt(g["prompt"]).check(s["text"]) for g in groups for s in g["samples"]) / len(rewards)
+        elif recipe.judge.kind == "story":
+            from align.stories import story_score
+
+            row["sample_goal_score"] = sum(story_score(s["text"], recipe.judge.goal) for g in groups for s in g["samples"]) / len(rewards)
         if window:
             row.update({k_: sum(w[k_] for w in window) / len(window) for k_ in window[0]})
         if main:

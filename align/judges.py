@@ -17,6 +17,7 @@ Kinds (``judge.kind`` in a recipe):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -55,6 +56,17 @@ class CachedJudge:
             for i, p in zip(firsts, probs):
                 self.cache[keys[i]] = float(p)
         return [self.cache[k] for k in keys]
+
+    def added_since(self, n: int) -> dict:
+        """The judgements memoised after the first ``n`` (an online iteration saves its own with its rollouts)."""
+        return dict(itertools.islice(self.cache.items(), n, None))
+
+    def remember(self, judged: list[dict] | None, rank: int = 0) -> None:
+        """Memoise judgements made before the run was resumed (``judged``: one ``added_since`` per process, as saved
+        with an iteration's rollouts; None for rollouts saved without them), so that it judges, counts and pays for
+        the triples an uninterrupted run would."""
+        if judged:
+            self.cache.update(judged[rank])
 
 
 class CheckerJudge:

@@ -73,6 +73,18 @@ def finish_checkpoint(tmp: Path, final: Path, state: dict, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def save_window(folder: Path, rank: int, window: list[dict]) -> None:
+    """This process's metrics of the steps since the last logged row, into a checkpoint folder: a run resumed from a
+    checkpoint written between two logging steps then logs the same averages as one that never stopped."""
+    (folder / f"log_window_{rank}.json").write_text(json.dumps([{k: float(v) for k, v in w.items()} for w in window]))
+
+
+def load_window(folder: Path, rank: int) -> list[dict]:
+    """What ``save_window`` wrote ([] for a checkpoint written without it)."""
+    path = folder / f"log_window_{rank}.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,25 @@ def kill_train_when(marker: Path, recipe, output: Path, *overrides: str, timeout
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (output / "summary.json").exists(), "the kill came too late to test anything"
+
+
+def crashed_copy(full: Path, part: Path, step: int) -> None:
+    """Into ``part``: the finished run ``full`` as a crash right after writing its checkpoint-``step`` leaves it (that
+    checkpoint, the metrics log, the rollouts of the iterations up to ``step``; no later checkpoint, no final model).
+    ``full`` must have kept that checkpoint (train.keep_checkpoints)."""
+    import shutil
+
+    shutil.copytree(full / f"checkpoint-{step}", part / f"checkpoint-{step}")
+    shutil.copy(full / "metrics.jsonl", part / "metrics.jsonl")
+    for i in range(1, step + 1):
+        if (full / "rollouts" / f"iter-{i}.json").exists():
+            (part / "rollouts").mkdir(exist_ok=True)
+            shutil.copy(full / "rollouts" / f"iter-{i}.json", part / "rollouts" / f"iter-{i}.json")
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    """metrics.jsonl of a run without its timing column."""
+    return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_second"} for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -327,13 +327,25 @@ def _zygote_main(fd: int) -> None:
     import shutil
     import tempfile
 
-    trainer = os.getppid()
+    trainer, zygote, base = os.getppid(), os.getpid(), None
+
+    def leave() -> None:
+        """Remove our folder and exit. The trainer's death ends the control socket and, a moment later, sends the
+        parent-death SIGTERM, whose handler may interrupt a leave() in progress: it then runs leave() to the end."""
+        for _ in range(100 if base is not None else 0):
+            shutil.rmtree(base, ignore_errors=True)
+            if not os.path.exists(base):
+                break
+            time.sleep(0.01)  # a keeper was removing its jail at the same time, or a dying worker still writing to it
+        os._exit(0)
 
     def stop(*_):
         # the parent-death signal also fires when the trainer THREAD that started us exits: stop only if the
         # trainer process itself is gone (we were re-parented); EOF on the control socket covers the rest
         if os.getppid() != trainer:
-            raise SystemExit(0)
+            if os.getpid() == zygote:
+                leave()
+            raise SystemExit(0)  # a keeper, before it set its own handler
 
     signal.signal(signal.SIGTERM, stop)
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -374,8 +386,7 @@ def _zygote_main(fd: int) -> None:
                 if sock is not None:
                     sock.close()
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-        os._exit(0)
+        leave()
 
 
 def _spawn(req: dict, ctl: socket.socket, base: str, count: int, euid: int):

@@ -148,12 +148,14 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     pad_id = tok.pad_token_id
 
     # ---- resume or start
-    start_step, ref_table = 0, None
+    start_step, ref_table, window = 0, None, []
     ckpt = runs.latest_checkpoint(output_dir) if resume else None
     if ckpt is not None:
         state = runs.read_state(ckpt, recipe)
         accelerator.load_state(str(ckpt))
         start_step = state["step"]
+        window = [{k: torch.tensor(v, dtype=torch.float32, device=accelerator.device) for k, v in w.items()}
+                  for w in runs.load_window(ckpt, rank)]
         if (ckpt / "ref_logps.pt").exists():
             ref_table = torch.load(ckpt / "ref_logps.pt")
     if reference == "precompute" and ref_table is None:
@@ -167,7 +169,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
 
     # ---- the loop
     model.train()
-    started, tokens, window = time.time(), 0, []
+    started, tokens = time.time(), 0
     step = start_step
     for micro in range(start_step * t.grad_accum, total_micro):
         exs = micro_batch(examples, micro, per_epoch, t.batch_size, world, rank, t.seed)
@@ -220,7 +222,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                 log.log(row)
                 progress.update(step, f"loss {row['loss']:.4f}")
         if t.save_steps and step % t.save_steps == 0 and step < total_steps:
-            save_checkpoint(accelerator, output_dir, step, recipe, ref_table)
+            save_checkpoint(accelerator, output_dir, step, recipe, ref_table, extra=lambda d: runs.save_window(d, rank, window))
 
     # ---- outputs
     accelerator.wait_for_everyone()
@@ -296,14 +298,17 @@ def finish(accelerator) -> None:
         time.sleep(0.5)
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, recipe: Recipe, ref_table) -> None:
-    """checkpoint-<step>/ via a .tmp folder renamed when complete, so a crash never leaves a half checkpoint."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, recipe: Recipe, ref_table, extra=None) -> None:
+    """checkpoint-<step>/ via a .tmp folder renamed when complete, so a crash never leaves a half checkpoint.
+    ``extra(folder)``, called on every process, writes more of that process's state into it."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if extra is not None:
+        extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ref_table is not None:

@@ -209,6 +209,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     plain = UnshardedCopy(model, accelerator.device) if plain_engine else None
     model, optimizer, start, log, progress = start_iterations(recipe, model, accelerator, output_dir, resume,
                                                               o.iterations, f"online:{spec.name}")
+    for i in range(1, start + 1):  # resumed: the judge's memo as the earlier iterations left it
+        saved = output_dir / "rollouts" / f"iter-{i}.json"
+        judge.remember(json.loads(saved.read_text()).get("judged") if saved.exists() else None, rank)
     device, pad = accelerator.device, tok.pad_token_id
 
     def policy():  # the module the engine samples from (a collective under ZeRO-3: every rank calls it)
@@ -222,13 +225,15 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         path = output_dir / "rollouts" / f"iter-{it + 1}.json"
         if path.exists():  # (a run with several processes: rank 0 wrote it before any rank could get here again)
             data = json.loads(path.read_text())
+            judge.remember(data.get("judged"), rank)
         else:
             rng = random.Random(t.seed * 1000 + it)
-            calls_before = judge.calls
+            calls_before, known = judge.calls, len(judge.cache)
             seed = t.seed * 1000 + it + rank * RANK_SEED_STRIDE
             groups = shard_and_gather(rng.sample(prompts, o.prompts_per_iteration), world, rank,
                                       lambda mine: rollout_iteration(engine, judge, mine, recipe, seed=seed))
-            data = {"groups": groups, "judge_calls": sum(gather_object([judge.calls - calls_before]))}
+            data = {"groups": groups, "judge_calls": sum(gather_object([judge.calls - calls_before])),
+                    "judged": gather_object([judge.added_since(known)])}  # per rank: what this iteration added to its memo
             if main:
                 runs.atomic_write(path, json.dumps(data))
         groups = data["groups"]

@@ -230,12 +230,13 @@ def evaluate(model: RewardModel, emb: Embeddings, p: Pairs, n_ctx: int, seed: in
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def _save_checkpoint(output_dir: Path, step: int, recipe: Recipe, model, optimizer, scheduler) -> None:
+def _save_checkpoint(output_dir: Path, step: int, recipe: Recipe, model, optimizer, scheduler, window: list[dict]) -> None:
     tmp, final = output_dir / f"checkpoint-{step}.tmp", output_dir / f"checkpoint-{step}"
     tmp.mkdir(parents=True, exist_ok=True)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                tmp / "state.pt")
+    runs.save_window(tmp, 0, window)
     runs.finish_checkpoint(tmp, final, {"step": step, "recipe_fingerprint": runs.recipe_fingerprint(recipe)},
                            recipe.train.keep_checkpoints)
 
@@ -272,7 +273,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     scheduler = _scheduler(optimizer, t, total)
-    start = 0
+    start, window = 0, []
     ckpt = runs.latest_checkpoint(output_dir) if resume else None
     if ckpt is not None:
         state = runs.read_state(ckpt, recipe)
@@ -280,14 +281,14 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
         model.load_state_dict(saved["trainable"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        start = state["step"]
+        start, window = state["step"], runs.load_window(ckpt, 0)
     output_dir.mkdir(parents=True, exist_ok=True)
     runs.write_recipe(output_dir, recipe)
     log = runs.MetricsLog(output_dir / "metrics.jsonl", start)
     progress = runs.Progress(total, f"reward:{rc.kind}", enabled=recipe.logging.progress)
 
     # ---- the loop
-    started, window = time.time(), []
+    started = time.time()
     margins = torch.tensor(train_p.margin) if train_p.margin else None
     for step in range(start, total):
         torch.manual_seed(t.seed * 1_000_003 + step)  # dropout in a trainable backbone: same on resume
@@ -336,7 +337,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
             log.log(row)
             progress.update(done, f"loss {row['loss']:.4f} acc {row['accuracy']:.3f}")
         if t.save_steps and done % t.save_steps == 0 and done < total:
-            _save_checkpoint(output_dir, done, recipe, model, optimizer, scheduler)
+            _save_checkpoint(output_dir, done, recipe, model, optimizer, scheduler, window)
 
     # ---- evaluation and outputs
     wall = time.time() - started

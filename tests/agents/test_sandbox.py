@@ -328,3 +328,37 @@ def test_a_killed_trainer_leaves_nothing_behind():
         proc.stdout.close()
     assert all(gone(p, wait=10) for p in info["pids"])  # zygote, idle workers, the busy worker
     assert all(_wait_removed(j, wait=5) for j in info["jails"] if j)
+    assert all(_wait_removed(os.path.dirname(j), wait=5) for j in info["jails"] if j)  # the zygote's folder too
+
+
+CLEANING = r'''
+import json, socket, sys, time
+sys.path.insert(0, sys.argv[1])
+from align.agents.sandbox import Sandbox, _zygote
+sb = Sandbox({})
+out = sb.run("for i in range(3000):\n    open(f'f{i}', 'w').close()\nprint('written')", 30).output
+_zygote().sock.shutdown(socket.SHUT_WR)  # EOF: the zygote starts removing its folder (3,000 files take a while)
+print(json.dumps({"out": out, "jail": sb.jail}), flush=True)
+time.sleep(60)
+'''
+
+
+def test_a_trainer_killed_while_the_zygote_cleans_up_leaves_nothing_behind():
+    # the trainer's death ends the control socket (the zygote starts its clean-up) and, a moment later, sends the
+    # parent-death SIGTERM: that used to cut the clean-up short (SystemExit), leaving the zygote's folder behind,
+    # in 3 of 7 kills of the agent trainer in bench/kill_soak.py. Here the clean-up is slow and already running.
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", CLEANING, str(REPO_ROOT)], stdout=subprocess.PIPE, text=True,
+                            env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
+    try:
+        info = json.loads(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert info["out"] == "written\n"
+    assert _wait_removed(os.path.dirname(info["jail"]), wait=10)

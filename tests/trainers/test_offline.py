@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from align.config import load_recipe
 from align.paths import REPO_ROOT
 from align.trainers import run
-from tests.conftest import error_lines, kill_train_when, run_align
+from tests.conftest import crashed_copy, error_lines, kill_train_when, metrics_rows, run_align
 
 TINY = REPO_ROOT / "recipes" / "dpo" / "tiny.yaml"
 
@@ -61,6 +61,19 @@ def test_sigkill_after_first_checkpoint_then_resume_gives_identical_weights(tmp_
     rows_part = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     drop = ("tokens_per_second",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows_full] == [{k: v for k, v in r.items() if k not in drop} for r in rows_part]
+
+
+def test_resume_from_a_checkpoint_between_two_logged_steps_logs_the_same_averages(tmp_path):
+    # rows every 3 steps, checkpoints every 2: checkpoint-4 holds step 4, which the row at step 6 averages in
+    # (found by bench/kill_soak.py on the reward trainer: the resumed run logged the mean of steps 5-6 only)
+    recipe = load_recipe(TINY, ["train.logging_steps=3", "train.save_steps=2", "train.keep_checkpoints=10",
+                                "logging.progress=false", "logging.plots=false"])
+    run(recipe, tmp_path / "full")
+    crashed_copy(tmp_path / "full", tmp_path / "part", 4)
+    run(recipe, tmp_path / "part", resume=True)
+    assert metrics_rows(tmp_path / "part") == metrics_rows(tmp_path / "full")
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path):

@@ -19,7 +19,7 @@ from align.paths import REPO_ROOT
 from align.reward_model import RewardModel
 from align.trainers import run
 from align.trainers.reward import Embeddings, load_pairs, pair_probabilities
-from tests.conftest import error_lines, kill_train_when, run_align
+from tests.conftest import crashed_copy, error_lines, kill_train_when, metrics_rows, run_align
 
 RECIPES = REPO_ROOT / "recipes" / "reward"
 TINY = ["model.name_or_path=tiny:llama", "data.limit=400", "data.max_length=96", "data.max_prompt_length=64",
@@ -71,6 +71,17 @@ def test_vpl_with_a_trained_lora_backbone_resumes_after_sigkill_with_identical_h
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
     assert _summary(full)["final"]["eval/accuracy"] == _summary(part)["final"]["eval/accuracy"]
+
+
+def test_resume_from_a_checkpoint_between_two_logged_steps_logs_the_same_averages(tmp_path):
+    # rows every 3 steps, checkpoints every 4: before the fix the row at step 6 of a run resumed from checkpoint-4
+    # averaged steps 5-6 only (found by bench/kill_soak.py --trainer reward)
+    recipe = load_recipe(RECIPES / "pets-vpl.yaml", TINY + ["train.max_steps=12", "train.save_steps=4", "train.logging_steps=3",
+                                                           "train.keep_checkpoints=10"])
+    run(recipe, tmp_path / "full")
+    crashed_copy(tmp_path / "full", tmp_path / "part", 4)
+    run(recipe, tmp_path / "part", resume=True)
+    assert metrics_rows(tmp_path / "part") == metrics_rows(tmp_path / "full")
 
 
 @pytest.mark.parametrize("over, needle", [

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from align.paths import REPO_ROOT, shared_data_dir
 
@@ -37,6 +38,26 @@ def tiny_model(tiny_tokenizer):
     from align.models import build_tiny_model
 
     return build_tiny_model("llama", hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=0, tokenizer=tiny_tokenizer)
+
+
+
+@pytest.fixture(scope="session")
+def rm_judge(tmp_path_factory) -> list[str]:
+    """Recipe overrides that judge with a random tiny sequence-classification reward model: a deterministic, varied
+    preference, so every sample group has a best and a worst response and every online objective trains even from
+    a random policy (the checker judge would tie them all)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from align.models import char_tokenizer
+
+    tok, path = char_tokenizer(), tmp_path_factory.mktemp("judge") / "rm"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return ["judge.kind=reward_model", f"judge.path={path}"]
 
 
 def run_align(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:

@@ -21,11 +21,12 @@ SMALL = ["model.name_or_path=tiny:llama", "model.tiny_hidden_size=64", "model.ti
 
 
 @pytest.mark.parametrize("loss", ["spo", "inpo", "dpo", "sppo"])
-def test_online_objectives_run_and_log(tmp_path, loss):
-    recipe = load_recipe(REPO_ROOT / "recipes" / "inpo" / "tiny.yaml", SMALL + [f"loss.name={loss}", "loss.beta=0.1"])
+def test_online_objectives_run_and_log(tmp_path, loss, rm_judge):
+    recipe = load_recipe(REPO_ROOT / "recipes" / "inpo" / "tiny.yaml", SMALL + rm_judge + [f"loss.name={loss}", "loss.beta=0.1"])
     summary = run(recipe, tmp_path / loss)
     rows = [json.loads(x) for x in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(r["train_rows"] > 0 and "loss" in r for r in rows)  # the judge separates samples: the objective trains
     assert summary["judge_calls"] == sum(r["judge_calls"] for r in rows) > 0
     assert all(abs(r["reward/mean"] - 0.5) < 1e-9 for r in rows)  # win rates of a group average to 1/2
     groups = json.loads((tmp_path / loss / "rollouts" / "iter-1.json").read_text())["groups"]
@@ -51,16 +52,17 @@ def test_checker_judge_on_task_prompts():
     assert j.compare(["12+30=", "max 3 9=", "rev ab="], ["42", "3", "ba"], ["41", "9", "ba"]) == [1.0, 0.0, 0.5]
 
 
-def test_kill_mid_iteration_and_resume_gives_identical_weights(tmp_path):
+def test_kill_mid_iteration_and_resume_gives_identical_weights(tmp_path, rm_judge):
     recipe = str(REPO_ROOT / "recipes" / "spo" / "tiny.yaml")
-    args = SMALL[:-4] + ["online.prompts_per_iteration=48", "rollout.n=6", "rollout.max_new_tokens=8", "online.iterations=3",
-                         "train.batch_size=8", "logging.progress=false"]
+    args = SMALL[:-4] + rm_judge + ["online.prompts_per_iteration=48", "rollout.n=6", "rollout.max_new_tokens=8",
+                                    "online.iterations=3", "train.batch_size=8", "logging.progress=false"]
     full = tmp_path / "full"
     assert run_align("train", recipe, "-o", str(full), *args).returncode == 0
     part = tmp_path / "part"
     kill_train_when(part / "rollouts" / "iter-2.json", recipe, part, *args)  # iteration 2 sampled and judged, now training
     res = run_align("train", recipe, "-o", str(part), "--resume", *args)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert all(r["train_rows"] > 0 for r in metrics_rows(full))  # every iteration trained: the comparison is not vacuous
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -77,30 +77,13 @@ def _tokens(out: Path, it: int) -> list:
 
 
 @pytest.fixture(scope="module")
-def judge(tmp_path_factory) -> list[str]:
-    """Overrides that judge with a random tiny sequence-classification reward model (whole on every rank)."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from align.models import char_tokenizer
-
-    tok, path = char_tokenizer(), tmp_path_factory.mktemp("judge") / "rm"
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlamaForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return ["judge.kind=reward_model", f"judge.path={path}"]
-
-
-@pytest.fixture(scope="module")
-def ddp_spo(tmp_path_factory, judge) -> Path:
-    return _launch("cpu.yaml", "spo/tiny.yaml", tmp_path_factory.mktemp("ddp") / "spo", *ONLINE, *judge)
+def ddp_spo(tmp_path_factory, rm_judge) -> Path:
+    return _launch("cpu.yaml", "spo/tiny.yaml", tmp_path_factory.mktemp("ddp") / "spo", *ONLINE, *rm_judge)
 
 
 @pytest.mark.distributed
-def test_spo_zero3_matches_ddp(ddp_spo, tmp_path, judge):
-    z3 = _launch("cpu_zero3.yaml", "spo/tiny.yaml", tmp_path / "z3", *ONLINE, *judge)
+def test_spo_zero3_matches_ddp(ddp_spo, tmp_path, rm_judge):
+    z3 = _launch("cpu_zero3.yaml", "spo/tiny.yaml", tmp_path / "z3", *ONLINE, *rm_judge)
     summary = json.loads((z3 / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3
     assert _max_diff(z3, ddp_spo) < 1e-5  # measured 2.2e-7
@@ -142,14 +125,14 @@ def _state_of_a_kill_in_iteration_2(full: Path, out: Path) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("how", ["state", pytest.param("sigkill", marks=pytest.mark.slow)])
-def test_ddp_run_interrupted_in_iteration_2_resumes_to_identical_weights(ddp_spo, tmp_path, judge, how):
+def test_ddp_run_interrupted_in_iteration_2_resumes_to_identical_weights(ddp_spo, tmp_path, rm_judge, how):
     """Every rank restores checkpoint-1 and reads iteration 2's saved rollouts instead of sampling again."""
     out = tmp_path / "part"
     if how == "sigkill":
-        _kill_when_rollouts_of_iteration_2_exist(_cmd("cpu.yaml", "spo/tiny.yaml", out, *ONLINE, *judge), out)
+        _kill_when_rollouts_of_iteration_2_exist(_cmd("cpu.yaml", "spo/tiny.yaml", out, *ONLINE, *rm_judge), out)
     else:
         _state_of_a_kill_in_iteration_2(ddp_spo, out)
-    _launch("cpu.yaml", "spo/tiny.yaml", out, *ONLINE, *judge, "--resume")
+    _launch("cpu.yaml", "spo/tiny.yaml", out, *ONLINE, *rm_judge, "--resume")
     wa, wb = _weights(out), _weights(ddp_spo)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -158,18 +141,18 @@ def test_ddp_run_interrupted_in_iteration_2_resumes_to_identical_weights(ddp_spo
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_spo_zero2_matches_ddp_bitwise(ddp_spo, tmp_path, judge):
-    z2 = _launch("cpu_zero2.yaml", "spo/tiny.yaml", tmp_path / "z2", *ONLINE, *judge)
+def test_spo_zero2_matches_ddp_bitwise(ddp_spo, tmp_path, rm_judge):
+    z2 = _launch("cpu_zero2.yaml", "spo/tiny.yaml", tmp_path / "z2", *ONLINE, *rm_judge)
     assert _max_diff(z2, ddp_spo) == 0.0  # measured: bitwise equal
     assert _rows(z2) == _rows(ddp_spo)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_inpo_lora_zero3_matches_ddp(tmp_path, judge):
+def test_inpo_lora_zero3_matches_ddp(tmp_path, rm_judge):
     """LoRA under ZeRO-3: the reference is the partitioned base with the adapter off (a lock-step forward on every
     rank); the engine's unsharded copy takes only the adapter from the gathered parameters."""
-    over = [*ONLINE, *judge, "online.iterations=2", "lora.enabled=true", "lora.r=4"]
+    over = [*ONLINE, *rm_judge, "online.iterations=2", "lora.enabled=true", "lora.r=4"]
     z3 = _launch("cpu_zero3.yaml", "inpo/tiny.yaml", tmp_path / "z3", *over)
     ddp = _launch("cpu.yaml", "inpo/tiny.yaml", tmp_path / "ddp", *over)
     assert (z3 / "adapter_model.safetensors").is_file()

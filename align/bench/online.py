@@ -43,7 +43,7 @@ def kl_to_ref(model, ref, tok, prompts: list[str], seed: int = 0, max_new_tokens
     exs = [Example(i, c.prompt_ids, c.token_ids or [tok.eos_token_id], None) for i, g in enumerate(groups) for c in g]
     total = 0.0
     for s in range(0, len(exs), 256):
-        batch = collate(exs[s:s + 256], tok.pad_token_id)
+        batch = collate(exs[s:s + 256], tok.pad_token_id if tok.pad_token_id is not None else 0)
         total += float((sequence_logps(model, batch)[0] - sequence_logps(ref, batch)[0]).sum())
     return total / len(exs)
 

@@ -6,7 +6,7 @@ from align.config import load_recipe
 from align.judges import make_judge
 from align.stories import all_prompts, story_prompts, story_score
 
-from conftest import REPO_ROOT
+from align.paths import REPO_ROOT
 
 
 def test_score_halves_topic_and_happy_ending():

@@ -312,20 +312,25 @@ time.sleep(60)
 '''
 
 
-def test_a_killed_trainer_leaves_nothing_behind():
+def _run_then_kill(script: str) -> dict:
+    """Run a trainer-like ``script``, read the JSON line it prints, SIGKILL it; returns what it printed."""
     import json
     import signal
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(REPO_ROOT)], stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", script, str(REPO_ROOT)], stdout=subprocess.PIPE, text=True,
                             env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
     try:
-        info = json.loads(proc.stdout.readline())
+        return json.loads(proc.stdout.readline())
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
+
+
+def test_a_killed_trainer_leaves_nothing_behind():
+    info = _run_then_kill(TRAINER)
     assert all(gone(p, wait=10) for p in info["pids"])  # zygote, idle workers, the busy worker
     assert all(_wait_removed(j, wait=5) for j in info["jails"] if j)
     assert all(_wait_removed(os.path.dirname(j), wait=5) for j in info["jails"] if j)  # the zygote's folder too
@@ -347,18 +352,6 @@ def test_a_trainer_killed_while_the_zygote_cleans_up_leaves_nothing_behind():
     # the trainer's death ends the control socket (the zygote starts its clean-up) and, a moment later, sends the
     # parent-death SIGTERM: that used to cut the clean-up short (SystemExit), leaving the zygote's folder behind,
     # in 3 of 7 kills of the agent trainer in bench/kill_soak.py. Here the clean-up is slow and already running.
-    import json
-    import signal
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", CLEANING, str(REPO_ROOT)], stdout=subprocess.PIPE, text=True,
-                            env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
-    try:
-        info = json.loads(proc.stdout.readline())
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
+    info = _run_then_kill(CLEANING)
     assert info["out"] == "written\n"
     assert _wait_removed(os.path.dirname(info["jail"]), wait=10)

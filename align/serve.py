@@ -242,6 +242,7 @@ def serve_main(model_path: str, backend: str = "hf", host: str = "127.0.0.1", po
     httpd = start(engine, tok, name or model_path, host, port, max_context=max_context, client_timeout=client_timeout)
     print(f"serving {model_path} ({backend}) at http://{host}:{httpd.server_address[1]}/v1", file=sys.stderr, flush=True)
     try:
-        threading.Event().wait()
+        while True:  # a timed wait: Python runs signal handlers in the main thread only, and a SIGINT the kernel
+            time.sleep(0.5)  # delivered to another thread must not leave it blocked forever (seen as a hang in CI)
     except KeyboardInterrupt:
         httpd.shutdown()

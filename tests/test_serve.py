@@ -60,6 +60,20 @@ def test_bad_requests_get_400(server):
     assert e.value.code == 400 and "valid JSON" in json.loads(e.value.read())["error"]["message"]
 
 
+def _interrupt_another_thread(pid: int) -> None:
+    """SIGINT to one of the process's threads other than the main one (tgkill, Linux x86_64/aarch64), else to the
+    process. The kernel may hand a Ctrl-C to any thread; Python runs the handler only in the main thread. Before the
+    fix the server's main thread slept in an untimed wait and never woke: the server did not exit (a CI hang)."""
+    import ctypes
+    import platform
+
+    number = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")] if os.path.isdir(f"/proc/{pid}/task") else []
+    others = [t for t in tids if t != pid]
+    if number is None or not others or ctypes.CDLL(None, use_errno=True).syscall(number, pid, others[0], signal.SIGINT) != 0:
+        os.kill(pid, signal.SIGINT)
+
+
 def test_cli_serve_process(tmp_path, tiny_model, tiny_tokenizer):
     tiny_model.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
@@ -68,8 +82,9 @@ def test_cli_serve_process(tmp_path, tiny_model, tiny_tokenizer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")  # a file, not a pipe nobody reads (a full pipe would block the server)
     proc = subprocess.Popen([sys.executable, "-m", "align", "serve", "--model", str(tmp_path / "m"), "--port", str(port), "--name", "m"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                            stdout=subprocess.DEVNULL, stderr=log, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     try:
         deadline = time.time() + 90
         while True:
@@ -78,11 +93,19 @@ def test_cli_serve_process(tmp_path, tiny_model, tiny_tokenizer):
                     assert json.loads(r.read())["data"][0]["id"] == "m"
                 break
             except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
                 time.sleep(0.3)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
         out = client.completions.create(model="m", prompt="1+1=", max_tokens=3, temperature=0.0, logprobs=1)
         assert out.choices[0].logprobs.token_logprobs
+        client.close()
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        _interrupt_another_thread(proc.pid)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    assert proc.returncode == 0  # ended by the interrupt within 30 s, not killed

@@ -4,9 +4,8 @@ import json
 
 from align.config import load_recipe
 from align.judges import make_judge
-from align.stories import all_prompts, story_prompts, story_score
-
 from align.paths import REPO_ROOT
+from align.stories import all_prompts, story_prompts, story_score
 
 
 def test_score_halves_topic_and_happy_ending():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
 import threading
 import time
@@ -241,8 +242,13 @@ def serve_main(model_path: str, backend: str = "hf", host: str = "127.0.0.1", po
     engine = make_engine(RolloutConfig(backend=backend), model, tok)
     httpd = start(engine, tok, name or model_path, host, port, max_context=max_context, client_timeout=client_timeout)
     print(f"serving {model_path} ({backend}) at http://{host}:{httpd.server_address[1]}/v1", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops it like Ctrl-C (SIGINT: Python's default handler)
     try:
-        while True:  # a timed wait: Python runs signal handlers in the main thread only, and a SIGINT the kernel
-            time.sleep(0.5)  # delivered to another thread must not leave it blocked forever (seen as a hang in CI)
+        while True:  # a timed wait: Python runs signal handlers in the main thread only, and a signal the kernel
+            time.sleep(0.5)  # delivered to another thread must not leave it blocked forever
     except KeyboardInterrupt:
         httpd.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -60,18 +60,19 @@ def test_bad_requests_get_400(server):
     assert e.value.code == 400 and "valid JSON" in json.loads(e.value.read())["error"]["message"]
 
 
-def _interrupt_another_thread(pid: int) -> None:
-    """SIGINT to one of the process's threads other than the main one (tgkill, Linux x86_64/aarch64), else to the
-    process. The kernel may hand a Ctrl-C to any thread; Python runs the handler only in the main thread. Before the
-    fix the server's main thread slept in an untimed wait and never woke: the server did not exit (a CI hang)."""
+def _terminate_another_thread(pid: int) -> None:
+    """SIGTERM to one of the process's threads other than the main one (tgkill, Linux x86_64/aarch64), else to the
+    process. The kernel may hand a process signal to any thread; Python runs the handler only in the main thread.
+    Before the fix the server's main thread slept in an untimed wait and never woke (and SIGTERM was not handled).
+    SIGTERM rather than SIGINT: a shell without job control starts background commands with SIGINT ignored."""
     import ctypes
     import platform
 
     number = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
     tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")] if os.path.isdir(f"/proc/{pid}/task") else []
     others = [t for t in tids if t != pid]
-    if number is None or not others or ctypes.CDLL(None, use_errno=True).syscall(number, pid, others[0], signal.SIGINT) != 0:
-        os.kill(pid, signal.SIGINT)
+    if number is None or not others or ctypes.CDLL(None, use_errno=True).syscall(number, pid, others[0], signal.SIGTERM) != 0:
+        os.kill(pid, signal.SIGTERM)
 
 
 def test_cli_serve_process(tmp_path, tiny_model, tiny_tokenizer):
@@ -100,7 +101,7 @@ def test_cli_serve_process(tmp_path, tiny_model, tiny_tokenizer):
         assert out.choices[0].logprobs.token_logprobs
         client.close()
     finally:
-        _interrupt_another_thread(proc.pid)
+        _terminate_another_thread(proc.pid)
         try:
             proc.wait(timeout=30)
         finally:
@@ -108,4 +109,4 @@ def test_cli_serve_process(tmp_path, tiny_model, tiny_tokenizer):
                 proc.kill()
                 proc.wait()
             log.close()
-    assert proc.returncode == 0  # ended by the interrupt within 30 s, not killed
+    assert proc.returncode == 0  # ended by SIGTERM within 30 s, not killed

@@ -53,14 +53,15 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
+            decoder = llama_decoder(self.model) if self.fast else None  # weights rearranged once per call
             with gqa_attention(self.model):
                 for s in range(0, len(ids), per_chunk):
-                    out.extend(self._generate_chunk(ids[s:s + per_chunk], n, sampling, gen))
+                    out.extend(self._generate_chunk(ids[s:s + per_chunk], n, sampling, gen, decoder))
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate_chunk(self, prompt_ids: list[list[int]], n: int, sp: SamplingParams, gen) -> list[list[Completion]]:
+    def _generate_chunk(self, prompt_ids: list[list[int]], n: int, sp: SamplingParams, gen, decoder) -> list[list[Completion]]:
         from transformers import DynamicCache
 
         model, tok = self.model, self.tokenizer
@@ -74,12 +75,11 @@ class HFEngine:
             attn[i, width - len(p):] = 1
         input_ids, attn = input_ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        fast = self.fast and llama_decoder(model)
-        if fast and fast.fits(width + sp.max_new_tokens):
+        fast = decoder if decoder is not None and decoder.fits(width + sp.max_new_tokens) else None
+        if fast is not None:
             logits = fast.prefill(input_ids, attn, pos, n, sp.max_new_tokens)
             attn, pos = attn.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
         else:
-            fast = None
             cache = DynamicCache()
             logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
             # share the prefill: repeat cache, mask and last logits n times (sample k of prompt i is row i*n + k)

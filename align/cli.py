@@ -86,7 +86,15 @@ def _demo(args) -> int:
 def _bench(args) -> int:
     from align.bench import run_bench
 
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise UserError(f"--plot {args.plot}: its folder does not exist")
     result = run_bench(args.name, args.extra)
+    if args.plot:
+        from align.bench import plot_curves
+
+        if not isinstance(result.get("curves"), dict):
+            raise UserError(f"bench {args.name}: --plot needs a benchmark that reports curves (online, agent)")
+        plot_curves(result["curves"], args.plot)
     if args.json:
         print(json.dumps(result))
     else:
@@ -138,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", help="dpo")
     b.add_argument("extra", nargs="*", help="key=value options of the benchmark")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--plot", metavar="FILE.png", help="also draw the benchmark's curves (online, agent) into this PNG")
     b.set_defaults(fn=_bench)
     from align.evals import add_eval_parser
 

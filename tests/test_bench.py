@@ -25,17 +25,21 @@ def test_bench_unknown_option_is_a_user_error():
 
 @pytest.mark.slow
 def test_bench_online_json_contract():
-    res = run_align("bench", "online", "--json", "prompts=60", "iterations=2", "test=30", "story_prompts=16",
-                    "story_iterations=2", "story_test=8", timeout=900)
+    res = run_align("bench", "online", "--json", "prompts=60", "iterations=2", "test=30", "sft_size=300", "sft_epochs=1", "hidden=64",
+                    "story_prompts=16", "story_iterations=2", "story_test=8", timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
+    for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo", "dpo_nll"):
+        assert {"accuracy", "win_rate_vs_sft", "kl_to_ref", "judge_calls", "wall_seconds", "per_family"} <= set(out["verifiable"][method])
+    assert len(out["curves"]["verifiable"]["spo"]) == 2 and len(out["curves"]["verifiable"]["dpo"]) == 1
     for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo"):
-        assert {"accuracy", "win_rate_vs_sft", "kl_to_ref", "judge_calls", "wall_seconds"} <= set(out["verifiable"][method])
         if shared_data_dir() is not None:
             assert {"gold_score", "win_rate_vs_sft", "kl_to_ref", "base_logp_per_token", "judge_calls", "wall_seconds"} <= set(out["babyllama"][method])
             assert 0 <= out["babyllama"][method]["gold_score"] <= 1
     if shared_data_dir() is None:
         assert "skipped" in out["babyllama"]
+    else:
+        assert len(out["curves"]["babyllama"]["inpo"]) == 2
 
 
 @pytest.mark.skipif(shared_data_dir() is None, reason="shared data folder ../shared/data not found (the HH sets need it; set ALIGN_SHARED_DATA)")
@@ -50,6 +54,25 @@ def test_bench_reward_json_contract():
     assert 0.0 <= out["hh_harmless_bt_accuracy"] <= 1.0
     for row in ("sft", "dog_user", "cat_user"):
         assert {"dog", "cat", "samples"} <= set(out["personalised"][row])
+
+
+def test_bench_online_rejects_bad_options_before_training():
+    res = run_align("bench", "online", "--json", "sloppy=150", "babyllama=0")
+    assert res.returncode == 2 and "sloppy" in res.stderr and res.stdout == "" and "Traceback" not in res.stderr
+    res = run_align("bench", "online", "--json", "--plot", "/nonexistent-folder/curves.png")
+    assert res.returncode == 2 and "does not exist" in res.stderr and res.stdout == ""
+
+
+def test_plot_curves_draws_panels(tmp_path):
+    from align.bench import plot_curves
+    from align.errors import UserError
+
+    plot_curves({"verifiable": {"dpo": [0.3], "spo": [0.3, 0.5, 0.7]}, "babyllama": {}}, str(tmp_path / "a.png"))
+    plot_curves({"loop": [0.1, 0.2], "grpo": [0.1, 0.15]}, str(tmp_path / "b.png"))
+    for name in ("a.png", "b.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UserError, match="no curves"):
+        plot_curves({"verifiable": {}, "babyllama": {}}, str(tmp_path / "c.png"))
 
 
 def test_bench_agent_json_contract():

@@ -33,3 +33,31 @@ def run_bench(name: str, extra: list[str]) -> dict:
         raise UserError(f"bench: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
     with contextlib.redirect_stdout(sys.stderr):  # progress and library chatter never reach stdout
         return importlib.import_module(BENCHMARKS[name]).run(extra)
+
+
+def plot_curves(curves: dict, path: str) -> None:
+    """One PNG of a benchmark's ``curves``: {panel: {method: [value per round]}} (one subplot per panel) or
+    {method: [values]} (one panel). Panels with nothing to draw are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = curves if all(isinstance(v, dict) for v in curves.values()) else {"": curves}
+    panels = {k: v for k, v in panels.items() if any(v.values())}
+    if not panels:
+        raise UserError("bench: this run has no curves to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for method, ys in lines.items():
+            if ys:
+                ax.plot(range(1, len(ys) + 1), ys, marker="o", label=method)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

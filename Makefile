@@ -40,7 +40,7 @@ install-appworld:
 	-bash evals/appworld/setup.sh
 
 test: install install-vllm install-appworld
-	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15 $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)

@@ -85,7 +85,7 @@ def start_server(model_dir: Path, max_context: int, client_timeout: float, log=s
 
 def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

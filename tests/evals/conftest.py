@@ -96,7 +96,7 @@ def align_serve_judge(tmp_path_factory, tiny_tokenizer):
                 time.sleep(0.3)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -106,7 +106,7 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     for name, overrides in methods.items():
         _say(name)
         recipe = load_recipe(RECIPES.parent / ("spo" if name == "spo" else "inpo") / "tiny.yaml",
-                             [f"model.name_or_path={tmp / 'sft'}", f"train.seed={o['seed']}", "data.builtin_size=2500", f"train.lr={o['lr_e6'] * 1e-6}",
+                             [f"model.name_or_path={tmp / 'sft'}", f"train.seed={o['seed']}", f"data.builtin_size={max(2500, o['prompts'])}", f"train.lr={o['lr_e6'] * 1e-6}",
                               "online.epochs_per_iteration=4"] + overrides + quiet)
         t0 = time.time()
         summary = train(recipe, tmp / name)

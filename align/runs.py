@@ -98,6 +98,11 @@ def write_recipe(output_dir: Path, recipe: Recipe) -> None:
     atomic_write(output_dir / "recipe.yaml", dump_yaml(recipe))
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, in order."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 class MetricsLog:
     """metrics.jsonl writer; on resume, keeps only the lines up to the checkpoint's step."""
 
@@ -105,7 +110,7 @@ class MetricsLog:
         self.path = path
         self.rows: list[dict] = []
         if resume_step and path.exists():
-            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= resume_step]
+            self.rows = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, row: dict) -> None:

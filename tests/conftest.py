@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from align.paths import REPO_ROOT, shared_data_dir
+from align.runs import read_metrics
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -38,7 +38,6 @@ def tiny_model(tiny_tokenizer):
     from align.models import build_tiny_model
 
     return build_tiny_model("llama", hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=0, tokenizer=tiny_tokenizer)
-
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +98,7 @@ def crashed_copy(full: Path, part: Path, step: int) -> None:
 
 def metrics_rows(out: Path) -> list[dict]:
     """metrics.jsonl of a run without its timing column."""
-    return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_second"} for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in read_metrics(out / "metrics.jsonl")]
 
 
 def error_lines(stderr: str) -> list[str]:

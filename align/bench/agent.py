@@ -61,6 +61,7 @@ def run(extra: list[str]) -> dict:
     from align.bench import parse_options
     from align.config import load_recipe
     from align.evals.agent import evaluate_agent
+    from align.runs import read_metrics
     from align.trainers import run as train
 
     o = parse_options("agent", DEFAULTS, extra)
@@ -83,7 +84,7 @@ def run(extra: list[str]) -> dict:
             _say(f"{name}: {o['iterations']} iterations x {o['tasks']} tasks x K={o['k']}")
             t0 = time.time()
             summary = train(load_recipe(RECIPES / "loop" / "tiny.yaml", budget + over + quiet), tmp / name)
-            rows = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+            rows = read_metrics(tmp / name / "metrics.jsonl")
             result["curves"][name] = [round(r["reward/mean"], 4) for r in rows]
             for split in ("test", "dev"):
                 result[split][name] = evaluate_agent(str(tmp / name), str(tmp / f"eval-{name}-{split}"), split=split, limit=limit)

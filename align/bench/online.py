@@ -78,6 +78,7 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     from align.demo import RECIPES, _load
     from align.evaluate import accuracy, answers, per_family_accuracy, win_rate
     from align.rollout.hf import HFEngine
+    from align.runs import read_metrics
     from align.trainers import run as train
 
     per_round = o["prompts"] // o["iterations"]
@@ -89,7 +90,7 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
         "iterative_dpo": dpo + rounds,
         "inpo": ["loss.sft_weight=0"] + rounds,  # recipes/inpo/tiny.yaml: eta 0.5, tau eta/3
         "spo": ["loss.name=spo", "loss.clip_eps=0.2"] + rounds,
-        "dpo_nll": dpo[:-1] + ["loss.sft_weight=1.0"] + offline,
+        "dpo_nll": dpo + ["loss.sft_weight=1.0"] + offline,  # a later override wins
     }
     _say("SFT")
     t0 = time.time()
@@ -116,14 +117,8 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
         rows[name] = {"accuracy": accuracy(test, ans), "per_family": per_family_accuracy(test, ans), "win_rate_vs_sft": win_rate(test, ans, sft_answers),
                       "kl_to_ref": kl_to_ref(model, sft_model, tok, [t.prompt for t in test]),
                       "judge_calls": summary["judge_calls"], "wall_seconds": round(wall, 1)}
-        curves[name] = [round(r["sample_accuracy"], 4) for r in _metrics(tmp / name) if "sample_accuracy" in r]
+        curves[name] = [round(r["sample_accuracy"], 4) for r in read_metrics(tmp / name / "metrics.jsonl") if "sample_accuracy" in r]
     return rows, curves
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 STORY_METHODS = {
@@ -165,6 +160,7 @@ def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     from align.bench.rollout import _babyllama as convert
     from align.config import load_recipe
     from align.demo import _load
+    from align.runs import read_metrics
     from align.stories import story_prompts, story_score
     from align.trainers import run as train
 
@@ -200,5 +196,5 @@ def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
                       "kl_to_ref": kl_to_ref(model, base, tok, test, max_new_tokens=new),
                       "base_logp_per_token": base_logp_per_token(base, tok, groups), "judge_calls": summary["judge_calls"],
                       "wall_seconds": round(wall, 1)}
-        curves[name] = [round(r["sample_goal_score"], 4) for r in _metrics(tmp / f"story-{name}") if "sample_goal_score" in r]
+        curves[name] = [round(r["sample_goal_score"], 4) for r in read_metrics(tmp / f"story-{name}" / "metrics.jsonl") if "sample_goal_score" in r]
     return rows, curves

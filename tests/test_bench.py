@@ -1,6 +1,7 @@
 """`align bench NAME --json` prints exactly one JSON object on stdout with the keys its issue names."""
 
 import json
+import re
 
 import pytest
 
@@ -83,3 +84,30 @@ def test_bench_agent_json_contract():
         assert {"tgc", "sgc"} <= set(out["test"][method]), method
         assert 0.0 <= out["test"][method]["tgc"] <= 100.0
     assert len(out["curves"]["loop"]) == 1
+
+
+def test_agent_demonstrations_are_train_only_and_sloppy_fails_only_nothing_else_changed():
+    from align.agents.world import World, check_details, tasks_for
+    from align.bench.agent import demonstrations, sloppy
+
+    train = tasks_for("train", seed=1)
+    held_out = {t.instruction for s in ("dev", "test") for t in tasks_for(s, seed=1)}
+    clean, messy = demonstrations(1, 0, 0), demonstrations(1, 100, 0)
+    assert len(clean) == len(messy) == len(train)
+    assert not {r["prompt"] for r in clean} & held_out
+    assert not any('"done")' in r["chosen"] for r in clean)
+    by_solution = {t.solution: t for t in train}
+    n_sloppy = 0
+    for task in train:
+        bad = sloppy(task.solution)
+        if bad is None:  # nobody to message: events, notes, questions
+            assert "contacts.delete" in task.solution or not re.search(r"messages\.send|payments\.pay|contacts\.(add|update)", task.solution)
+            continue
+        n_sloppy += 1
+        w = World(task.db)
+        w.run(bad)
+        failed = [d for d, ok in check_details(task, w.db) if not ok]
+        assert failed == ["nothing else changed"], (task.id, failed)
+        assert bad in {r["chosen"] for r in messy}
+    assert n_sloppy > len(train) / 2
+    assert all(r["chosen"] in by_solution for r in clean)

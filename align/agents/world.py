@@ -490,10 +490,10 @@ class _Vars:
         return f"{self.rng.randrange(7, 21):02d}:{self.rng.choice(['00', '15', '30', '45'])}"
 
 
-# Clauses: (instruction phrase, code line). A scenario joins clauses with " and ", or is a question.
+# Clauses: (instruction phrase, code line). A scenario joins clauses with " and " (a later clause's text is {t2}, so two
+# texts differ), or is a question.
 CLAUSES = {
     "send": ("send {a} the message '{t}'", 'apis.messages.send("{a}","{t}")'),
-    "send2": ("send {a} the message '{t2}'", 'apis.messages.send("{a}","{t2}")'),
     "send_x": ("send {x} the message '{t}'", 'apis.messages.send("{x}","{t}")'),
     "pay": ("pay {a} ${n}", 'apis.payments.pay("{a}",{n})'),
     "pay_req": ("pay {a} the amount {a} requested", 'apis.payments.pay("{a}",apis.payments.requests("{a}")[0]["amount"])'),
@@ -507,7 +507,6 @@ CLAUSES = {
     "delete_note": ("delete the note {T}", 'apis.notes.delete("{T}")'),
     "note_phone": ("save {a}'s phone number in a note titled {a}", 'apis.notes.add("{a}",apis.contacts.get("{a}")["phone"])'),
     "note_date": ("save the date of {e} in a note titled {e}", 'apis.notes.add("{e}",apis.calendar.get("{e}")["date"])'),
-    "send_phone": ("send {a} {b}'s phone number", 'apis.messages.send("{a}",apis.contacts.get("{b}")["phone"])'),
     "send_balance": ("send {a} my balance", 'apis.messages.send("{a}",apis.payments.balance())'),
 }
 QUESTIONS = {  # (question, answer expression)
@@ -531,44 +530,56 @@ class Scenario:
         if self.clauses[0] in QUESTIONS:
             q, expr = QUESTIONS[self.clauses[0]]
             return q.format(**vals), f"apis.supervisor.complete_task(answer={expr.format(**vals)})"
-        phrase = " and ".join(CLAUSES[c][0] for c in self.clauses).format(**vals)
-        code = "\n".join([CLAUSES[c][1].format(**vals) for c in self.clauses] + [DONE])
+        parts = [tuple(x.replace("{t}", "{t2}") if i else x for x in CLAUSES[c]) for i, c in enumerate(self.clauses)]
+        phrase = " and ".join(ph for ph, _ in parts).format(**vals)
+        code = "\n".join([line.format(**vals) for _, line in parts] + [DONE])
         return phrase[0].upper() + phrase[1:] + ".", code
 
 
+PAIRED = ("send", "pay", "pay_req", "update_phone", "add_event", "move_event", "cancel_event", "add_note", "delete_note")
+"""The clauses that pair: every ordered pair of two of them is a scenario (except the two that act on one event)."""
+HELD_OUT = {  # (first, second) -> split; each held-out first and second clause differs, so each stays trained
+    ("cancel_event", "send"): "test", ("pay", "add_note"): "test", ("pay_req", "add_event"): "test",
+    ("delete_note", "pay"): "test", ("update_phone", "delete_note"): "test", ("add_event", "cancel_event"): "test",
+    ("update_phone", "send"): "dev", ("add_note", "pay"): "dev", ("move_event", "add_note"): "dev",
+    ("send", "delete_note"): "dev", ("pay_req", "cancel_event"): "dev",
+}
+
+
+def _pairs() -> tuple[Scenario, ...]:
+    out = []
+    for first in PAIRED:
+        for second in PAIRED:
+            if first == second or {first, second} == {"move_event", "cancel_event"}:
+                continue
+            out.append(Scenario(f"{first}_then_{second}", HELD_OUT.get((first, second), "train"),
+                                3 if "pay_req" in (first, second) else 2, (first, second)))
+    return tuple(out)
+
+
 SCENARIOS: tuple[Scenario, ...] = (
-    # train: every API call and phrasing the test scenarios use, alone and in pairs
+    # train: every clause alone and the questions; then the pairs, of which 11 are held out for dev and test
     Scenario("send_message", "train", 1, ("send",)),
     Scenario("pay_contact", "train", 1, ("pay",)),
     Scenario("add_contact", "train", 1, ("add_contact",)),
     Scenario("add_event", "train", 1, ("add_event",)),
     Scenario("add_note", "train", 1, ("add_note",)),
     Scenario("update_phone", "train", 1, ("update_phone",)),
+    Scenario("delete_contact", "train", 1, ("delete_contact",)),
     Scenario("cancel_event", "train", 1, ("cancel_event",)),
     Scenario("delete_note", "train", 1, ("delete_note",)),
     Scenario("move_event", "train", 1, ("move_event",)),
+    Scenario("send_balance", "train", 2, ("send_balance",)),
+    Scenario("note_phone", "train", 2, ("note_phone",)),
+    Scenario("note_event_date", "train", 2, ("note_date",)),
+    Scenario("pay_requested", "train", 2, ("pay_req",)),
     Scenario("answer_balance", "train", 1, ("ask_balance",)),
     Scenario("answer_phone", "train", 2, ("ask_phone",)),
     Scenario("answer_event_date", "train", 2, ("ask_date",)),
-    Scenario("note_phone", "train", 2, ("note_phone",)),
-    Scenario("pay_requested", "train", 2, ("pay_req",)),
-    Scenario("pay_and_message", "train", 2, ("pay", "send")),
-    Scenario("event_and_message", "train", 2, ("add_event", "send")),
-    # dev: new combinations, for model selection
-    Scenario("update_phone_and_message", "dev", 2, ("update_phone", "send")),
-    Scenario("note_and_message", "dev", 2, ("add_note", "send2")),
-    Scenario("answer_event_time", "dev", 2, ("ask_time",)),
-    Scenario("move_event_and_message", "dev", 2, ("move_event", "send")),
-    Scenario("note_event_date", "dev", 2, ("note_date",)),
-    # test: never trained on; the same calls and phrasings in new combinations
-    Scenario("delete_contact", "test", 1, ("delete_contact",)),
-    Scenario("message_phone", "test", 2, ("send_phone",)),
-    Scenario("add_contact_and_message", "test", 2, ("add_contact", "send_x")),
-    Scenario("cancel_event_and_message", "test", 2, ("cancel_event", "send")),
-    Scenario("pay_and_note", "test", 2, ("pay", "add_note")),
-    Scenario("pay_requested_and_message", "test", 3, ("pay_req", "send")),
-)
-TASKS_PER_SCENARIO = {"train": 8, "dev": 6, "test": 6}
+    Scenario("answer_event_time", "train", 2, ("ask_time",)),
+    Scenario("add_contact_then_send_x", "train", 2, ("add_contact", "send_x")),
+) + _pairs()
+TASKS_PER_SCENARIO = {"train": 4, "dev": 6, "test": 6}
 
 
 def make_task(scenario: Scenario, index: int, seed: int = 0) -> Task:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from align.paths import REPO_ROOT
 
-DEFAULTS = {"seed": 0, "demo_seeds": 24, "sloppy_pct": 50, "iterations": 10, "tasks": 40, "k": 6, "quick": 0}
+DEFAULTS = {"seed": 0, "demo_seeds": 16, "sloppy_pct": 80, "iterations": 10, "tasks": 40, "k": 6, "quick": 0}
 RECIPES = REPO_ROOT / "recipes"
 
 
@@ -32,9 +32,10 @@ def _say(msg: str) -> None:
 
 
 def sloppy(solution: str) -> str | None:
-    """The sloppy annotator's version: also message the first person the task names ('done'); None if nobody."""
-    m = re.search(r'apis\.(?:messages\.send|payments\.pay|contacts\.(?:add|update|delete))\("([^"]+)"', solution)
-    if not m:
+    """The sloppy annotator's version: also message the first person the task names ('done'); None if nobody (or
+    the task deletes that contact)."""
+    m = re.search(r'apis\.(?:messages\.send|payments\.pay|contacts\.(?:add|update))\("([^"]+)"', solution)
+    if not m or "apis.contacts.delete(" in solution:
         return None
     return solution.replace("apis.supervisor.complete_task()", f'apis.messages.send("{m.group(1)}","done")\napis.supervisor.complete_task()')
 

@@ -96,7 +96,6 @@ def test_agent_demonstrations_are_train_only_and_sloppy_fails_only_nothing_else_
     assert len(clean) == len(messy) == len(train)
     assert not {r["prompt"] for r in clean} & held_out
     assert not any('"done")' in r["chosen"] for r in clean)
-    by_solution = {t.solution: t for t in train}
     n_sloppy = 0
     for task in train:
         bad = sloppy(task.solution)
@@ -110,4 +109,4 @@ def test_agent_demonstrations_are_train_only_and_sloppy_fails_only_nothing_else_
         assert failed == ["nothing else changed"], (task.id, failed)
         assert bad in {r["chosen"] for r in messy}
     assert n_sloppy > len(train) / 2
-    assert all(r["chosen"] in by_solution for r in clean)
+    assert {r["chosen"] for r in clean} == {t.solution for t in train}

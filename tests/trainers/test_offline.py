@@ -138,8 +138,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint_and_res
                     "    return finish(tmp, final, state, keep)\n"
                     "runs.finish_checkpoint = finish_or_die\n"
                     "from align.cli import main\n"
-                    "sys.argv = ['align'] + sys.argv[1:]\n"
-                    "sys.exit(main())\n")
+                    "sys.exit(main())\n")  # main() reads sys.argv[1:]: the arguments after -c's script
     part = tmp_path / "part"
     proc = subprocess.run([sys.executable, "-c", die_in_write, "train", str(TINY), "-o", str(part), *overrides], cwd=REPO_ROOT,
                           env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-vllm install-appworld test test-slow demo bench clean
+.PHONY: install install-vllm install-appworld lint format test test-slow demo bench clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,15 @@ $(VENV)/.vllm-installed: $(VENV)/.installed
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
 	$(PY) -c "import vllm"
 	touch $@
+
+# ruff: format check and lint (rules in pyproject.toml); `make format` rewrites the tree
+lint: install
+	$(VENV)/bin/ruff format --check --diff .
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 # the test suite, vLLM conformance included (CPU); `slow` and `gpu` tests are opt-in
 # the real AppWorld in its own venv (its server-start tests); a failure here only makes those tests skip

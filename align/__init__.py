@@ -1,3 +1,4 @@
-"""align: an LLM alignment training suite (DPO family, SPO, INPO, VPL, LOOP) on one loss registry and one rollout engine."""
+"""align: an LLM alignment training suite (DPO family, SPO, INPO, VPL, LOOP, GRPO) on one loss registry and one
+rollout engine."""
 
 __version__ = "0.1.0"

@@ -30,7 +30,11 @@ def _train(args) -> int:
     out = args.output_dir or str(Path("runs") / Path(args.recipe).stem)
     summary = run(recipe, out, resume=args.resume)
     if summary:
-        print(json.dumps({k: summary[k] for k in ("trainer", "steps", "wall_seconds") if k in summary} | {"output_dir": out}))
+        print(
+            json.dumps(
+                {k: summary[k] for k in ("trainer", "steps", "wall_seconds") if k in summary} | {"output_dir": out}
+            )
+        )
     return 0
 
 
@@ -71,8 +75,12 @@ def _serve(args) -> int:
     from align.serve import serve_main
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        raise UserError(f"--host {args.host}: align serve only binds to loopback (127.0.0.1); put a proxy in front for remote use")
-    serve_main(args.model, backend=args.backend, host=args.host, port=args.port, name=args.name, max_context=args.max_context)
+        raise UserError(
+            f"--host {args.host}: align serve only binds to loopback (127.0.0.1); put a proxy in front for remote use"
+        )
+    serve_main(
+        args.model, backend=args.backend, host=args.host, port=args.port, name=args.name, max_context=args.max_context
+    )
     return 0
 
 
@@ -110,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipes/<method>/<name>.yaml")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=1e-5 lora.enabled=true")
     t.add_argument("--output-dir", "-o", help="run folder (default runs/<recipe name>)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output dir")
-    t.add_argument("--dry-run", action="store_true", help="validate recipe, data and launch configuration without loading weights")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in the output dir"
+    )
+    t.add_argument(
+        "--dry-run", action="store_true", help="validate recipe, data and launch configuration without loading weights"
+    )
     t.set_defaults(fn=_train)
 
     r = sub.add_parser("recipes", help="list recipes with their description")
@@ -128,13 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     l2c.add_argument("--output", required=True)
     l2c.set_defaults(fn=_convert)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)")
+    s = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)"
+    )
     s.add_argument("--model", required=True, help="HF model folder")
     s.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", help="model name reported by /v1/models (default: the path)")
-    s.add_argument("--max-context", type=int, help="refuse prompts with no room for a token (400) and cut max_tokens to fit (default: no limit)")
+    s.add_argument(
+        "--max-context",
+        type=int,
+        help="refuse prompts with no room for a token (400) and cut max_tokens to fit (default: no limit)",
+    )
     s.set_defaults(fn=_serve)
 
     d = sub.add_parser("demo", help="the quickstart: SFT -> self-judged pairs -> DPO -> evaluation, on CPU in minutes")
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        from align.trainers.offline import NonFiniteLoss
+        from align.trainers.kit import NonFiniteLoss
 
         if isinstance(e, NonFiniteLoss):
             print(f"error: {e}", file=sys.stderr)

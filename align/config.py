@@ -30,14 +30,21 @@ def doc(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = doc("tiny:llama", "Local folder, hub id, or 'tiny:<arch>' for a freshly built tiny model with a character tokenizer.")
+    name_or_path: str = doc(
+        "tiny:llama",
+        "Local folder, hub id, or 'tiny:<arch>' for a freshly built tiny model with a character tokenizer.",
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = doc("float32", "Weights and compute dtype.")
     tiny_hidden_size: int = doc(128, "Hidden size of a 'tiny:' model.")
     tiny_layers: int = doc(4, "Number of layers of a 'tiny:' model.")
-    tiny_heads: int = doc(4, "Attention heads of a 'tiny:' model (head_dim = hidden/heads; 32/64/128 keep it servable by vLLM).")
+    tiny_heads: int = doc(
+        4, "Attention heads of a 'tiny:' model (head_dim = hidden/heads; 32/64/128 keep it servable by vLLM)."
+    )
     tiny_intermediate_size: int = doc(256, "MLP width of a 'tiny:' model.")
     tiny_max_positions: int = doc(256, "Context length of a 'tiny:' model.")
-    attn_implementation: Optional[str] = doc("sdpa", "Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2').")
+    attn_implementation: Optional[str] = doc(
+        "sdpa", "Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2')."
+    )
     gradient_checkpointing: bool = doc(False, "Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = doc(False, "Allow model code from the hub (off by default).")
     revision: Optional[str] = doc(None, "Hub revision (branch, tag or commit) when name_or_path is a hub id.")
@@ -45,7 +52,10 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = doc(False, "Train a LoRA adapter instead of all weights; the reference is the same network with the adapter disabled.")
+    enabled: bool = doc(
+        False,
+        "Train a LoRA adapter instead of all weights; the reference is the same network with the adapter disabled.",
+    )
     r: int = doc(16, "LoRA rank.")
     alpha: int = doc(32, "LoRA alpha (scaling = alpha / r).")
     dropout: float = doc(0.0, "Dropout on the LoRA input.")
@@ -54,51 +64,92 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: str = doc("builtin:tasks", "Training data: a .jsonl/.json/.parquet file (optionally .gz), 'hf:<dataset>[:split]' for a datasets hub id or local dataset folder, or 'builtin:<name>' for a built-in set: tasks (verifiable tasks), pets / hh_users (multi-user preference sets, ':train' or ':eval' users), hh_harmless (HH-RLHF harmless 80/20 split).")
+    train: str = doc(
+        "builtin:tasks",
+        "Training data: a .jsonl/.json/.parquet file (optionally .gz), 'hf:<dataset>[:split]' for a datasets hub id "
+        "or local dataset folder, or 'builtin:<name>' for a built-in set: tasks (verifiable tasks), pets / hh_users "
+        "(multi-user preference sets, ':train' or ':eval' users), hh_harmless (HH-RLHF harmless 80/20 split).",
+    )
     eval: Optional[str] = doc(None, "Held-out data in the same forms; None = no evaluation set.")
-    format: Literal["auto", "plain", "conversational", "hh"] = doc("auto", "Row format: plain prompt/chosen/rejected strings, message lists, or HH-RLHF full dialogues (split into prompt and responses). 'auto' detects it.")
+    format: Literal["auto", "plain", "conversational", "hh"] = doc(
+        "auto",
+        "Row format: plain prompt/chosen/rejected strings, message lists, or HH-RLHF full dialogues (split into "
+        "prompt and responses). 'auto' detects it.",
+    )
     prompt_key: str = doc("prompt", "Column holding the prompt.")
     chosen_key: str = doc("chosen", "Column holding the preferred response (the completion, for SFT data).")
     rejected_key: str = doc("rejected", "Column holding the dispreferred response (absent for SFT data).")
     max_length: int = doc(512, "Maximum tokens of prompt + response; longer rows are an error unless truncate is set.")
     max_prompt_length: int = doc(256, "Maximum prompt tokens.")
-    drop_invalid: bool = doc(False, "Drop rows that fail validation (empty response, malformed dialogue) instead of stopping; the count is reported.")
-    truncate: bool = doc(False, "Truncate too-long rows (prompt from the left, response from the right) instead of failing.")
+    drop_invalid: bool = doc(
+        False,
+        "Drop rows that fail validation (empty response, malformed dialogue) instead of stopping; the count is "
+        "reported.",
+    )
+    truncate: bool = doc(
+        False, "Truncate too-long rows (prompt from the left, response from the right) instead of failing."
+    )
     limit: Optional[int] = doc(None, "Use only the first N rows.")
     chat_template: bool = doc(False, "Render plain prompts through the tokenizer's chat template as one user turn.")
     builtin_size: int = doc(512, "Rows generated for 'builtin:tasks'.")
     builtin_families: list = doc([], "Task families for 'builtin:tasks' (empty = all).")
-    builtin_sloppy: float = doc(0.0, "Fraction of 'builtin:tasks' SFT demonstrations written by a sloppy annotator (a systematic, family-specific mistake).")
+    builtin_sloppy: float = doc(
+        0.0,
+        "Fraction of 'builtin:tasks' SFT demonstrations written by a sloppy annotator (a systematic, family-specific "
+        "mistake).",
+    )
 
 
 @dataclass
 class LossConfig:
     name: str = doc("dpo", "Objective in the loss registry (see `align recipes --losses`).")
-    beta: float = doc(0.1, "KL strength beta (DPO, cDPO, robust, hinge, SimPO); tau of IPO; 1/eta of SPPO's regression target 1/(2 beta).")
+    beta: float = doc(
+        0.1,
+        "KL strength beta (DPO, cDPO, robust, hinge, SimPO); tau of IPO; 1/eta of SPPO's regression target 1/(2 beta).",
+    )
     label_smoothing: float = doc(0.0, "Probability eps that a label is flipped (cdpo, robust).")
     simpo_gamma: float = doc(0.5, "SimPO target reward margin gamma.")
     eta: float = doc(0.005, "INPO step size eta (SPPO uses eta = 1/beta).")
     tau: float = doc(0.005 / 3, "INPO KL-to-reference strength tau (tau = eta gives online IPO).")
     clip_eps: float = doc(0.2, "PPO-style ratio clipping of policy-gradient losses (spo).")
     sft_weight: float = doc(0.0, "Add this times the chosen NLL (per token) to the loss (RPO-style regulariser).")
-    importance: Literal["token", "trajectory"] = doc("token", "loop: per-token importance weights and clipping (LOOP), or one length-normalised weight per episode (ablation).")
+    importance: Literal["token", "trajectory"] = doc(
+        "token",
+        "loop: per-token importance weights and clipping (LOOP), or one length-normalised weight per episode "
+        "(ablation).",
+    )
 
 
 @dataclass
 class OnlineConfig:
     iterations: int = doc(3, "Online iterations: sample from the current policy, judge, update, sync weights.")
-    prompts_per_iteration: int = doc(64, "Prompts sampled (without replacement within an iteration) per iteration; K = rollout.n samples each.")
+    prompts_per_iteration: int = doc(
+        64, "Prompts sampled (without replacement within an iteration) per iteration; K = rollout.n samples each."
+    )
     epochs_per_iteration: int = doc(1, "Passes over an iteration's judged data.")
     min_advantage: float = doc(0.0, "Drop samples whose |advantage| is at most this (spo).")
 
 
 @dataclass
 class RewardConfig:
-    kind: Literal["bt", "vpl"] = doc("bt", "Reward model: Bradley-Terry ('bt') or variational personalised ('vpl': reward conditioned on a user latent z inferred from that user's labelled pairs).")
-    train_backbone: bool = doc(False, "Train the backbone (full, or LoRA with lora.enabled); False = frozen backbone, its embeddings computed once and only the heads trained.")
-    pooling: Literal["auto", "mean", "last"] = doc("auto", "Pool token states into one embedding: mean (encoders), last token (causal LMs), auto = by architecture.")
+    kind: Literal["bt", "vpl"] = doc(
+        "bt",
+        "Reward model: Bradley-Terry ('bt') or variational personalised ('vpl': reward conditioned on a user latent z "
+        "inferred from that user's labelled pairs).",
+    )
+    train_backbone: bool = doc(
+        False,
+        "Train the backbone (full, or LoRA with lora.enabled); False = frozen backbone, its embeddings computed once "
+        "and only the heads trained.",
+    )
+    pooling: Literal["auto", "mean", "last"] = doc(
+        "auto",
+        "Pool token states into one embedding: mean (encoders), last token (causal LMs), auto = by architecture.",
+    )
     head_hidden: int = doc(256, "Hidden width of the reward MLP (0 = linear head).")
-    margin_key: Optional[str] = doc(None, "Column with a per-pair margin m for the BT loss (Llama 2 style); None = no margin.")
+    margin_key: Optional[str] = doc(
+        None, "Column with a per-pair margin m for the BT loss (Llama 2 style); None = no margin."
+    )
     label_smoothing: float = doc(0.0, "BT label smoothing: probability eps that a label is flipped.")
     latent_dim: int = doc(512, "VPL latent size (paper: 512).")
     encoder_hidden: int = doc(256, "VPL context-encoder width (pair MLP and self-attention).")
@@ -109,26 +160,45 @@ class RewardConfig:
     kl_anneal_steps: int = doc(0, "VPL: beta rises linearly from 0 over this many steps (0 = constant beta).")
     user_key: str = doc("user", "Column with the user (annotator) id (VPL).")
     user_type_key: str = doc("user_type", "Optional column with the user type: accuracy is reported per type.")
-    controversial_key: str = doc("controversial", "Optional boolean column marking pairs the user types disagree on: accuracy reported on that subset.")
-    eval_fraction: float = doc(0.0, "Without data.eval: hold out this fraction of pairs (VPL: of users) for evaluation.")
+    controversial_key: str = doc(
+        "controversial",
+        "Optional boolean column marking pairs the user types disagree on: accuracy reported on that subset.",
+    )
+    eval_fraction: float = doc(
+        0.0, "Without data.eval: hold out this fraction of pairs (VPL: of users) for evaluation."
+    )
     eval_seed: int = doc(0, "Seed of the fresh context samples drawn per query pair at evaluation (VPL).")
 
 
 @dataclass
 class AgentConfig:
-    world: Literal["builtin", "appworld"] = doc("builtin", "Environment: the built-in AppWorld-shaped world, or the real AppWorld over its HTTP server.")
-    appworld_url: str = doc("http://127.0.0.1:8000", "AppWorld environment server (`appworld serve environment`), world: appworld.")
-    split: str = doc("train", "Task split the trainer samples from (built-in: train; AppWorld: train). Test tasks are never trained on.")
+    world: Literal["builtin", "appworld"] = doc(
+        "builtin", "Environment: the built-in AppWorld-shaped world, or the real AppWorld over its HTTP server."
+    )
+    appworld_url: str = doc(
+        "http://127.0.0.1:8000", "AppWorld environment server (`appworld serve environment`), world: appworld."
+    )
+    split: str = doc(
+        "train",
+        "Task split the trainer samples from (built-in: train; AppWorld: train). Test tasks are never trained on.",
+    )
     world_seed: int = doc(0, "Seed of the built-in world's task generator.")
-    tasks_per_iteration: int = doc(40, "Tasks sampled per iteration (paper: 40); K = rollout.n rollouts each (paper: 6).")
+    tasks_per_iteration: int = doc(
+        40, "Tasks sampled per iteration (paper: 40); K = rollout.n rollouts each (paper: 6)."
+    )
     iterations: int = doc(10, "Iterations: rollouts, advantages, PPO epochs, weight sync.")
     epochs_per_iteration: int = doc(2, "PPO epochs over an iteration's episodes (paper: 2; rloo: 1 on-policy step).")
     max_turns: int = doc(4, "Model turns per episode.")
-    advantage: Literal["loo", "grpo"] = doc("loo", "loo: A_k = R_k - mean_{i != k} R_i (LOOP/RLOO); grpo: (R_k - mean R) / std R over the K rollouts (ablation).")
+    advantage: Literal["loo", "grpo"] = doc(
+        "loo",
+        "loo: A_k = R_k - mean_{i != k} R_i (LOOP/RLOO); grpo: (R_k - mean R) / std R over the K rollouts (ablation).",
+    )
     min_advantage: float = doc(0.01, "Drop episodes with |A| < this (paper: 0.01).")
     show_docs: bool = doc(True, "Show the API docs in the first observation (tiny CPU policies learn without them).")
     turn_timeout: float = doc(5.0, "Wall-clock seconds per agent turn in the sandbox.")
-    eval_split: Optional[str] = doc("dev", "Split evaluated (greedy, one rollout per task) at the end; None = no evaluation.")
+    eval_split: Optional[str] = doc(
+        "dev", "Split evaluated (greedy, one rollout per task) at the end; None = no evaluation."
+    )
 
 
 @dataclass
@@ -143,11 +213,17 @@ class TrainConfig:
     warmup_steps: int = doc(0, "Linear warm-up steps.")
     schedule: Literal["constant", "linear", "cosine"] = doc("linear", "Learning-rate schedule after warm-up.")
     max_grad_norm: Optional[float] = doc(1.0, "Clip the gradient norm to this value (None = no clipping).")
-    reference: Literal["auto", "model", "precompute", "none"] = doc("auto", "Reference log-probs: 'model' = frozen copy (or the LoRA base), 'precompute' = one pass with the initial policy before training, 'auto' = LoRA base with LoRA else precompute; 'none' only for reference-free losses.")
+    reference: Literal["auto", "model", "precompute", "none"] = doc(
+        "auto",
+        "Reference log-probs: 'model' = frozen copy (or the LoRA base), 'precompute' = one pass with the initial "
+        "policy before training, 'auto' = LoRA base with LoRA else precompute; 'none' only for reference-free losses.",
+    )
     save_steps: int = doc(0, "Write a checkpoint every N optimizer steps (0 = only at the end).")
     keep_checkpoints: int = doc(2, "Checkpoints to keep (oldest removed).")
     logging_steps: int = doc(1, "Log metrics every N optimizer steps.")
-    nan_policy: Literal["stop", "skip"] = doc("stop", "On a non-finite loss: stop with the step named (last checkpoint kept) or skip the step.")
+    nan_policy: Literal["stop", "skip"] = doc(
+        "stop", "On a non-finite loss: stop with the step named (last checkpoint kept) or skip the step."
+    )
 
 
 @dataclass
@@ -163,13 +239,30 @@ class RolloutConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["checker", "story", "reward_model", "vpl", "llm", "none"] = doc("checker", "Preference oracle: programmatic checker of the built-in tasks, the programmatic story goal (BabyLlama: mentions judge.goal and ends happily), a reward model (BT), a VPL personalised reward model with a user context, or an LLM judge over an OpenAI-compatible endpoint.")
-    goal: str = doc("cat", "kind story: the topic word a story should mention (half the score; a happy ending is the other half).")
-    path: Optional[str] = doc(None, "Reward-model folder (kind: reward_model or vpl): an `align train` reward output or a HF sequence-classification model with one label.")
-    context: Optional[str] = doc(None, "kind vpl: file of the user's labelled pairs (prompt/chosen/rejected rows) that identify the user; z = mu of q(z | context).")
+    kind: Literal["checker", "story", "reward_model", "vpl", "llm", "none"] = doc(
+        "checker",
+        "Preference oracle: programmatic checker of the built-in tasks, the programmatic story goal (BabyLlama: "
+        "mentions judge.goal and ends happily), a reward model (BT), a VPL personalised reward model with a user "
+        "context, or an LLM judge over an OpenAI-compatible endpoint.",
+    )
+    goal: str = doc(
+        "cat", "kind story: the topic word a story should mention (half the score; a happy ending is the other half)."
+    )
+    path: Optional[str] = doc(
+        None,
+        "Reward-model folder (kind: reward_model or vpl): an `align train` reward output or a HF "
+        "sequence-classification model with one label.",
+    )
+    context: Optional[str] = doc(
+        None,
+        "kind vpl: file of the user's labelled pairs (prompt/chosen/rejected rows) that identify the user; z = mu of "
+        "q(z | context).",
+    )
     base_url: Optional[str] = doc(None, "OpenAI-compatible endpoint (kind: llm).")
     model: Optional[str] = doc(None, "Model name at the endpoint (kind: llm).")
-    api_key_env: str = doc("OPENAI_API_KEY", "Environment variable holding the API key (the key itself never goes in a recipe).")
+    api_key_env: str = doc(
+        "OPENAI_API_KEY", "Environment variable holding the API key (the key itself never goes in a recipe)."
+    )
 
 
 @dataclass
@@ -187,20 +280,33 @@ class LoggingConfig:
 @dataclass
 class Recipe:
     description: str = doc("", "One line shown by `align recipes`.")
-    trainer: Literal["preference", "sft", "online", "reward", "agent"] = doc("preference", "Data flow: offline pairs ('preference'), supervised fine-tuning ('sft'), online self-play ('online': spo, inpo, dpo, sppo on judged samples of the current policy), a reward model ('reward': BT or VPL), or multi-turn agent RL ('agent': LOOP and its ablations).")
+    trainer: Literal["preference", "sft", "online", "reward", "agent"] = doc(
+        "preference",
+        "Data flow: offline pairs ('preference'), supervised fine-tuning ('sft'), online self-play ('online': spo, "
+        "inpo, dpo, sppo on judged samples of the current policy), a reward model ('reward': BT or VPL), or "
+        "multi-turn agent RL ('agent': LOOP and its ablations).",
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The policy model."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter settings."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Datasets."})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "Objective."})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward model (trainer: reward)."})
-    agent: AgentConfig = field(default_factory=AgentConfig, metadata={"help": "Agent environment and LOOP iterations (trainer: agent)."})
+    agent: AgentConfig = field(
+        default_factory=AgentConfig, metadata={"help": "Agent environment and LOOP iterations (trainer: agent)."}
+    )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
-    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollout engine (online trainers, evaluation)."})
-    online: OnlineConfig = field(default_factory=OnlineConfig, metadata={"help": "Online iterations (trainer: online)."})
+    rollout: RolloutConfig = field(
+        default_factory=RolloutConfig, metadata={"help": "Rollout engine (online trainers, evaluation)."}
+    )
+    online: OnlineConfig = field(
+        default_factory=OnlineConfig, metadata={"help": "Online iterations (trainer: online)."}
+    )
     judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "Preference oracle."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logging and plots."})
-    accelerate_config: Optional[str] = doc(None, "accelerate config this recipe is meant to be launched with (checked by --dry-run).")
+    accelerate_config: Optional[str] = doc(
+        None, "accelerate config this recipe is meant to be launched with (checked by --dry-run)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- parsing
@@ -281,7 +387,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``["train.lr=1e-4", "lora.enabled=true"]`` -> ``[("train.lr", 0.0001), ("lora.enabled", True)]`` (values parsed as YAML)."""
+    """``["train.lr=1e-4", "lora.enabled=true"]`` -> ``[("train.lr", 0.0001), ("lora.enabled", True)]`` (values
+    parsed as YAML)."""
     out = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -343,14 +450,23 @@ def validate(recipe: Recipe, where: str) -> None:
     """Value checks beyond types: ranges and conflicting options."""
     t, d = recipe.train, recipe.data
     positive = {
-        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
-        "train.logging_steps": t.logging_steps, "data.max_length": d.max_length,
-        "data.max_prompt_length": d.max_prompt_length, "rollout.n": recipe.rollout.n,
-        "rollout.max_new_tokens": recipe.rollout.max_new_tokens, "lora.r": recipe.lora.r,
-        "model.tiny_hidden_size": recipe.model.tiny_hidden_size, "model.tiny_layers": recipe.model.tiny_layers,
-        "model.tiny_heads": recipe.model.tiny_heads, "model.tiny_intermediate_size": recipe.model.tiny_intermediate_size,
-        "model.tiny_max_positions": recipe.model.tiny_max_positions, "rollout.batch_size": recipe.rollout.batch_size,
-        "online.iterations": recipe.online.iterations, "online.prompts_per_iteration": recipe.online.prompts_per_iteration,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.epochs": t.epochs,
+        "train.logging_steps": t.logging_steps,
+        "data.max_length": d.max_length,
+        "data.max_prompt_length": d.max_prompt_length,
+        "rollout.n": recipe.rollout.n,
+        "rollout.max_new_tokens": recipe.rollout.max_new_tokens,
+        "lora.r": recipe.lora.r,
+        "model.tiny_hidden_size": recipe.model.tiny_hidden_size,
+        "model.tiny_layers": recipe.model.tiny_layers,
+        "model.tiny_heads": recipe.model.tiny_heads,
+        "model.tiny_intermediate_size": recipe.model.tiny_intermediate_size,
+        "model.tiny_max_positions": recipe.model.tiny_max_positions,
+        "rollout.batch_size": recipe.rollout.batch_size,
+        "online.iterations": recipe.online.iterations,
+        "online.prompts_per_iteration": recipe.online.prompts_per_iteration,
         "online.epochs_per_iteration": recipe.online.epochs_per_iteration,
     }
     for key, value in positive.items():
@@ -366,21 +482,32 @@ def validate(recipe: Recipe, where: str) -> None:
     if not 0.0 <= recipe.loss.label_smoothing < 0.5:
         raise UserError(f"{where}: loss.label_smoothing must be in [0, 0.5), got {recipe.loss.label_smoothing}")
     if d.max_prompt_length >= d.max_length:
-        raise UserError(f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})")
+        raise UserError(
+            f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})"
+        )
     if recipe.trainer == "reward":
         _validate_reward(recipe, where)
         return
     from align.losses import LOSSES  # local import: the registry imports torch
 
     if recipe.loss.name not in LOSSES:
-        raise UserError(f"{where}: loss.name {recipe.loss.name!r} is not registered; choose one of {', '.join(sorted(LOSSES))}")
+        raise UserError(
+            f"{where}: loss.name {recipe.loss.name!r} is not registered; choose one of {', '.join(sorted(LOSSES))}"
+        )
     spec = LOSSES[recipe.loss.name]
     if recipe.trainer == "agent":
         a = recipe.agent
         if spec.name != "loop":
-            raise UserError(f"{where}: trainer 'agent' needs loss.name 'loop' (ablations via agent.advantage, agent.epochs_per_iteration, loss.importance); got {recipe.loss.name!r}")
-        for key, value in {"agent.tasks_per_iteration": a.tasks_per_iteration, "agent.iterations": a.iterations,
-                           "agent.epochs_per_iteration": a.epochs_per_iteration, "agent.max_turns": a.max_turns}.items():
+            raise UserError(
+                f"{where}: trainer 'agent' needs loss.name 'loop' (ablations via agent.advantage, "
+                f"agent.epochs_per_iteration, loss.importance); got {recipe.loss.name!r}"
+            )
+        for key, value in {
+            "agent.tasks_per_iteration": a.tasks_per_iteration,
+            "agent.iterations": a.iterations,
+            "agent.epochs_per_iteration": a.epochs_per_iteration,
+            "agent.max_turns": a.max_turns,
+        }.items():
             if value <= 0:
                 raise UserError(f"{where}: {key} must be > 0, got {value}")
         if a.split.startswith("test"):
@@ -390,7 +517,9 @@ def validate(recipe: Recipe, where: str) -> None:
     elif spec.name == "loop":
         raise UserError(f"{where}: loss 'loop' needs trainer 'agent'")
     if recipe.trainer == "online" and spec.name not in ONLINE_LOSSES:
-        raise UserError(f"{where}: trainer 'online' supports loss.name {', '.join(ONLINE_LOSSES)}; got {recipe.loss.name!r}")
+        raise UserError(
+            f"{where}: trainer 'online' supports loss.name {', '.join(ONLINE_LOSSES)}; got {recipe.loss.name!r}"
+        )
     if recipe.trainer not in ("online", "agent") and spec.per_token:
         raise UserError(f"{where}: loss {spec.name!r} needs sampled responses: use trainer 'online'")
     if recipe.trainer == "sft" and spec.name != "sft":
@@ -403,21 +532,30 @@ def validate(recipe: Recipe, where: str) -> None:
 
 def _validate_reward(recipe: Recipe, where: str) -> None:
     r = recipe.reward
-    for key, value in {"reward.latent_dim": r.latent_dim, "reward.encoder_hidden": r.encoder_hidden,
-                       "reward.encoder_heads": r.encoder_heads, "reward.context_pairs": r.context_pairs,
-                       "reward.query_pairs": r.query_pairs}.items():
+    for key, value in {
+        "reward.latent_dim": r.latent_dim,
+        "reward.encoder_hidden": r.encoder_hidden,
+        "reward.encoder_heads": r.encoder_heads,
+        "reward.context_pairs": r.context_pairs,
+        "reward.query_pairs": r.query_pairs,
+    }.items():
         if value <= 0:
             raise UserError(f"{where}: {key} must be > 0, got {value}")
     if r.head_hidden < 0 or r.kl_anneal_steps < 0 or r.kl_beta < 0:
         raise UserError(f"{where}: reward.head_hidden, reward.kl_anneal_steps and reward.kl_beta must be >= 0")
     if r.encoder_hidden % r.encoder_heads:
-        raise UserError(f"{where}: reward.encoder_hidden ({r.encoder_hidden}) must be divisible by reward.encoder_heads ({r.encoder_heads})")
+        raise UserError(
+            f"{where}: reward.encoder_hidden ({r.encoder_hidden}) must be divisible by reward.encoder_heads "
+            f"({r.encoder_heads})"
+        )
     if not 0.0 <= r.label_smoothing < 0.5:
         raise UserError(f"{where}: reward.label_smoothing must be in [0, 0.5), got {r.label_smoothing}")
     if not 0.0 <= r.eval_fraction < 1.0:
         raise UserError(f"{where}: reward.eval_fraction must be in [0, 1), got {r.eval_fraction}")
     if recipe.lora.enabled and not r.train_backbone:
-        raise UserError(f"{where}: lora.enabled needs reward.train_backbone: true (a frozen backbone trains no adapter)")
+        raise UserError(
+            f"{where}: lora.enabled needs reward.train_backbone: true (a frozen backbone trains no adapter)"
+        )
 
 
 ONLINE_LOSSES = ("spo", "inpo", "dpo", "sppo", "ipo")

@@ -232,3 +232,15 @@ def convert_llama2c(bin_path: str, tokenizer_path: str, output_dir: str) -> str:
         if tmp is not None and tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def convert_shared_babyllama(output_dir: str | Path) -> tuple[str | None, str | None]:
+    """The shared pretrained BabyLlama (``<shared data>/models/babyllama-tok105``) as a HF folder in ``output_dir``:
+    (path, None), or (None, why) when the shared data folder is absent."""
+    from align.paths import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None:
+        return None, "shared data folder not found (set ALIGN_SHARED_DATA)"
+    src = data / "models" / "babyllama-tok105"
+    return convert_llama2c(str(src / "model5000.bin"), str(src / "tok105.model"), str(output_dir)), None

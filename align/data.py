@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from align.errors import UserError
-
-HH_ASSISTANT = "\n\nAssistant:"
+from align.hh import HH_ASSISTANT, split_hh, split_hh_pair  # noqa: F401 (split_hh: part of this module's API)
 
 
 @dataclass
@@ -47,7 +46,10 @@ def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False) -> list[d
         from align import userdata
 
         if name.partition(":")[0] not in userdata.BUILTINS:
-            raise UserError(f"data: unknown built-in dataset {source!r} (known: {', '.join('builtin:' + b for b in userdata.BUILTINS)})")
+            raise UserError(
+                f"data: unknown built-in dataset {source!r} (known: "
+                f"{', '.join('builtin:' + b for b in userdata.BUILTINS)})"
+            )
         if name != "tasks":
             return userdata.builtin_rows(name, data_cfg, seed)
         from align import tasks
@@ -139,35 +141,6 @@ def detect_format(row: dict, cfg) -> str:
     if cfg.prompt_key not in row and isinstance(chosen, str) and HH_ASSISTANT in chosen:
         return "hh"
     return "plain"
-
-
-def split_hh_pair(chosen: str, rejected: str | None) -> tuple[str, str, str | None]:
-    """Split an HH-RLHF (chosen, rejected) pair at the last '\\n\\nAssistant:' of their shared beginning (as
-    TRL's extract_prompt does), so a response that itself contains another turn stays whole."""
-    if rejected is None:
-        prompt, response = split_hh(chosen)
-        return prompt, response, None
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    split_hh(chosen), split_hh(rejected)  # each must be a dialogue
-    try:
-        prompt, _ = split_hh(chosen[:n] + "\x00")  # the cut must lie inside the shared prefix
-    except ValueError:
-        raise ValueError("chosen and rejected dialogues have different prompts") from None
-    cut = len(prompt)
-    return prompt, chosen[cut:].lstrip(" "), rejected[cut:].lstrip(" ")
-
-
-def split_hh(text: str) -> tuple[str, str]:
-    """An HH-RLHF dialogue -> (prompt up to and including the last '\\n\\nAssistant:', final response)."""
-    cut = text.rfind(HH_ASSISTANT)
-    if cut < 0:
-        raise ValueError("no '\\n\\nAssistant:' turn")
-    cut += len(HH_ASSISTANT)
-    return text[:cut], text[cut:].lstrip(" ")
 
 
 def _is_messages(x: Any) -> bool:
@@ -273,7 +246,7 @@ def render(tokenizer, prompt, response, use_template: bool) -> tuple[str, str]:
     full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
     if not full.startswith(p):
         raise ValueError("the chat template renders the prompt differently when a response follows")
-    return p, full[len(p):]
+    return p, full[len(p) :]
 
 
 def tokenize_rows(triples: list[tuple], fmt: str, tokenizer, cfg, source: str) -> list[Example]:
@@ -293,7 +266,11 @@ def tokenize_rows(triples: list[tuple], fmt: str, tokenizer, cfg, source: str) -
     add_special = not use_template  # a chat template writes its own special tokens
     p_ids = tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
     c_ids = tokenizer(chosens, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer([r or "" for r in rejecteds], add_special_tokens=False)["input_ids"] if triples[0][2] is not None else None
+    r_ids = (
+        tokenizer([r or "" for r in rejecteds], add_special_tokens=False)["input_ids"]
+        if triples[0][2] is not None
+        else None
+    )
     examples = []
     for i in range(len(triples)):
         prompt, chosen = p_ids[i], c_ids[i] + eos
@@ -302,12 +279,18 @@ def tokenize_rows(triples: list[tuple], fmt: str, tokenizer, cfg, source: str) -
             raise UserError(f"{source}: row {i}: empty prompt")
         if len(prompt) > cfg.max_prompt_length:
             if not cfg.truncate:
-                raise UserError(f"{source}: row {i}: prompt has {len(prompt)} tokens > data.max_prompt_length {cfg.max_prompt_length} (set data.truncate=true to cut it)")
-            prompt = prompt[-cfg.max_prompt_length:]
+                raise UserError(
+                    f"{source}: row {i}: prompt has {len(prompt)} tokens > data.max_prompt_length "
+                    f"{cfg.max_prompt_length} (set data.truncate=true to cut it)"
+                )
+            prompt = prompt[-cfg.max_prompt_length :]
         budget = cfg.max_length - len(prompt)
         for name, resp in (("chosen", chosen), ("rejected", rejected)):
             if resp is not None and len(resp) > budget and not cfg.truncate:
-                raise UserError(f"{source}: row {i}: prompt + {name} has {len(prompt) + len(resp)} tokens > data.max_length {cfg.max_length} (set data.truncate=true to cut it)")
+                raise UserError(
+                    f"{source}: row {i}: prompt + {name} has {len(prompt) + len(resp)} tokens > data.max_length "
+                    f"{cfg.max_length} (set data.truncate=true to cut it)"
+                )
         examples.append(Example(i, prompt, chosen[:budget], rejected[:budget] if rejected is not None else None))
     return examples
 
@@ -340,5 +323,31 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, : len(s)] = torch.tensor(s)
         attention[i, : len(s)] = 1
         completion[i, : len(m)] = torch.tensor(m)
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
-            "idx": torch.tensor([e.idx for e in examples])}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "idx": torch.tensor([e.idx for e in examples]),
+    }
+
+
+def load_prompts(d, seed: int = 0) -> list[str]:
+    """The prompts of ``d.train`` (a DataConfig) for the online trainer: the built-in tasks' or stories' training
+    prompts, or the ``d.prompt_key`` column of a file or dataset."""
+    if d.train in ("builtin:stories", "builtin:stories:train"):
+        from align.stories import story_prompts
+
+        return story_prompts(10**9, seed=seed, split="train")
+    if d.train.startswith("builtin:"):
+        from align import tasks as T
+
+        tasks = T.make_tasks(d.builtin_size, seed=seed, split="train", families=d.builtin_families)
+        return [t.prompt for t in tasks]
+    rows = read_rows(d.train, d)
+    prompts = []
+    for i, row in enumerate(rows[: d.limit] if d.limit else rows):
+        p = row.get(d.prompt_key) if isinstance(row, dict) else None
+        if not isinstance(p, str) or not p.strip():
+            raise UserError(f"{d.train}: row {i}: missing or empty {d.prompt_key!r} (the online trainer needs prompts)")
+        prompts.append(p)
+    return prompts

@@ -24,6 +24,7 @@ from pathlib import Path
 from align import tasks as T
 from align.config import load_recipe
 from align.evaluate import accuracy, answers, per_family_accuracy, win_rate
+from align.models import load_pretrained
 from align.rollout import SamplingParams
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "quickstart"
@@ -36,7 +37,9 @@ def say(msg: str) -> None:
 
 def self_judged_pairs(engine, tasks: list[T.Task], n: int, temperature: float, seed: int) -> list[dict]:
     """K samples per prompt, judged by the checker; one (correct, wrong) pair per prompt that has both."""
-    groups = engine.generate([t.prompt for t in tasks], n=n, sampling=SamplingParams(max_new_tokens=12, temperature=temperature, seed=seed))
+    groups = engine.generate(
+        [t.prompt for t in tasks], n=n, sampling=SamplingParams(max_new_tokens=12, temperature=temperature, seed=seed)
+    )
     rng = random.Random(seed)
     rows = []
     for task, group in zip(tasks, groups):
@@ -45,14 +48,6 @@ def self_judged_pairs(engine, tasks: list[T.Task], n: int, temperature: float, s
         if good and bad:
             rows.append({"prompt": task.prompt, "chosen": rng.choice(good), "rejected": rng.choice(bad)})
     return rows
-
-
-def _load(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
 def run_demo(output_dir: str = "runs/quickstart", quick: bool = False) -> dict:
@@ -71,7 +66,7 @@ def run_demo(output_dir: str = "runs/quickstart", quick: bool = False) -> dict:
     run(sft, out / "sft")
 
     say("== 2/5 pairs: the SFT policy samples, the checker judges")
-    model, tok = _load(out / "sft")
+    model, tok = load_pretrained(out / "sft")
     engine = HFEngine(model, tok, batch_size=256)
     train_tasks = T.make_tasks(200 if quick else 2000, seed=1, split="train", families=FAMILIES)
     pairs = self_judged_pairs(engine, train_tasks, n=8, temperature=1.0, seed=0)
@@ -79,11 +74,17 @@ def run_demo(output_dir: str = "runs/quickstart", quick: bool = False) -> dict:
     say(f"   {len(pairs)} pairs from {len(train_tasks)} prompts")
 
     say("== 3/5 DPO on the self-judged pairs")
-    dpo = load_recipe(RECIPES / "dpo.yaml", [f"model.name_or_path={out / 'sft'}", f"data.train={out / 'pairs.jsonl'}"] + (["train.epochs=1", "train.logging_steps=1"] if quick else []))
+    dpo = load_recipe(
+        RECIPES / "dpo.yaml",
+        [f"model.name_or_path={out / 'sft'}", f"data.train={out / 'pairs.jsonl'}"]
+        + (["train.epochs=1", "train.logging_steps=1"] if quick else []),
+    )
     run(dpo, out / "dpo")
 
     say("== 4/5 INPO online from the SFT policy (sample, judge, update; 3 iterations)")
-    online = [f"model.name_or_path={out / 'sft'}"] + (["online.prompts_per_iteration=64", "online.iterations=2"] if quick else [])
+    online = [f"model.name_or_path={out / 'sft'}"] + (
+        ["online.prompts_per_iteration=64", "online.iterations=2"] if quick else []
+    )
     run(load_recipe(RECIPES.parent / "inpo" / "tiny.yaml", online), out / "inpo")
 
     say("== 5/5 evaluation on held-out prompts")
@@ -91,12 +92,21 @@ def run_demo(output_dir: str = "runs/quickstart", quick: bool = False) -> dict:
     results, ans = {}, {}
     stages = ("sft", "dpo", "inpo")
     for stage in stages:
-        model, tok = _load(out / stage)
+        model, tok = load_pretrained(out / stage)
         ans[stage] = answers(HFEngine(model, tok, batch_size=256), test)
     for stage in stages:
-        results[stage] = {"accuracy": accuracy(test, ans[stage]), "win_rate_vs_sft": win_rate(test, ans[stage], ans["sft"]),
-                          "per_family": per_family_accuracy(test, ans[stage])}
-    summary = {"stages": list(results), "test_prompts": len(test), "pairs": len(pairs), "wall_seconds": round(time.time() - started, 1), **results}
+        results[stage] = {
+            "accuracy": accuracy(test, ans[stage]),
+            "win_rate_vs_sft": win_rate(test, ans[stage], ans["sft"]),
+            "per_family": per_family_accuracy(test, ans[stage]),
+        }
+    summary = {
+        "stages": list(results),
+        "test_prompts": len(test),
+        "pairs": len(pairs),
+        "wall_seconds": round(time.time() - started, 1),
+        **results,
+    }
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
     _plot(out, results)
     print(table(results))

@@ -14,10 +14,30 @@ import yaml
 from align.config import Recipe
 from align.errors import UserError
 
-ACCELERATE_KEYS = {"compute_environment", "distributed_type", "num_processes", "num_machines", "machine_rank",
-                   "mixed_precision", "use_cpu", "deepspeed_config", "main_training_function", "gpu_ids",
-                   "rdzv_backend", "same_network", "tpu_env", "tpu_use_cluster", "tpu_use_sudo", "downcast_bf16",
-                   "main_process_ip", "main_process_port", "debug", "enable_cpu_affinity", "fsdp_config", "dynamo_config"}
+ACCELERATE_KEYS = {
+    "compute_environment",
+    "distributed_type",
+    "num_processes",
+    "num_machines",
+    "machine_rank",
+    "mixed_precision",
+    "use_cpu",
+    "deepspeed_config",
+    "main_training_function",
+    "gpu_ids",
+    "rdzv_backend",
+    "same_network",
+    "tpu_env",
+    "tpu_use_cluster",
+    "tpu_use_sudo",
+    "downcast_bf16",
+    "main_process_ip",
+    "main_process_port",
+    "debug",
+    "enable_cpu_affinity",
+    "fsdp_config",
+    "dynamo_config",
+}
 DISTRIBUTED_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP"}
 
 
@@ -62,14 +82,19 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
     name = recipe.model.name_or_path
     check_model_path(name)
     local = name.startswith("tiny:") or Path(name).is_dir()
-    lines.append(f"model    {name}: {'local' if local else 'hub id (not downloaded in a dry run)'}" + (" + LoRA" if recipe.lora.enabled else ""))
+    lines.append(
+        f"model    {name}: {'local' if local else 'hub id (not downloaded in a dry run)'}"
+        + (" + LoRA" if recipe.lora.enabled else "")
+    )
     tok = load_tokenizer(name, recipe.model.revision, recipe.model.trust_remote_code) if local else None
     sources = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])
     for label, source in sources:
         if recipe.trainer == "online" and source.startswith("builtin:stories"):
-            from align.trainers.online import load_prompts
+            from align.data import load_prompts
 
-            lines.append(f"data     {label} {source}: {len(load_prompts(recipe))} story openings")
+            lines.append(
+                f"data     {label} {source}: {len(load_prompts(recipe.data, recipe.train.seed))} story openings"
+            )
             continue
         if source.startswith("hf:") and not Path(source[3:].split(":")[0]).is_dir():
             lines.append(f"data     {label} {source}: hub dataset (checked when training starts)")
@@ -80,13 +105,21 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
         fmt, triples = normalise(rows, recipe.data, source, sft=not spec.needs_rejected)
         if tok is not None:
             tokenize_rows(triples, fmt, tok, recipe.data, source)
-        lines.append(f"data     {label} {source}: {len(triples)} rows, format {fmt}" + (", lengths ok" if tok is not None else ""))
+        lines.append(
+            f"data     {label} {source}: {len(triples)} rows, format {fmt}"
+            + (", lengths ok" if tok is not None else "")
+        )
     if recipe.trainer == "online":
         j = recipe.judge
         if j.kind == "vpl" and not (j.path and Path(j.path).is_dir() and j.context and Path(j.context).is_file()):
-            raise UserError(f"{recipe_path}: judge kind 'vpl' needs judge.path (a VPL model folder) and judge.context (the user's labelled pairs)")
+            raise UserError(
+                f"{recipe_path}: judge kind 'vpl' needs judge.path (a VPL model folder) and judge.context (the user's "
+                "labelled pairs)"
+            )
         if j.kind == "none":
-            raise UserError(f"{recipe_path}: judge.kind: the online trainer needs a judge (checker, reward_model or llm)")
+            raise UserError(
+                f"{recipe_path}: judge.kind: the online trainer needs a judge (checker, reward_model or llm)"
+            )
         if j.kind == "llm" and not (j.base_url and j.model):
             raise UserError(f"{recipe_path}: judge.base_url and judge.model are required for an LLM judge")
         if j.kind == "reward_model" and not (j.path and Path(j.path).is_dir()):
@@ -97,12 +130,27 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
     if recipe.accelerate_config:
         cfg_path = recipe.accelerate_config
         if not Path(cfg_path).is_file():
-            cfg_path = str(Path(recipe_path).resolve().parent.parent / "accelerate" / Path(cfg_path).name) if not Path(cfg_path).is_absolute() else cfg_path
+            cfg_path = (
+                str(Path(recipe_path).resolve().parent.parent / "accelerate" / Path(cfg_path).name)
+                if not Path(cfg_path).is_absolute()
+                else cfg_path
+            )
         launch = check_accelerate_config(cfg_path)
-        if "ZeRO-3" in launch and recipe.train.reference == "model" and not recipe.lora.enabled and spec.needs_reference:
-            raise UserError(f"{recipe_path}: train.reference 'model' keeps an unsharded reference copy, which ZeRO-3 cannot hold; use train.reference=precompute (or LoRA)")
+        if (
+            "ZeRO-3" in launch
+            and recipe.train.reference == "model"
+            and not recipe.lora.enabled
+            and spec.needs_reference
+        ):
+            raise UserError(
+                f"{recipe_path}: train.reference 'model' keeps an unsharded reference copy, which ZeRO-3 cannot hold; "
+                "use train.reference=precompute (or LoRA)"
+            )
         if "ZeRO-3" in launch and recipe.trainer == "online" and not recipe.lora.enabled and spec.needs_reference:
-            raise UserError(f"{recipe_path}: online loss {spec.name!r} needs a frozen reference copy of the policy, which ZeRO-3 cannot hold; use LoRA (lora.enabled=true) or ZeRO-2")
+            raise UserError(
+                f"{recipe_path}: online loss {spec.name!r} needs a frozen reference copy of the policy, which ZeRO-3 "
+                "cannot hold; use LoRA (lora.enabled=true) or ZeRO-2"
+            )
         lines.append(f"launch   {recipe.accelerate_config}: {launch}")
     lines.append("dry run ok: nothing was loaded or written")
     return "\n".join(lines)
@@ -117,9 +165,12 @@ def _dry_run_reward(recipe: Recipe, recipe_path: str) -> str:
     name = recipe.model.name_or_path
     path = resolve_backbone(name)
     check_model_path(path)
-    lines = [f"recipe   {recipe_path}: ok (reward, {recipe.reward.kind})",
-             f"model    {name}: {'local' if name.startswith('tiny:') or Path(path).is_dir() else 'hub id'}"
-             + (f" ({path})" if path != name else "") + (", backbone trained" if recipe.reward.train_backbone else ", backbone frozen")]
+    lines = [
+        f"recipe   {recipe_path}: ok (reward, {recipe.reward.kind})",
+        f"model    {name}: {'local' if name.startswith('tiny:') or Path(path).is_dir() else 'hub id'}"
+        + (f" ({path})" if path != name else "")
+        + (", backbone trained" if recipe.reward.train_backbone else ", backbone frozen"),
+    ]
     train, ev = split_pairs(recipe)
     users = len(train.by_user()) if recipe.reward.kind == "vpl" else None
     lines.append(f"data     train {recipe.data.train}: {len(train)} pairs" + (f", {users} users" if users else ""))
@@ -135,15 +186,20 @@ def _dry_run_agent(recipe: Recipe, recipe_path: str) -> str:
 
     check_model_path(recipe.model.name_or_path)
     a = recipe.agent
-    lines = [f"recipe   {recipe_path}: ok (agent, loss {recipe.loss.name}, advantage {a.advantage}, importance {recipe.loss.importance})",
-             f"model    {recipe.model.name_or_path}" + (" + LoRA" if recipe.lora.enabled else "")]
+    lines = [
+        f"recipe   {recipe_path}: ok (agent, loss {recipe.loss.name}, advantage {a.advantage}, importance "
+        f"{recipe.loss.importance})",
+        f"model    {recipe.model.name_or_path}" + (" + LoRA" if recipe.lora.enabled else ""),
+    ]
     if a.world == "builtin":
-        from align.trainers.agent import load_tasks
+        from align.agents.play import load_tasks
 
         train = load_tasks(recipe, a.split)
         ev = load_tasks(recipe, a.eval_split) if a.eval_split else []
-        lines.append(f"world    builtin: {len(train)} {a.split} tasks ({len({t.scenario for t in train})} scenarios)"
-                     + (f", {len(ev)} {a.eval_split} tasks" if ev else ""))
+        lines.append(
+            f"world    builtin: {len(train)} {a.split} tasks ({len({t.scenario for t in train})} scenarios)"
+            + (f", {len(ev)} {a.eval_split} tasks" if ev else "")
+        )
     else:
         lines.append(f"world    appworld at {a.appworld_url} (reached when training starts)")
     if recipe.accelerate_config:

@@ -8,3 +8,8 @@ class UserError(Exception):
 def fail(message: str) -> "UserError":
     """Build a UserError; use as ``raise fail("recipe.yaml: key 'x': ...")``."""
     return UserError(message)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for a one-line error."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

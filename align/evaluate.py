@@ -8,7 +8,9 @@ from align.tasks import Task
 
 def answers(engine, tasks: list[Task], max_new_tokens: int = 16) -> list[str]:
     """Greedy answer of the engine's policy to every task."""
-    out = engine.generate([t.prompt for t in tasks], n=1, sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    out = engine.generate(
+        [t.prompt for t in tasks], n=1, sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    )
     return [g[0].text for g in out]
 
 

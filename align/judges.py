@@ -113,7 +113,9 @@ class AlignRewardJudge:
             with torch.no_grad():
                 ew = self.model.embed([p + c for p, c, _ in context_pairs])
                 el = self.model.embed([p + r for p, _, r in context_pairs])
-                self.z, _ = self.model.posterior(ew[None], el[None], torch.ones(1, len(context_pairs), dtype=torch.bool))
+                self.z, _ = self.model.posterior(
+                    ew[None], el[None], torch.ones(1, len(context_pairs), dtype=torch.bool)
+                )
 
     def rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
         with self.torch.no_grad():
@@ -137,8 +139,16 @@ def read_context(path: str) -> list[tuple[str, str, str]]:
 
     from align.data import normalise, read_rows
 
-    cfg = SimpleNamespace(format="auto", prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
-                          drop_invalid=False, builtin_size=0, builtin_families=[], builtin_sloppy=0.0)
+    cfg = SimpleNamespace(
+        format="auto",
+        prompt_key="prompt",
+        chosen_key="chosen",
+        rejected_key="rejected",
+        drop_invalid=False,
+        builtin_size=0,
+        builtin_families=[],
+        builtin_sloppy=0.0,
+    )
     _, triples = normalise(read_rows(path, cfg), cfg, path, sft=False)
     return [(p if isinstance(p, str) else str(p), c, r) for p, c, r in triples]
 
@@ -165,8 +175,12 @@ class RewardModelJudge:
         out = []
         with self.torch.no_grad():
             for s in range(0, len(prompts), self.batch_size):
-                enc = self.tok([p + r for p, r in zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size])],
-                               return_tensors="pt", padding=True, truncation=True)
+                enc = self.tok(
+                    [p + r for p, r in zip(prompts[s : s + self.batch_size], responses[s : s + self.batch_size])],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                )
                 out += self.model(**enc).logits[:, 0].float().tolist()
         return out
 
@@ -185,8 +199,16 @@ PAIRWISE_PROMPT = (
 class LLMJudge:
     """Pairwise judge over an OpenAI-compatible /v1/completions endpoint (log-probs of '1' vs '2')."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 retries: int = 4, backoff: float = 0.5, template: str = PAIRWISE_PROMPT):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        template: str = PAIRWISE_PROMPT,
+    ):
         if not base_url:
             raise UserError("judge.base_url: required for an LLM judge")
         self.url = base_url.rstrip("/") + "/completions"
@@ -214,12 +236,17 @@ class LLMJudge:
             except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
                 last = type(e).__name__
             if attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
+                time.sleep(self.backoff * 2**attempt)
         raise RuntimeError(f"LLM judge at {self.url}: no valid answer after {self.retries + 1} attempts ({last})")
 
     def _p_first(self, prompt: str, first: str, second: str) -> float:
-        body = {"model": self.model, "prompt": self.template.format(prompt=prompt, first=first, second=second),
-                "max_tokens": 1, "temperature": 0.0, "logprobs": 20}
+        body = {
+            "model": self.model,
+            "prompt": self.template.format(prompt=prompt, first=first, second=second),
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": 20,
+        }
         reply = self._post(body)
         try:
             tops = reply["choices"][0]["logprobs"]["top_logprobs"][0] or {}
@@ -271,7 +298,10 @@ ALPACA_EVAL_SYSTEM = (
 """System message of the weighted AlpacaEval-style judge (our wording, in the style of alpaca_eval's
 ``weighted_alpaca_eval_gpt4_turbo`` annotator)."""
 
-ALPACA_EVAL_TEMPLATE = '''We are ranking language models. Below is one instruction that was given to two models and the answer each model wrote. Decide which answer a thoughtful person would prefer: the one that follows the instruction more faithfully and is more helpful, accurate and clearly presented.
+ALPACA_EVAL_TEMPLATE = (
+    "We are ranking language models. Below is one instruction that was given to two models and the answer each "
+    "model wrote. Decide which answer a thoughtful person would prefer: the one that follows the instruction more "
+    "faithfully and is more helpful, accurate and clearly presented." + '''
 
 ## The instruction
 
@@ -296,10 +326,15 @@ The answers are listed in no particular order. Each carries a short model identi
 
 ## What to do
 
-Pick the model whose answer is better and reply with its identifier alone. A program reads your reply as the name of the winning model, so it must be exactly one of the two identifiers, m or M, and nothing else (no quotes, spaces, punctuation or explanation).
+'''
+    "Pick the model whose answer is better and reply with its identifier alone. A program reads your reply as the "
+    "name of the winning model, so it must be exactly one of the two identifiers, m or M, and nothing else (no "
+    "quotes, spaces, punctuation or explanation)."
+    + """
 
 ## Identifier of the better model
-'''
+"""
+)
 """User message of the weighted AlpacaEval-style judge. Placeholders ``{instruction}``, ``{output_1}`` (identifier
 ``m``) and ``{output_2}`` (identifier ``M``) are filled in one pass, so braces in the texts are left alone."""
 
@@ -325,14 +360,34 @@ class WeightedLLMJudge(LLMJudge):
     when only one is, and NaN when neither is.
     """
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", *, api: str = "chat",
-                 top_logprobs: int = 5, temperature: float = 1.0, system: str = ALPACA_EVAL_SYSTEM,
-                 template: str = ALPACA_EVAL_TEMPLATE, tokens: tuple[str, str] = ("m", "M"), timeout: float = 60.0,
-                 retries: int = 4, backoff: float = 0.5):
-        super().__init__(base_url, model, api_key_env, timeout=timeout, retries=retries, backoff=backoff, template=template)
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        *,
+        api: str = "chat",
+        top_logprobs: int = 5,
+        temperature: float = 1.0,
+        system: str = ALPACA_EVAL_SYSTEM,
+        template: str = ALPACA_EVAL_TEMPLATE,
+        tokens: tuple[str, str] = ("m", "M"),
+        timeout: float = 60.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+    ):
+        super().__init__(
+            base_url, model, api_key_env, timeout=timeout, retries=retries, backoff=backoff, template=template
+        )
         if api not in ("chat", "completions"):
             raise UserError(f"judge.api: {api!r} is not 'chat' or 'completions'")
-        self.api, self.top_logprobs, self.temperature, self.system, self.tokens = api, top_logprobs, temperature, system, tokens
+        self.api, self.top_logprobs, self.temperature, self.system, self.tokens = (
+            api,
+            top_logprobs,
+            temperature,
+            system,
+            tokens,
+        )
         self.url = base_url.rstrip("/") + ("/chat/completions" if api == "chat" else "/completions")
 
     def __repr__(self) -> str:
@@ -352,13 +407,26 @@ class WeightedLLMJudge(LLMJudge):
         """P(the first output is better) from one call; None when neither identifier is among the top log-probs."""
         user = fill_template(self.template, instruction=instruction, output_1=first, output_2=second)
         if self.api == "chat":
-            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": user}]
-            body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": self.temperature,
-                    "logprobs": True, "top_logprobs": self.top_logprobs}
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+                {"role": "user", "content": user}
+            ]
+            body = {
+                "model": self.model,
+                "messages": messages,
+                "max_tokens": 1,
+                "temperature": self.temperature,
+                "logprobs": True,
+                "top_logprobs": self.top_logprobs,
+            }
         else:
             prompt = (self.system + "\n\n" if self.system else "") + user
-            body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": self.temperature,
-                    "logprobs": self.top_logprobs}
+            body = {
+                "model": self.model,
+                "prompt": prompt,
+                "max_tokens": 1,
+                "temperature": self.temperature,
+                "logprobs": self.top_logprobs,
+            }
         tops = self._tops(self._post(body))
         t1, t2 = self.tokens
         p1 = sum(math.exp(v) for k, v in tops.items() if isinstance(k, str) and k.strip() == t1)
@@ -383,8 +451,18 @@ class LLMChat(LLMJudge):
     """Free-text chat completions from an OpenAI-compatible ``/chat/completions`` endpoint (the graders of MT-Bench
     and Arena-Hard): same timeouts, bounded retries with backoff and key handling as ``LLMJudge``."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", *, max_tokens: int = 2048,
-                 temperature: float = 0.0, timeout: float = 120.0, retries: int = 4, backoff: float = 0.5):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        *,
+        max_tokens: int = 2048,
+        temperature: float = 0.0,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+    ):
         super().__init__(base_url, model, api_key_env, timeout=timeout, retries=retries, backoff=backoff)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.max_tokens, self.temperature = max_tokens, temperature
@@ -393,7 +471,12 @@ class LLMChat(LLMJudge):
         return f"LLMChat(url={self.url!r}, model={self.model!r})"
 
     def chat(self, messages: list[dict]) -> str:
-        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens, "temperature": self.temperature}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
         reply = self._post(body)
         try:
             content = reply["choices"][0]["message"]["content"]

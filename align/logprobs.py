@@ -19,3 +19,14 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     mask = batch["completion_mask"][:, 1:].to(torch.float32)
     per_token = token_logps(out.logits[:, :-1], labels)
     return (per_token * mask).sum(-1), mask.sum(-1)
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], paired: bool):
+    """(chosen sums, chosen lengths, rejected sums, rejected lengths) of a collated [chosen; rejected] batch; the
+    rejected pair is (None, None) for SFT rows (``paired`` False)."""
+    logps, lengths = sequence_logps(model, batch)
+    if not paired:
+        return logps, lengths, None, None
+    c, r = logps.chunk(2)
+    cl, rl = lengths.chunk(2)
+    return c, cl, r, rl

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from align.errors import UserError
+from align.errors import UserError, first_line
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
@@ -40,22 +40,44 @@ def char_tokenizer():
     return fast
 
 
-def build_tiny_model(arch: str = "llama", vocab_size: int = 104, hidden_size: int = 128, layers: int = 4, heads: int = 4,
-                     intermediate_size: int = 256, max_positions: int = 256, seed: int = 0, tokenizer=None, tie_embeddings: bool = False):
+def build_tiny_model(
+    arch: str = "llama",
+    vocab_size: int = 104,
+    hidden_size: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    intermediate_size: int = 256,
+    max_positions: int = 256,
+    seed: int = 0,
+    tokenizer=None,
+    tie_embeddings: bool = False,
+):
     """A randomly initialised small causal LM (deterministic in ``seed``). head_dim = hidden/heads."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if arch not in TINY_ARCHS:
-        raise UserError(f"model.name_or_path: unknown tiny architecture {arch!r}; choose tiny:{' or tiny:'.join(TINY_ARCHS)}")
+        raise UserError(
+            f"model.name_or_path: unknown tiny architecture {arch!r}; choose tiny:{' or tiny:'.join(TINY_ARCHS)}"
+        )
     ids = {}
     if tokenizer is not None:
         vocab_size = len(tokenizer)
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        ids = dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     config = config_cls(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max_positions,
-        tie_word_embeddings=tie_embeddings, **ids,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_embeddings,
+        **ids,
     )
     # constructed directly, not through from_config: under DeepSpeed ZeRO-3 from_config initialises inside
     # zero.Init, partitioned per rank, and the "same seed" would give every launch a different model
@@ -77,14 +99,12 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {name_or_path!r} ({_first_line(e)})") from None
+        raise UserError(
+            f"model.name_or_path: cannot load a tokenizer from {name_or_path!r} ({first_line(e)})"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def check_model_path(name_or_path: str) -> None:
@@ -92,7 +112,9 @@ def check_model_path(name_or_path: str) -> None:
     if name_or_path.startswith("tiny:"):
         arch = name_or_path[5:]
         if arch not in TINY_ARCHS:
-            raise UserError(f"model.name_or_path: unknown tiny architecture {arch!r}; choose tiny:{' or tiny:'.join(TINY_ARCHS)}")
+            raise UserError(
+                f"model.name_or_path: unknown tiny architecture {arch!r}; choose tiny:{' or tiny:'.join(TINY_ARCHS)}"
+            )
         return
     p = Path(name_or_path)
     looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -111,20 +133,29 @@ def load_policy(model_cfg, lora_cfg=None, seed: int = 0):
     tok = load_tokenizer(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
     if model_cfg.name_or_path.startswith("tiny:"):
         model = build_tiny_model(
-            model_cfg.name_or_path[5:], hidden_size=model_cfg.tiny_hidden_size, layers=model_cfg.tiny_layers,
-            heads=model_cfg.tiny_heads, intermediate_size=model_cfg.tiny_intermediate_size,
-            max_positions=model_cfg.tiny_max_positions, seed=seed, tokenizer=tok,
+            model_cfg.name_or_path[5:],
+            hidden_size=model_cfg.tiny_hidden_size,
+            layers=model_cfg.tiny_layers,
+            heads=model_cfg.tiny_heads,
+            intermediate_size=model_cfg.tiny_intermediate_size,
+            max_positions=model_cfg.tiny_max_positions,
+            seed=seed,
+            tokenizer=tok,
         )
         if model_cfg.dtype not in ("float32", "auto"):
             model = model.to(_dtype(model_cfg.dtype))
     else:
-        kwargs = dict(dtype=_dtype(model_cfg.dtype), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        kwargs = dict(
+            dtype=_dtype(model_cfg.dtype), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
         if model_cfg.attn_implementation:
             kwargs["attn_implementation"] = model_cfg.attn_implementation
         try:
             model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"model.name_or_path: cannot load a causal LM from {model_cfg.name_or_path!r} ({_first_line(e)})") from None
+            raise UserError(
+                f"model.name_or_path: cannot load a causal LM from {model_cfg.name_or_path!r} ({first_line(e)})"
+            ) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if model_cfg.gradient_checkpointing:
@@ -140,7 +171,10 @@ def add_lora(model, lora_cfg):
     from peft import get_peft_model
 
     cfg = PeftLoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=lora_cfg.target_modules,
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules,
         task_type="CAUSAL_LM",
     )
     if getattr(model, "is_gradient_checkpointing", False):
@@ -167,3 +201,12 @@ def save_model(model, tokenizer, output_dir: str | Path, state_dict=None, is_mai
     model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=is_main_process, safe_serialization=True)
     if is_main_process:
         tokenizer.save_pretrained(output_dir)
+
+
+def load_pretrained(path: str | Path):
+    """(causal LM, tokenizer) of a local HF folder (a finished run's output), without a progress bar."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

@@ -47,12 +47,15 @@ def resolve_backbone(name: str) -> str:
 
 def load_backbone(name: str, seed: int = 0):
     """(backbone without LM head, tokenizer, pooling 'mean'|'last')."""
-    from align.models import _first_line, build_tiny_model, char_tokenizer, check_model_path
+    from align.errors import first_line
+    from align.models import build_tiny_model, char_tokenizer, check_model_path
 
     if name.startswith("tiny:"):
         check_model_path(name)
         tok = char_tokenizer()
-        lm = build_tiny_model(name[5:], hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=seed, tokenizer=tok)
+        lm = build_tiny_model(
+            name[5:], hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=seed, tokenizer=tok
+        )
         return lm.base_model, tok, "last"
     path = resolve_backbone(name)
     check_model_path(path)
@@ -65,7 +68,7 @@ def load_backbone(name: str, seed: int = 0):
             torch.manual_seed(seed)
             model = AutoModel.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"model.name_or_path: cannot load a reward backbone from {name!r} ({_first_line(e)})") from None
+        raise UserError(f"model.name_or_path: cannot load a reward backbone from {name!r} ({first_line(e)})") from None
     archs = " ".join(config.architectures or [])
     causal = "CausalLM" in archs or getattr(config, "is_decoder", False)
     if tok.pad_token is None:
@@ -74,7 +77,11 @@ def load_backbone(name: str, seed: int = 0):
 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
-    return nn.Linear(d_in, d_out) if hidden <= 0 else nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+    return (
+        nn.Linear(d_in, d_out)
+        if hidden <= 0
+        else nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+    )
 
 
 class RewardModel(nn.Module):
@@ -100,9 +107,14 @@ class RewardModel(nn.Module):
         out = []
         dev = next(self.backbone.parameters()).device
         for s in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[s:s + batch_size], padding=True, truncation=True,
-                                 max_length=self.cfg["max_length"], return_token_type_ids=False,
-                                 return_tensors="pt").to(dev)
+            enc = self.tokenizer(
+                texts[s : s + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.cfg["max_length"],
+                return_token_type_ids=False,
+                return_tensors="pt",
+            ).to(dev)
             h = self.backbone(**enc).last_hidden_state.float()
             m = enc["attention_mask"]
             if self.cfg["pooling"] == "mean":
@@ -119,9 +131,11 @@ class RewardModel(nn.Module):
             e = torch.cat([e, z], -1)
         return self.head(e).squeeze(-1)
 
-    def posterior(self, ctx_w: torch.Tensor, ctx_l: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z | C): context pairs [U, N, d] (preferred, dispreferred) with a validity mask [U, N] -> (mu, logvar) [U, D].
-        A user with no valid context pair gets the prior (mu 0, logvar 0)."""
+    def posterior(
+        self, ctx_w: torch.Tensor, ctx_l: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | C): context pairs [U, N, d] (preferred, dispreferred) with a validity mask [U, N] -> (mu, logvar)
+        [U, D]. A user with no valid context pair gets the prior (mu 0, logvar 0)."""
         h = self.pair(torch.cat([ctx_w, ctx_l], -1))
         any_valid = mask.any(-1)
         safe = mask | ~any_valid[:, None]  # keep attention defined for empty rows (masked out below)
@@ -151,7 +165,7 @@ class RewardModel(nn.Module):
         (out / CONFIG_FILE).write_text(json.dumps(self.cfg, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "RewardModel":
+    def load(cls, path: str | Path) -> RewardModel:
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
@@ -168,17 +182,25 @@ class RewardModel(nn.Module):
             raise UserError(f"{path}: cannot load the reward model ({str(e).strip().splitlines()[0][:200]})") from None
         bad = [k for k in missing if not k.startswith("backbone.")] + list(unexpected)
         if bad:
-            raise UserError(f"{path}: {HEADS_FILE} does not match {CONFIG_FILE} (mismatched keys: {', '.join(bad[:3])})")
+            raise UserError(
+                f"{path}: {HEADS_FILE} does not match {CONFIG_FILE} (mismatched keys: {', '.join(bad[:3])})"
+            )
         return model.eval()
 
 
 def build(model_cfg, reward_cfg, max_length: int, seed: int) -> RewardModel:
     """A fresh reward model from the recipe's ``model`` and ``reward`` sections (heads initialised from ``seed``)."""
     backbone, tok, pooling = load_backbone(model_cfg.name_or_path, seed)
-    cfg = {"kind": reward_cfg.kind, "pooling": pooling if reward_cfg.pooling == "auto" else reward_cfg.pooling,
-           "max_length": max_length, "head_hidden": reward_cfg.head_hidden, "latent_dim": reward_cfg.latent_dim,
-           "encoder_hidden": reward_cfg.encoder_hidden, "encoder_heads": reward_cfg.encoder_heads,
-           "backbone": model_cfg.name_or_path}
+    cfg = {
+        "kind": reward_cfg.kind,
+        "pooling": pooling if reward_cfg.pooling == "auto" else reward_cfg.pooling,
+        "max_length": max_length,
+        "head_hidden": reward_cfg.head_hidden,
+        "latent_dim": reward_cfg.latent_dim,
+        "encoder_hidden": reward_cfg.encoder_hidden,
+        "encoder_heads": reward_cfg.encoder_heads,
+        "backbone": model_cfg.name_or_path,
+    }
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return RewardModel(backbone, tok, cfg)

@@ -1,10 +1,10 @@
 """What every trainer writes into its output directory, as plain functions:
 
-    recipe.yaml     the resolved recipe
-    metrics.jsonl   one JSON object per logging step
-    summary.json    trainer, steps, wall_seconds, final metrics
-    plots/*.png     one curve per logged metric
-    checkpoint-N/   resumable state, written atomically (checkpoint-N.tmp, then renamed)
+recipe.yaml     the resolved recipe
+metrics.jsonl   one JSON object per logging step
+summary.json    trainer, steps, wall_seconds, final metrics
+plots/*.png     one curve per logged metric
+checkpoint-N/   resumable state, written atomically (checkpoint-N.tmp, then renamed)
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> None:
     """Refuse to overwrite a finished or started run unless resuming."""
     if output_dir.exists() and not resume:
         if (output_dir / "summary.json").exists() or any(output_dir.glob("checkpoint-*")):
-            raise UserError(f"{output_dir}: already holds a run; pass --resume to continue it or choose another --output-dir")
+            raise UserError(
+                f"{output_dir}: already holds a run; pass --resume to continue it or choose another --output-dir"
+            )
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -57,7 +60,10 @@ def read_state(ckpt: Path, recipe: Recipe) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{ckpt / STATE_FILE}: unreadable checkpoint state ({e})") from None
     if state.get("recipe_fingerprint") != recipe_fingerprint(recipe):
-        raise UserError(f"{ckpt}: checkpoint was written by a different recipe; resume with the recipe in {ckpt.parent / 'recipe.yaml'} or start a new --output-dir")
+        raise UserError(
+            f"{ckpt}: checkpoint was written by a different recipe; resume with the recipe in "
+            f"{ckpt.parent / 'recipe.yaml'} or start a new --output-dir"
+        )
     return state
 
 
@@ -67,8 +73,10 @@ def finish_checkpoint(tmp: Path, final: Path, state: dict, keep: int) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    ckpts = sorted((p for p in final.parent.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
-                   key=lambda p: int(p.name.split("-")[1]))
+    ckpts = sorted(
+        (p for p in final.parent.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     for old in ckpts[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -86,12 +94,19 @@ def load_window(folder: Path, rank: int) -> list[dict]:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder, fsynced and renamed: a reader
+    or a killed process never sees half a file, and a failed write leaves no temporary file behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_recipe(output_dir: Path, recipe: Recipe) -> None:

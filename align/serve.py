@@ -46,7 +46,11 @@ def _sampling(body: dict, chat: bool) -> tuple[SamplingParams, int, int | None]:
             raise BadRequest(f"'{key}' must be in [{lo}, {hi}]")
         return v
 
-    max_tokens = num("max_completion_tokens", None, int, 1, 32768) if chat and body.get("max_completion_tokens") is not None else num("max_tokens", 16 if not chat else 256, int, 1, 32768)
+    max_tokens = (
+        num("max_completion_tokens", None, int, 1, 32768)
+        if chat and body.get("max_completion_tokens") is not None
+        else num("max_tokens", 16 if not chat else 256, int, 1, 32768)
+    )
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -61,9 +65,15 @@ def _sampling(body: dict, chat: bool) -> tuple[SamplingParams, int, int | None]:
         lp = body.get("logprobs")
         logprobs = None if lp is None else num("logprobs", 0, int, 0, 20)
         top = logprobs or 0
-    sp = SamplingParams(max_new_tokens=max_tokens, temperature=num("temperature", 1.0, float, 0.0, 10.0),
-                        top_p=num("top_p", 1.0, float, 0.0, 1.0), top_k=num("top_k", 0, int, 0, 2**31 - 1), stop=stop,
-                        seed=None if body.get("seed") is None else num("seed", 0, int, -(2**63), 2**64 - 1), top_logprobs=top)
+    sp = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=num("temperature", 1.0, float, 0.0, 10.0),
+        top_p=num("top_p", 1.0, float, 0.0, 1.0),
+        top_k=num("top_k", 0, int, 0, 2**31 - 1),
+        stop=stop,
+        seed=None if body.get("seed") is None else num("seed", 0, int, -(2**63), 2**64 - 1),
+        top_logprobs=top,
+    )
     return sp, num("n", 1, int, 1, 128), logprobs
 
 
@@ -80,8 +90,10 @@ class Server:
         for i, n in enumerate(lengths):
             if n >= self.max_context:
                 which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
-                raise BadRequest(f"{which} is {n} tokens; this model's maximum context length is {self.max_context} tokens "
-                                 "(prompt and completion together)")
+                raise BadRequest(
+                    f"{which} is {n} tokens; this model's maximum context length is {self.max_context} tokens "
+                    "(prompt and completion together)"
+                )
         room = self.max_context - max(lengths)
         return dataclasses.replace(sp, max_new_tokens=room) if sp.max_new_tokens > room else sp
 
@@ -98,7 +110,7 @@ class Server:
         with self.lock:
             groups = self.engine.generate(prompts, n=n, sampling=sp)
         choices, used = [], 0
-        for i, group in enumerate(groups):
+        for group in groups:
             for c in group:
                 used += len(c.token_ids)
                 choice = {"index": len(choices), "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
@@ -109,17 +121,34 @@ class Server:
                         offsets.append(pos)
                         pos += len(s)
                     choice["logprobs"] = {
-                        "tokens": toks, "token_logprobs": c.logprobs, "text_offset": offsets,
-                        "top_logprobs": [{self._tok_str(t): v for t, v in d.items()} for d in c.top_logprobs] if c.top_logprobs else None,
+                        "tokens": toks,
+                        "token_logprobs": c.logprobs,
+                        "text_offset": offsets,
+                        "top_logprobs": [{self._tok_str(t): v for t, v in d.items()} for d in c.top_logprobs]
+                        if c.top_logprobs
+                        else None,
                     }
                 choices.append(choice)
         prompt_tokens = sum(len(g[0].prompt_ids) for g in groups)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": self.name,
-                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used}}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used},
+        }
 
     def chat(self, body: dict) -> dict:
         msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs
+            )
+        ):
             raise BadRequest("'messages' must be a non-empty list of {role, content} objects with string content")
         sp, n, logprobs = _sampling(body, chat=True)
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
@@ -129,19 +158,39 @@ class Server:
         choices, used = [], 0
         for c in group:
             used += len(c.token_ids)
-            choice = {"index": len(choices), "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason, "logprobs": None}
+            choice = {
+                "index": len(choices),
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+            }
             if logprobs is not None:
                 content = []
                 for j, (t, lp) in enumerate(zip(c.token_ids, c.logprobs)):
                     s = self._tok_str(t)
                     tops = c.top_logprobs[j] if c.top_logprobs else {}
-                    content.append({"token": s, "logprob": lp, "bytes": list(s.encode()),
-                                    "top_logprobs": [{"token": self._tok_str(a), "logprob": b, "bytes": list(self._tok_str(a).encode())} for a, b in tops.items()]})
+                    content.append(
+                        {
+                            "token": s,
+                            "logprob": lp,
+                            "bytes": list(s.encode()),
+                            "top_logprobs": [
+                                {"token": self._tok_str(a), "logprob": b, "bytes": list(self._tok_str(a).encode())}
+                                for a, b in tops.items()
+                            ],
+                        }
+                    )
                 choice["logprobs"] = {"content": content}
             choices.append(choice)
         prompt_tokens = len(group[0].prompt_ids)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": self.name,
-                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used}}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used},
+        }
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "align"}]}
@@ -154,7 +203,11 @@ def make_handler(server: Server, client_timeout: float | None = CLIENT_TIMEOUT):
 
         def log_message(self, fmt, *args):  # quiet: one line per request on stderr, never request bodies
             if fmt.startswith('"%s"'):  # log_request: '"<request line>" <code> <size>'
-                print(f"[serve] {getattr(self, 'command', None)} {getattr(self, 'path', '')} {args[1] if len(args) > 1 else ''}", file=sys.stderr)
+                print(
+                    f"[serve] {getattr(self, 'command', None)} {getattr(self, 'path', '')} "
+                    f"{args[1] if len(args) > 1 else ''}",
+                    file=sys.stderr,
+                )
             else:  # log_error: a timed-out connection, a malformed request line
                 print(f"[serve] {(fmt % args)[:200]}", file=sys.stderr)
 
@@ -188,7 +241,11 @@ def make_handler(server: Server, client_timeout: float | None = CLIENT_TIMEOUT):
                 length = -1
             if length < 0 or length > MAX_BODY:  # the body is not read: the connection cannot be reused
                 self.close_connection = True
-                return self._error(413, "request body too large") if length > MAX_BODY else self._error(400, "invalid Content-Length header")
+                return (
+                    self._error(413, "request body too large")
+                    if length > MAX_BODY
+                    else self._error(400, "invalid Content-Length header")
+                )
             try:
                 raw = self.rfile.read(length)
             except OSError:  # the client stalled past the timeout or went away mid-body
@@ -221,17 +278,34 @@ def make_handler(server: Server, client_timeout: float | None = CLIENT_TIMEOUT):
     return Handler
 
 
-def start(engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 0, *, max_context: int | None = None,
-          client_timeout: float | None = CLIENT_TIMEOUT) -> ThreadingHTTPServer:
+def start(
+    engine,
+    tokenizer,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    max_context: int | None = None,
+    client_timeout: float | None = CLIENT_TIMEOUT,
+) -> ThreadingHTTPServer:
     """Start serving in a background thread; returns the server (``server.server_address[1]`` is the port)."""
-    httpd = ThreadingHTTPServer((host, port), make_handler(Server(engine, tokenizer, model_name, max_context), client_timeout))
+    httpd = ThreadingHTTPServer(
+        (host, port), make_handler(Server(engine, tokenizer, model_name, max_context), client_timeout)
+    )
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd
 
 
-def serve_main(model_path: str, backend: str = "hf", host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-               max_context: int | None = None, client_timeout: float | None = CLIENT_TIMEOUT) -> None:
+def serve_main(
+    model_path: str,
+    backend: str = "hf",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str | None = None,
+    max_context: int | None = None,
+    client_timeout: float | None = CLIENT_TIMEOUT,
+) -> None:
     """Load a model folder and serve it until interrupted (``max_context``, ``client_timeout``: see ``start``)."""
     from align.config import ModelConfig, RolloutConfig
     from align.models import load_policy
@@ -241,7 +315,9 @@ def serve_main(model_path: str, backend: str = "hf", host: str = "127.0.0.1", po
     model.eval()
     engine = make_engine(RolloutConfig(backend=backend), model, tok)
     httpd = start(engine, tok, name or model_path, host, port, max_context=max_context, client_timeout=client_timeout)
-    print(f"serving {model_path} ({backend}) at http://{host}:{httpd.server_address[1]}/v1", file=sys.stderr, flush=True)
+    print(
+        f"serving {model_path} ({backend}) at http://{host}:{httpd.server_address[1]}/v1", file=sys.stderr, flush=True
+    )
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops it like Ctrl-C (SIGINT: Python's default handler)
     try:
         while True:  # a timed wait: Python runs signal handlers in the main thread only, and a signal the kernel

@@ -19,8 +19,18 @@ import re
 HAPPY = ("happy", "smile", "smiled", "laughed", "glad", "hug")
 ENDING_CHARS = 60
 
-_CHARACTERS = ["little girl", "little boy", "big dog", "small bird", "old man", "kind lady", "brave bunny", "tiny fish",
-               "funny frog", "shy bear"]
+_CHARACTERS = [
+    "little girl",
+    "little boy",
+    "big dog",
+    "small bird",
+    "old man",
+    "kind lady",
+    "brave bunny",
+    "tiny fish",
+    "funny frog",
+    "shy bear",
+]
 _NAMES = ["Lily", "Tom", "Max", "Sue", "Ben", "Mia", "Sam", "Anna", "Tim", "Lucy", "Jack", "Emma"]
 _PLACES = ["park", "garden", "forest", "house", "beach", "school", "farm", "town"]
 _OBJECTS = ["red ball", "blue car", "big box", "shiny toy", "yellow kite", "soft hat", "new book", "little boat"]

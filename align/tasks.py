@@ -89,9 +89,9 @@ def corrupt(task: Task, rng: random.Random) -> str:
         op = rng.choice(("change", "drop", "dup")) if len(a) > 1 else "change"
         pool = string.digits if a[i].isdigit() else string.ascii_lowercase
         if op == "change":
-            wrong = a[:i] + rng.choice(pool) + a[i + 1:]
+            wrong = a[:i] + rng.choice(pool) + a[i + 1 :]
         elif op == "drop":
-            wrong = a[:i] + a[i + 1:]
+            wrong = a[:i] + a[i + 1 :]
         else:
             wrong = a[:i] + a[i] + a[i:]
         if wrong != a and not task.check(wrong):
@@ -121,7 +121,9 @@ def sft_rows(tasks: list[Task], sloppy_fraction: float = 0.0, seed: int = 0) -> 
     """Demonstrations; a ``sloppy_fraction`` of them come from a sloppy annotator (``sloppy_answer``), the
     mixed-quality data that preference optimisation is meant to improve on."""
     rng = random.Random(f"sloppy-{seed}")
-    return [{"prompt": t.prompt, "chosen": sloppy_answer(t) if rng.random() < sloppy_fraction else t.answer} for t in tasks]
+    return [
+        {"prompt": t.prompt, "chosen": sloppy_answer(t) if rng.random() < sloppy_fraction else t.answer} for t in tasks
+    ]
 
 
 def preference_rows(tasks: list[Task], seed: int = 0) -> list[dict]:

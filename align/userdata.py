@@ -41,27 +41,74 @@ _PROMPTS = [
     "Can you recommend a pet for a {who} living in a {home}?",
     "My kids keep asking for a pet. What would you suggest?",
 ]
-_WHO = ["busy student", "retired teacher", "young family", "nurse who works nights", "first-time owner", "writer who works from home"]
+_WHO = [
+    "busy student",
+    "retired teacher",
+    "young family",
+    "nurse who works nights",
+    "first-time owner",
+    "writer who works from home",
+]
 _HOME = ["small apartment", "house with a garden", "farm", "studio flat", "suburban home", "city loft"]
 _REASONS = {
-    "dog": ["dogs are loyal and affectionate", "a dog will get you outside for daily walks", "dogs can be trained to follow commands",
-            "a dog is a great protector of the home", "dogs love playing fetch with children"],
-    "cat": ["cats are independent and easy to care for", "a cat is happy in a small space", "cats keep themselves clean",
-            "a cat is calm company on quiet evenings", "cats do not need to be walked"],
-    "bird": ["birds can learn to mimic words", "a bird fills the home with song", "birds need little floor space",
-             "parrots are clever and social", "a canary is cheerful and easy to keep"],
-    "rabbit": ["rabbits are gentle and quiet", "a rabbit can be litter trained", "rabbits enjoy being petted",
-               "a rabbit is playful in the morning and evening", "rabbits eat simple hay and greens"],
-    "fish": ["fish are calming to watch", "an aquarium needs little daily attention", "fish are quiet neighbours",
-             "a tank of fish is a lovely decoration", "fish are ideal if you travel for a weekend"],
-    "hamster": ["hamsters are small and cheap to keep", "a hamster is fun to watch at night", "hamsters fit in a small cage",
-                "a hamster is a gentle first pet", "hamsters are easy to handle"],
+    "dog": [
+        "dogs are loyal and affectionate",
+        "a dog will get you outside for daily walks",
+        "dogs can be trained to follow commands",
+        "a dog is a great protector of the home",
+        "dogs love playing fetch with children",
+    ],
+    "cat": [
+        "cats are independent and easy to care for",
+        "a cat is happy in a small space",
+        "cats keep themselves clean",
+        "a cat is calm company on quiet evenings",
+        "cats do not need to be walked",
+    ],
+    "bird": [
+        "birds can learn to mimic words",
+        "a bird fills the home with song",
+        "birds need little floor space",
+        "parrots are clever and social",
+        "a canary is cheerful and easy to keep",
+    ],
+    "rabbit": [
+        "rabbits are gentle and quiet",
+        "a rabbit can be litter trained",
+        "rabbits enjoy being petted",
+        "a rabbit is playful in the morning and evening",
+        "rabbits eat simple hay and greens",
+    ],
+    "fish": [
+        "fish are calming to watch",
+        "an aquarium needs little daily attention",
+        "fish are quiet neighbours",
+        "a tank of fish is a lovely decoration",
+        "fish are ideal if you travel for a weekend",
+    ],
+    "hamster": [
+        "hamsters are small and cheap to keep",
+        "a hamster is fun to watch at night",
+        "hamsters fit in a small cage",
+        "a hamster is a gentle first pet",
+        "hamsters are easy to handle",
+    ],
 }
-_GOOD = ["I would recommend a {pet}: {reasons}.", "A {pet} could be a great choice, because {reasons}.",
-         "Consider getting a {pet}. In my view {reasons}.", "You might love a {pet}! {Reasons}."]
-_BAD = ["I don't know, pets are a lot of work. Figure it out yourself.", "Why would you even want a {pet}? That's a silly question.",
-        "Pets are boring. Get a houseplant or something.", "Just get a {pet}, whatever.", "I'm not going to answer that.",
-        "A {pet}? Honestly, who cares.", "Buy whatever is cheapest at the store, it doesn't matter."]
+_GOOD = [
+    "I would recommend a {pet}: {reasons}.",
+    "A {pet} could be a great choice, because {reasons}.",
+    "Consider getting a {pet}. In my view {reasons}.",
+    "You might love a {pet}! {Reasons}.",
+]
+_BAD = [
+    "I don't know, pets are a lot of work. Figure it out yourself.",
+    "Why would you even want a {pet}? That's a silly question.",
+    "Pets are boring. Get a houseplant or something.",
+    "Just get a {pet}, whatever.",
+    "I'm not going to answer that.",
+    "A {pet}? Honestly, who cares.",
+    "Buy whatever is cheapest at the store, it doesn't matter.",
+]
 
 
 def _join(reasons: list[str]) -> str:
@@ -101,9 +148,17 @@ def pets_rows(n_users: int = 200, pairs_per_user: int = 32, seed: int = 0, split
                 if a["text"] != b["text"] and all(x != y for x, y in scores.values()):
                     break
             prefs = {t: x > y for t, (x, y) in scores.items()}
-            w, l = (a, b) if prefs[utype] else (b, a)
-            rows.append({"prompt": prompt, "chosen": w["text"], "rejected": l["text"], "user": f"pets-{split}-{u}",
-                         "user_type": utype, "controversial": len(set(prefs.values())) > 1})
+            w, lose = (a, b) if prefs[utype] else (b, a)
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": w["text"],
+                    "rejected": lose["text"],
+                    "user": f"pets-{split}-{u}",
+                    "user_type": utype,
+                    "controversial": len(set(prefs.values())) > 1,
+                }
+            )
     rng.shuffle(rows)
     return rows
 
@@ -117,7 +172,7 @@ def recommended_pet(text: str) -> str | None:
 
 def hh_pairs(path) -> list[tuple[str, str, str]]:
     """(prompt, chosen, rejected) of the HH-RLHF file, rows that do not split into a valid pair dropped."""
-    from align.data import split_hh_pair
+    from align.hh import split_hh_pair
 
     out = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -152,7 +207,9 @@ def hh_split(pairs: list, seed: int = 0) -> tuple[list, list]:
     return [pairs[i] for i in sorted(idx[:cut])], [pairs[i] for i in sorted(idx[cut:])]
 
 
-def hh_user_rows(path, users_per_type: int = 20, pairs_per_user: int = 64, seed: int = 0, split: str = "train") -> list[dict]:
+def hh_user_rows(
+    path, users_per_type: int = 20, pairs_per_user: int = 64, seed: int = 0, split: str = "train"
+) -> list[dict]:
     """The HH-based multi-user set (module docstring)."""
     train, test = hh_split(hh_pairs(path), seed)
     pool = train if split == "train" else test
@@ -163,8 +220,16 @@ def hh_user_rows(path, users_per_type: int = 20, pairs_per_user: int = 64, seed:
             for p, c, r in rng.sample(pool, min(pairs_per_user, len(pool))):
                 prefs = [hh_rule(t, c, r) for t in HH_TYPES]
                 keep = prefs[ti]
-                rows.append({"prompt": p, "chosen": c if keep else r, "rejected": r if keep else c,
-                             "user": f"hh-{split}-{utype}-{u}", "user_type": utype, "controversial": len(set(prefs)) > 1})
+                rows.append(
+                    {
+                        "prompt": p,
+                        "chosen": c if keep else r,
+                        "rejected": r if keep else c,
+                        "user": f"hh-{split}-{utype}-{u}",
+                        "user_type": utype,
+                        "controversial": len(set(prefs)) > 1,
+                    }
+                )
     rng.shuffle(rows)
     return rows
 
@@ -191,7 +256,10 @@ def builtin_rows(name: str, data_cfg, seed: int) -> list[dict]:
     shared = shared_data_dir()
     path = shared / "preferences" / "hh-rlhf-harmless-base-test.jsonl.gz" if shared else None
     if path is None or not path.is_file():
-        raise UserError(f"data: builtin:{name} needs ../shared/data/preferences/hh-rlhf-harmless-base-test.jsonl.gz (set ALIGN_SHARED_DATA)")
+        raise UserError(
+            f"data: builtin:{name} needs ../shared/data/preferences/hh-rlhf-harmless-base-test.jsonl.gz (set "
+            "ALIGN_SHARED_DATA)"
+        )
     if base == "hh_users":
         return hh_user_rows(path, users_per_type=45 if split == "train" else 10, seed=seed, split=split)
     return hh_human_rows(path, seed=seed, split=split)

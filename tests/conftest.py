@@ -37,7 +37,9 @@ def tiny_tokenizer():
 def tiny_model(tiny_tokenizer):
     from align.models import build_tiny_model
 
-    return build_tiny_model("llama", hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=0, tokenizer=tiny_tokenizer)
+    return build_tiny_model(
+        "llama", hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=0, tokenizer=tiny_tokenizer
+    )
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +52,16 @@ def rm_judge(tmp_path_factory) -> list[str]:
     from align.models import char_tokenizer
 
     tok, path = char_tokenizer(), tmp_path_factory.mktemp("judge") / "rm"
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         LlamaForSequenceClassification(cfg).save_pretrained(path)
@@ -59,10 +69,14 @@ def rm_judge(tmp_path_factory) -> list[str]:
     return ["judge.kind=reward_model", f"judge.path={path}"]
 
 
-def run_align(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+def run_align(
+    *args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess:
     """``python -m align ARGS`` in a subprocess; returns the completed process (text output)."""
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "align", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "align", *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd
+    )
 
 
 def kill_train_when(marker: Path, recipe, output: Path, *overrides: str, timeout: float = 180) -> None:
@@ -71,8 +85,13 @@ def kill_train_when(marker: Path, recipe, output: Path, *overrides: str, timeout
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "align", "train", str(recipe), "-o", str(output), *overrides], cwd=REPO_ROOT,
-                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align", "train", str(recipe), "-o", str(output), *overrides],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + timeout
     while not marker.exists():
         assert proc.poll() is None and time.time() < deadline, f"run ended (or timed out) before {marker} appeared"

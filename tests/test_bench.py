@@ -10,7 +10,18 @@ from tests.conftest import run_align
 
 
 def test_bench_dpo_json_contract():
-    res = run_align("bench", "dpo", "--json", "hidden=64", "layers=2", "intermediate=128", "heads=2", "rows=32", "steps=2", timeout=600)
+    res = run_align(
+        "bench",
+        "dpo",
+        "--json",
+        "hidden=64",
+        "layers=2",
+        "intermediate=128",
+        "heads=2",
+        "rows=32",
+        "steps=2",
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)  # exactly one JSON document, nothing else on stdout
     assert {"speedup_vs_trl", "lora_memory_ratio", "ours_tokens_per_second", "trl_tokens_per_second"} <= set(out)
@@ -26,16 +37,38 @@ def test_bench_unknown_option_is_a_user_error():
 
 @pytest.mark.slow
 def test_bench_online_json_contract():
-    res = run_align("bench", "online", "--json", "prompts=60", "iterations=2", "test=30", "sft_size=300", "sft_epochs=1", "hidden=64",
-                    "story_prompts=16", "story_iterations=2", "story_test=8", timeout=900)
+    res = run_align(
+        "bench",
+        "online",
+        "--json",
+        "prompts=60",
+        "iterations=2",
+        "test=30",
+        "sft_size=300",
+        "sft_epochs=1",
+        "hidden=64",
+        "story_prompts=16",
+        "story_iterations=2",
+        "story_test=8",
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo", "dpo_nll"):
-        assert {"accuracy", "win_rate_vs_sft", "kl_to_ref", "judge_calls", "wall_seconds", "per_family"} <= set(out["verifiable"][method])
+        assert {"accuracy", "win_rate_vs_sft", "kl_to_ref", "judge_calls", "wall_seconds", "per_family"} <= set(
+            out["verifiable"][method]
+        )
     assert len(out["curves"]["verifiable"]["spo"]) == 2 and len(out["curves"]["verifiable"]["dpo"]) == 1
     for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo"):
         if shared_data_dir() is not None:
-            assert {"gold_score", "win_rate_vs_sft", "kl_to_ref", "base_logp_per_token", "judge_calls", "wall_seconds"} <= set(out["babyllama"][method])
+            assert {
+                "gold_score",
+                "win_rate_vs_sft",
+                "kl_to_ref",
+                "base_logp_per_token",
+                "judge_calls",
+                "wall_seconds",
+            } <= set(out["babyllama"][method])
             assert 0 <= out["babyllama"][method]["gold_score"] <= 1
     if shared_data_dir() is None:
         assert "skipped" in out["babyllama"]
@@ -43,9 +76,14 @@ def test_bench_online_json_contract():
         assert len(out["curves"]["babyllama"]["inpo"]) == 2
 
 
-@pytest.mark.skipif(shared_data_dir() is None, reason="shared data folder ../shared/data not found (the HH sets need it; set ALIGN_SHARED_DATA)")
+@pytest.mark.skipif(
+    shared_data_dir() is None,
+    reason="shared data folder ../shared/data not found (the HH sets need it; set ALIGN_SHARED_DATA)",
+)
 def test_bench_reward_json_contract():
-    res = run_align("bench", "reward", "--json", "quick=1", "online_iterations=1", "online_prompts=8", "test_prompts=4", timeout=900)
+    res = run_align(
+        "bench", "reward", "--json", "quick=1", "online_iterations=1", "online_prompts=8", "test_prompts=4", timeout=900
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     for name in ("pets", "hh_multiuser"):
@@ -77,7 +115,9 @@ def test_plot_curves_draws_panels(tmp_path):
 
 
 def test_bench_agent_json_contract():
-    res = run_align("bench", "agent", "--json", "quick=1", "demo_seeds=1", "iterations=1", "tasks=4", "k=2", timeout=900)
+    res = run_align(
+        "bench", "agent", "--json", "quick=1", "demo_seeds=1", "iterations=1", "tasks=4", "k=2", timeout=900
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     for method in ("sft", "loop", "grpo"):
@@ -100,7 +140,9 @@ def test_agent_demonstrations_are_train_only_and_sloppy_fails_only_nothing_else_
     for task in train:
         bad = sloppy(task.solution)
         if bad is None:  # nobody to message: events, notes, questions
-            assert "contacts.delete" in task.solution or not re.search(r"messages\.send|payments\.pay|contacts\.(add|update)", task.solution)
+            assert "contacts.delete" in task.solution or not re.search(
+                r"messages\.send|payments\.pay|contacts\.(add|update)", task.solution
+            )
             continue
         n_sloppy += 1
         w = World(task.db)

@@ -6,16 +6,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = "model:\n  name_or_path: tiny:llama\n  tiny_hidden_size: 32\n  tiny_layers: 1\n  tiny_heads: 1\n  tiny_intermediate_size: 64\n"
+TINY_MODEL = (
+    "model:\n  name_or_path: tiny:llama\n  tiny_hidden_size: 32\n  tiny_layers: 1\n  tiny_heads: 1\n"
+    "  tiny_intermediate_size: 64\n"
+)
 
 
 def run_align(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
-    return subprocess.run([sys.executable, "-m", "align", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env = dict(
+        os.environ,
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "align", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -24,10 +31,13 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
-    assert errors[0][len("error:"):].strip()
+    assert errors[0][len("error:") :].strip()
     # anything else on stderr may only be library start-up noise (DeepSpeed's accelerator detection)
-    others = [line for line in proc.stderr.splitlines()
-              if line.strip() and not line.startswith("error:") and "real_accelerator" not in line and "[WARNING]" not in line]
+    others = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and not line.startswith("error:") and "real_accelerator" not in line and "[WARNING]" not in line
+    ]
     assert not others, proc.stderr
     return errors[0]
 
@@ -75,7 +85,9 @@ def test_recipes_lists_descriptions():
     proc = run_align("recipes")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    shipped = sorted(p.relative_to(REPO / "recipes") for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+    shipped = sorted(
+        p.relative_to(REPO / "recipes") for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts
+    )
     assert len(lines) == len(shipped)
     for path, line in zip(shipped, lines):
         name, _, desc = line.partition(" ")

@@ -124,7 +124,10 @@ def test_overrides_are_applied(tmp_path):
 
 def test_override_parsing():
     assert parse_overrides(["train.lr=1e-4", "lora.enabled=true", "description="]) == [
-        ("train.lr", "1e-4"), ("lora.enabled", True), ("description", "")]
+        ("train.lr", "1e-4"),
+        ("lora.enabled", True),
+        ("description", ""),
+    ]
 
 
 def test_override_of_unknown_key_fails(tmp_path):
@@ -256,12 +259,33 @@ scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20)
 )
 values = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
 # Values that sit on the edges of the checks: zero/negative counts, ints too big for a float, YAML specials.
-edge_values = st.sampled_from([0, -1, 1, 10**400, -(10**400), "2020-13-45", "2021-02-30", ".nan", ".inf", "1e999",
-                               "~", "null", "yes", "0x10", "1_000", "[", "{a: 1}", "!!python/name:os.system"])
+edge_values = st.sampled_from(
+    [
+        0,
+        -1,
+        1,
+        10**400,
+        -(10**400),
+        "2020-13-45",
+        "2021-02-30",
+        ".nan",
+        ".inf",
+        "1e999",
+        "~",
+        "null",
+        "yes",
+        "0x10",
+        "1_000",
+        "[",
+        "{a: 1}",
+        "!!python/name:os.system",
+    ]
+)
 unknown_names = st.text(alphabet=string.ascii_letters + string.digits + "_-. ", min_size=1, max_size=16)
 
 
@@ -294,11 +318,16 @@ def _override_text(value) -> str:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pairs=st.lists(
-    st.tuples(st.sampled_from(DOTTED_KEYS + list(SECTIONS)),
-              st.one_of(scalars, edge_values, st.lists(scalars, max_size=3))),
-    min_size=1, max_size=3,
-))
+@given(
+    pairs=st.lists(
+        st.tuples(
+            st.sampled_from(DOTTED_KEYS + list(SECTIONS)),
+            st.one_of(scalars, edge_values, st.lists(scalars, max_size=3)),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_property_overrides_give_recipe_or_user_error(pairs):
     overrides = [f"{key}={_override_text(value)}" for key, value in pairs]
     with tempfile.TemporaryDirectory() as d:

@@ -50,8 +50,21 @@ def llama2c_logits(bin_path: Path, tokens: list[int]) -> torch.Tensor:
     flat = torch.frombuffer(bytearray(raw[28:]), dtype=torch.float32)
     hs, T = dim // n_heads, len(tokens)
     kv = n_kv * hs
-    shapes = [(abs(vocab), dim), (L, dim), (L, dim, dim), (L, kv, dim), (L, kv, dim), (L, dim, dim), (L, dim),
-              (L, hidden, dim), (L, dim, hidden), (L, hidden, dim), (dim,), (seq_len, hs // 2), (seq_len, hs // 2)]
+    shapes = [
+        (abs(vocab), dim),
+        (L, dim),
+        (L, dim, dim),
+        (L, kv, dim),
+        (L, kv, dim),
+        (L, dim, dim),
+        (L, dim),
+        (L, hidden, dim),
+        (L, dim, hidden),
+        (L, hidden, dim),
+        (dim,),
+        (seq_len, hs // 2),
+        (seq_len, hs // 2),
+    ]
     offsets = list(itertools.accumulate(map(math.prod, shapes), initial=0))
     emb, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, cos, sin = (
         flat[start:end].view(shape) for start, end, shape in zip(offsets, offsets[1:], shapes)
@@ -160,8 +173,18 @@ def test_cli_convert_writes_a_model_folder(tmp_path):
         pytest.skip("../shared/data not found (set ALIGN_SHARED_DATA)")
     src = data / "models" / "babyllama-tok105"
     out = tmp_path / "hf"
-    res = run_align("convert", "llama2c", str(src / "model5000.bin"), "--tokenizer", str(src / "tok105.model"), "--output", str(out))
+    res = run_align(
+        "convert", "llama2c", str(src / "model5000.bin"), "--tokenizer", str(src / "tok105.model"), "--output", str(out)
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
-    bad = run_align("convert", "llama2c", str(tmp_path / "missing.bin"), "--tokenizer", str(src / "tok105.model"), "--output", str(tmp_path / "x"))
+    bad = run_align(
+        "convert",
+        "llama2c",
+        str(tmp_path / "missing.bin"),
+        "--tokenizer",
+        str(src / "tok105.model"),
+        "--output",
+        str(tmp_path / "x"),
+    )
     assert bad.returncode == 2 and not (tmp_path / "x").exists()

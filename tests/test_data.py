@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 
 from align.config import DataConfig
 from align.data import (
-    HH_ASSISTANT, Example, collate, detect_format, load_examples, normalise, read_rows, render, split_hh, tokenize_rows,
+    HH_ASSISTANT,
+    Example,
+    collate,
+    detect_format,
+    load_examples,
+    normalise,
+    read_rows,
+    render,
+    split_hh,
+    tokenize_rows,
 )
 from align.errors import UserError
 from align.models import char_tokenizer
@@ -120,9 +129,17 @@ def test_conversational_with_explicit_prompt(tok):
 
 
 def test_conversational_with_implicit_prompt(tok):
-    shared = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+3="}]
-    rows = [{"chosen": shared + [{"role": "assistant", "content": "5"}],
-             "rejected": shared + [{"role": "assistant", "content": "6"}]}]
+    shared = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "2+3="},
+    ]
+    rows = [
+        {
+            "chosen": shared + [{"role": "assistant", "content": "5"}],
+            "rejected": shared + [{"role": "assistant", "content": "6"}],
+        }
+    ]
     fmt, triples = normalise(rows, cfg(), "mem", sft=False)
     assert fmt == "conversational"
     prompt, chosen, rejected = triples[0]
@@ -134,15 +151,24 @@ def test_conversational_with_implicit_prompt(tok):
 
 
 def test_conversational_string_prompt_becomes_a_user_turn(tok):
-    rows = [{"prompt": "2+3=", "chosen": [{"role": "assistant", "content": "5"}],
-             "rejected": [{"role": "assistant", "content": "6"}]}]
+    rows = [
+        {
+            "prompt": "2+3=",
+            "chosen": [{"role": "assistant", "content": "5"}],
+            "rejected": [{"role": "assistant", "content": "6"}],
+        }
+    ]
     _, triples = normalise(rows, cfg(), "mem", sft=False)
     assert triples[0][0] == [{"role": "user", "content": "2+3="}]
 
 
 def test_conversational_implicit_prompt_must_be_shared():
-    rows = [{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "5"}],
-             "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "6"}]}]
+    rows = [
+        {
+            "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "5"}],
+            "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "6"}],
+        }
+    ]
     with pytest.raises(UserError, match="row 0: chosen and rejected do not share"):
         normalise(rows, cfg(), "mem", sft=False)
 
@@ -182,8 +208,10 @@ def test_hh_rows_with_different_prompts_fail():
 
 
 def test_hh_row_without_assistant_turn_fails():
-    rows = [{"chosen": "\n\nHuman: a\n\nAssistant: 5", "rejected": "\n\nHuman: a\n\nAssistant: 6"},
-            {"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: a\n\nAssistant: 6"}]
+    rows = [
+        {"chosen": "\n\nHuman: a\n\nAssistant: 5", "rejected": "\n\nHuman: a\n\nAssistant: 6"},
+        {"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: a\n\nAssistant: 6"},
+    ]
     with pytest.raises(UserError, match="row 1: not an HH-RLHF dialogue"):
         normalise(rows, cfg(format="hh"), "mem", sft=False)
 
@@ -235,7 +263,9 @@ def test_real_hh_rlhf_file_rows(tok):
         assert rows[i]["chosen"].startswith(prompt) and rows[i]["rejected"].startswith(prompt), i
     # the good rows tokenise (truncated: the dialogues are long for a character tokenizer)
     triples = [t for _, t in good[:200]]
-    examples = tokenize_rows(triples, "hh", tok, cfg(format="hh", truncate=True, max_length=512, max_prompt_length=384), str(path))
+    examples = tokenize_rows(
+        triples, "hh", tok, cfg(format="hh", truncate=True, max_length=512, max_prompt_length=384), str(path)
+    )
     assert len(examples) == 200
     assert all(len(e.prompt_ids) <= 384 and len(e.prompt_ids) + len(e.chosen_ids) <= 512 for e in examples)
 
@@ -315,14 +345,17 @@ def test_empty_chosen(tmp_path, tok, empty):
 
 def test_non_utf8_line_names_the_row(tmp_path, tok):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes((json.dumps(PAIRS[0]) + "\n").encode() + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    path.write_bytes(
+        (json.dumps(PAIRS[0]) + "\n").encode()
+        + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1")
+    )
     msg = load_error(path, tok)
     assert "row 1" in msg and "UTF-8" in msg
 
 
 def test_invalid_json_line_names_the_row(tmp_path, tok):
     path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps(PAIRS[1]) + "\n{\"prompt\": \"x\", \n", encoding="utf-8")
+    path.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps(PAIRS[1]) + '\n{"prompt": "x", \n', encoding="utf-8")
     msg = load_error(path, tok)
     assert "row 2" in msg and "invalid JSON" in msg
 
@@ -375,8 +408,15 @@ def test_too_long_response_fails_or_is_cut_from_the_right(tmp_path, tok):
 
 
 def test_mixed_formats_name_the_row(tmp_path, tok):
-    rows = [PAIRS[0], PAIRS[1], {"prompt": "p", "chosen": [{"role": "assistant", "content": "x"}],
-                                 "rejected": [{"role": "assistant", "content": "y"}]}]
+    rows = [
+        PAIRS[0],
+        PAIRS[1],
+        {
+            "prompt": "p",
+            "chosen": [{"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "assistant", "content": "y"}],
+        },
+    ]
     msg = load_error(write_jsonl(tmp_path / "mixed.jsonl", rows), tok)
     assert "row 2" in msg and "mixed formats" in msg
 
@@ -446,11 +486,15 @@ def test_lone_surrogate_escape_is_a_user_error(tmp_path, tok):
     assert "row 0" in load_error(path, tok)
 
 
-@pytest.mark.parametrize("rows", [
-    [{"prompt": "p", "chosen": "a", "rejected": None}],
-    [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": None}],
-    [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": None}],
-], ids=["plain-first-row", "plain-second-row", "hh"])
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"prompt": "p", "chosen": "a", "rejected": None}],
+        [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": None}],
+        [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": None}],
+    ],
+    ids=["plain-first-row", "plain-second-row", "hh"],
+)
 def test_null_rejected_in_pair_data_is_a_user_error(tmp_path, tok, rows):
     # a null 'rejected' passes normalise for pair data: on row 0 the whole dataset silently becomes SFT-shaped,
     # on a later row the rejected response silently becomes just EOS
@@ -458,12 +502,16 @@ def test_null_rejected_in_pair_data_is_a_user_error(tmp_path, tok, rows):
     assert "rejected" in msg
 
 
-@pytest.mark.parametrize("row, sft", [
-    ({"prompt": "p", "chosen": None, "rejected": "b"}, False),
-    ({"prompt": "p", "chosen": None}, True),
-    ({"prompt": None, "chosen": "a", "rejected": "b"}, False),
-    ({"prompt": "p", "chosen": None, "rejected": [{"role": "assistant", "content": "x"}]}, False),
-], ids=["plain-pair", "plain-sft", "plain-null-prompt", "conversational-null-chosen"])
+@pytest.mark.parametrize(
+    "row, sft",
+    [
+        ({"prompt": "p", "chosen": None, "rejected": "b"}, False),
+        ({"prompt": "p", "chosen": None}, True),
+        ({"prompt": None, "chosen": "a", "rejected": "b"}, False),
+        ({"prompt": "p", "chosen": None, "rejected": [{"role": "assistant", "content": "x"}]}, False),
+    ],
+    ids=["plain-pair", "plain-sft", "plain-null-prompt", "conversational-null-chosen"],
+)
 def test_null_prompt_or_chosen_is_a_user_error(tmp_path, tok, row, sft):
     # None passes the type checks of normalise ("value is not None and not isinstance(value, str)") and then
     # crashes the tokenizer (ValueError) or render / the implicit-prompt split (TypeError)
@@ -494,8 +542,12 @@ def test_collate_pairs(tok):
 
 
 def test_collate_sft_and_real_examples(tmp_path, tok):
-    sft = load_examples(str(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in PAIRS])),
-                        tok, cfg(), sft=True)
+    sft = load_examples(
+        str(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in PAIRS])),
+        tok,
+        cfg(),
+        sft=True,
+    )
     batch = collate(sft, pad_id=tok.pad_token_id)
     assert batch["input_ids"].shape[0] == len(sft)
     pairs = load_examples(str(write_jsonl(tmp_path / "pairs.jsonl", PAIRS)), tok, cfg())
@@ -511,11 +563,22 @@ def test_collate_sft_and_real_examples(tmp_path, tok):
 
 # ------------------------------------------------------------------------------------------------ properties
 
-junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
-                 st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]) | st.text(max_size=5),
-                           "content": st.text(max_size=12) | junk}),
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "assistant", "system"]) | st.text(max_size=5),
+            "content": st.text(max_size=12) | junk,
+        }
+    ),
     max_size=3,
 )
 hh_text = st.builds(lambda h, a: f"\n\nHuman: {h}{HH_ASSISTANT} {a}", st.text(max_size=10), st.text(max_size=10))
@@ -534,8 +597,12 @@ def rows_strategy(draw):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=rows_strategy(), sft=st.booleans(), fmt=st.sampled_from(["auto", "plain", "conversational", "hh"]),
-       truncate=st.booleans())
+@given(
+    rows=rows_strategy(),
+    sft=st.booleans(),
+    fmt=st.sampled_from(["auto", "plain", "conversational", "hh"]),
+    truncate=st.booleans(),
+)
 def test_property_rows_give_examples_or_user_error(rows, sft, fmt, truncate):
     tok = _PROPERTY_TOKENIZER
     data_cfg = cfg(format=fmt, truncate=truncate, max_length=64, max_prompt_length=32)

@@ -43,7 +43,9 @@ class Flaky(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        body = {"choices": [{"logprobs": {"top_logprobs": [{"1": -0.1, "2": -2.4}]}}]} if kind == "ok" else {"choices": []}
+        body = (
+            {"choices": [{"logprobs": {"top_logprobs": [{"1": -0.1, "2": -2.4}]}}]} if kind == "ok" else {"choices": []}
+        )
         data = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
@@ -83,8 +85,16 @@ def test_llm_judge_gives_up_with_a_clear_error(flaky):
 def test_reward_model_judge(tmp_path, tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
     judge = RewardModelJudge(str(tmp_path / "rm"))
@@ -114,8 +124,15 @@ class Weighted(BaseHTTPRequestHandler):
         Weighted.bodies.append((self.path, body))
         tops = Weighted.tops(body)
         if self.path.endswith("/chat/completions"):
-            lp = {"content": [{"token": next(iter(tops), "x"), "logprob": -0.1,
-                               "top_logprobs": [{"token": k, "logprob": v} for k, v in tops.items()]}]}
+            lp = {
+                "content": [
+                    {
+                        "token": next(iter(tops), "x"),
+                        "logprob": -0.1,
+                        "top_logprobs": [{"token": k, "logprob": v} for k, v in tops.items()],
+                    }
+                ]
+            }
             choice = {"message": {"role": "assistant", "content": "m"}, "logprobs": lp}
         else:
             choice = {"text": "m", "logprobs": {"tokens": ["m"], "token_logprobs": [-0.1], "top_logprobs": [tops]}}
@@ -145,7 +162,7 @@ def test_weighted_judge_reads_the_identifier_logprobs_in_both_orders(weighted, a
     def tops(body):
         text = body["messages"][1]["content"] if "messages" in body else body["prompt"]
         first = text.index('"m"')
-        good_first = "good" in text[first:text.index('"M"')]
+        good_first = "good" in text[first : text.index('"M"')]
         return {"m": -0.1, "M": -2.5, " ": -4.0} if good_first else {"M": -0.3, "m": -1.5}
 
     Weighted.tops = staticmethod(tops)

@@ -1,7 +1,5 @@
 """Every shipped recipe passes `align train --dry-run`; the recipe listing works; dry-run catches launch conflicts."""
 
-from pathlib import Path
-
 import pytest
 
 from align.cli import main
@@ -11,9 +9,8 @@ RECIPES = sorted(p for p in (REPO_ROOT / "recipes").rglob("*.yaml") if "accelera
 
 
 def test_there_is_a_recipe_per_loss():
-    from align.losses import LOSSES
-
     from align.config import load_recipe
+    from align.losses import LOSSES
 
     used = {load_recipe(p).loss.name for p in RECIPES}
     assert set(LOSSES) - {"ipo_norm", "inpo"} <= used  # inpo arrives with the online trainer
@@ -51,5 +48,13 @@ def test_dry_run_checks_the_online_judge(capsys, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     rc = main(["train", str(REPO_ROOT / "recipes/inpo/tiny.yaml"), "--dry-run", "judge.kind=llm"])
     assert rc == 2 and "judge.base_url" in capsys.readouterr().err
-    rc = main(["train", str(REPO_ROOT / "recipes/spo/tiny.yaml"), "--dry-run", "judge.kind=reward_model", "judge.path=/nonexistent"])
+    rc = main(
+        [
+            "train",
+            str(REPO_ROOT / "recipes/spo/tiny.yaml"),
+            "--dry-run",
+            "judge.kind=reward_model",
+            "judge.path=/nonexistent",
+        ]
+    )
     assert rc == 2 and "/nonexistent" in capsys.readouterr().err

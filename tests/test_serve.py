@@ -28,14 +28,22 @@ def test_openai_client_completions_chat_models_and_logprobs(server):
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
-    c = client.completions.create(model="tiny", prompt=["12+34=", "max 1 2="], max_tokens=5, temperature=1.0, n=2, seed=0, logprobs=3)
+    c = client.completions.create(
+        model="tiny", prompt=["12+34=", "max 1 2="], max_tokens=5, temperature=1.0, n=2, seed=0, logprobs=3
+    )
     assert len(c.choices) == 4 and c.usage.completion_tokens > 0
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) and all(len(t) == 3 for t in lp.top_logprobs)
     assert all(v <= 0 for v in lp.token_logprobs)
 
-    greedy = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                            temperature=0.0, logprobs=True, top_logprobs=2)
+    greedy = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     ch = greedy.choices[0]
     assert ch.finish_reason in ("stop", "length") and len(ch.logprobs.content) >= 1
     first = ch.logprobs.content[0]
@@ -43,7 +51,9 @@ def test_openai_client_completions_chat_models_and_logprobs(server):
     # the same request through the engine directly gives the same text
     from align.rollout import SamplingParams
 
-    direct = HFEngine(model, tok).generate([[{"role": "user", "content": "hi"}]], n=1, sampling=SamplingParams(max_new_tokens=4, temperature=0.0))
+    direct = HFEngine(model, tok).generate(
+        [[{"role": "user", "content": "hi"}]], n=1, sampling=SamplingParams(max_new_tokens=4, temperature=0.0)
+    )
     assert direct[0][0].text == ch.message.content
 
 
@@ -71,7 +81,11 @@ def _terminate_another_thread(pid: int) -> None:
     number = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
     tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")] if os.path.isdir(f"/proc/{pid}/task") else []
     others = [t for t in tids if t != pid]
-    if number is None or not others or ctypes.CDLL(None, use_errno=True).syscall(number, pid, others[0], signal.SIGTERM) != 0:
+    if (
+        number is None
+        or not others
+        or ctypes.CDLL(None, use_errno=True).syscall(number, pid, others[0], signal.SIGTERM) != 0
+    ):
         os.kill(pid, signal.SIGTERM)
 
 
@@ -84,8 +98,13 @@ def test_cli_serve_process(tmp_path, tiny_model, tiny_tokenizer):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "serve.log", "w")  # a file, not a pipe nobody reads (a full pipe would block the server)
-    proc = subprocess.Popen([sys.executable, "-m", "align", "serve", "--model", str(tmp_path / "m"), "--port", str(port), "--name", "m"],
-                            stdout=subprocess.DEVNULL, stderr=log, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align", "serve", "--model", str(tmp_path / "m"), "--port", str(port), "--name", "m"],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        text=True,
+        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+    )
     try:
         deadline = time.time() + 90
         while True:

@@ -1,10 +1,9 @@
 """``align serve`` under a bounded load and hostile requests (issue 8, item 5).
 
-The load driver is ``bench/serve_load.py`` (it also prints the numbers in docs/reliability.md)."""
+The load driver is ``align/bench/serve_load.py`` (it also prints the numbers in docs/reliability.md)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import threading
@@ -13,13 +12,9 @@ import urllib.request
 
 import pytest
 
-from align.paths import REPO_ROOT
+from align.bench import serve_load
 from align.rollout.hf import HFEngine
 from align.serve import start
-
-_spec = importlib.util.spec_from_file_location("serve_load", REPO_ROOT / "bench" / "serve_load.py")
-serve_load = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serve_load)
 
 
 def test_bounded_load_keeps_answering_with_flat_memory(tmp_path):
@@ -70,9 +65,16 @@ def _raw(port: int, data: bytes, timeout: float = 30) -> tuple[int | None, dict 
     return int(head.split()[1]), json.loads(body)
 
 
-def _post(port: int, body: bytes, path: str = "/v1/completions", headers: str | None = None) -> tuple[int | None, dict | None]:
+def _post(
+    port: int, body: bytes, path: str = "/v1/completions", headers: str | None = None
+) -> tuple[int | None, dict | None]:
     headers = headers if headers is not None else f"Content-Length: {len(body)}\r\n"
-    return _raw(port, f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}Connection: close\r\n\r\n".encode() + body)
+    return _raw(
+        port,
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"{headers}Connection: close\r\n\r\n".encode()
+        + body,
+    )
 
 
 def _ok(port: int) -> bool:
@@ -80,16 +82,19 @@ def _ok(port: int) -> bool:
     return status == 200 and obj["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.parametrize("name, body, headers", [
-    ("NaN temperature", b'{"prompt": "x", "temperature": NaN}', None),
-    ("Infinity top_p", b'{"prompt": "x", "top_p": Infinity}', None),
-    ("seed beyond 64 bits", b'{"prompt": "x", "seed": 1180591620717411303424}', None),
-    ("top_k beyond 32 bits", b'{"prompt": "x", "top_k": 1000000000000}', None),
-    ("non-UTF-8 body", b'{"prompt": "\xff\xfe"}', None),
-    ("Content-Length not a number", b"{}", "Content-Length: abc\r\n"),
-    ("negative Content-Length", b"{}", "Content-Length: -5\r\n"),
-    ("body shorter than Content-Length", b'{"prompt": ', "Content-Length: 1000\r\n"),
-])
+@pytest.mark.parametrize(
+    "name, body, headers",
+    [
+        ("NaN temperature", b'{"prompt": "x", "temperature": NaN}', None),
+        ("Infinity top_p", b'{"prompt": "x", "top_p": Infinity}', None),
+        ("seed beyond 64 bits", b'{"prompt": "x", "seed": 1180591620717411303424}', None),
+        ("top_k beyond 32 bits", b'{"prompt": "x", "top_k": 1000000000000}', None),
+        ("non-UTF-8 body", b'{"prompt": "\xff\xfe"}', None),
+        ("Content-Length not a number", b"{}", "Content-Length: abc\r\n"),
+        ("negative Content-Length", b"{}", "Content-Length: -5\r\n"),
+        ("body shorter than Content-Length", b'{"prompt": ', "Content-Length: 1000\r\n"),
+    ],
+)
 def test_requests_that_got_no_answer_get_a_clean_400(served, name, body, headers):
     """Each of these used to raise inside the handler: the connection closed without any HTTP answer."""
     status, obj = _post(served, body, headers=headers)
@@ -132,7 +137,11 @@ def test_an_engine_failure_gets_500_and_the_server_keeps_serving(tiny_model, tin
     try:
         status, obj = _post(port, json.dumps({"prompt": "boom", "max_tokens": 2}).encode())
         assert status == 500
-        assert obj["error"] == {"message": "internal error: RuntimeError: engine exploded", "type": "server_error", "code": 500}
+        assert obj["error"] == {
+            "message": "internal error: RuntimeError: engine exploded",
+            "type": "server_error",
+            "code": 500,
+        }
         assert _ok(port)
     finally:
         httpd.shutdown()
@@ -154,7 +163,7 @@ def test_a_stalled_client_is_disconnected_after_the_client_timeout(served):
     socks = []
     for _ in range(5):
         s = socket.create_connection(("127.0.0.1", served), timeout=30)
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
+        s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt":')
         socks.append(s)
     s_idle = socket.create_connection(("127.0.0.1", served), timeout=30)  # connects and says nothing
     socks.append(s_idle)

@@ -34,9 +34,18 @@ def test_story_judge_prefers_the_goal():
 def test_online_run_on_story_openings(tmp_path):
     from align.trainers import run
 
-    recipe = load_recipe(REPO_ROOT / "recipes" / "spo" / "babyllama-story.yaml",
-                         ["model.name_or_path=tiny:llama", "model.tiny_max_positions=128", "online.iterations=1",
-                          "online.prompts_per_iteration=8", "rollout.max_new_tokens=8", "logging.plots=false", "logging.progress=false"])
+    recipe = load_recipe(
+        REPO_ROOT / "recipes" / "spo" / "babyllama-story.yaml",
+        [
+            "model.name_or_path=tiny:llama",
+            "model.tiny_max_positions=128",
+            "online.iterations=1",
+            "online.prompts_per_iteration=8",
+            "rollout.max_new_tokens=8",
+            "logging.plots=false",
+            "logging.progress=false",
+        ],
+    )
     run(recipe, tmp_path / "run")
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["judge_calls"] > 0 and 0 <= row["sample_goal_score"] <= 1

@@ -49,7 +49,7 @@ def test_hh_rules_by_hand():
 def test_hh_multiuser_split_holds_out_pairs_and_users():
     train = U.hh_user_rows(HH, users_per_type=2, pairs_per_user=10, split="train")
     test = U.hh_user_rows(HH, users_per_type=2, pairs_per_user=10, split="eval")
-    assert Counter(r["user_type"] for r in train) == {t: 20 for t in U.HH_TYPES}
+    assert Counter(r["user_type"] for r in train) == dict.fromkeys(U.HH_TYPES, 20)
     key = lambda r: frozenset((r["chosen"], r["rejected"]))  # noqa: E731
     assert not {key(r) for r in train} & {key(r) for r in test}
     assert not {r["user"] for r in train} & {r["user"] for r in test}

@@ -10,9 +10,12 @@ Modules (import them directly; this package imports nothing heavy):
                  per-turn wall-clock limit, CPU/memory/file/process limits, no network, chroot + unprivileged uid
                  (as root), empty environment, no inherited fds; ``Sandbox``, ``sandbox_level()``.
     env.py       ``WorldEnv(task)``: the rollout engine's Environment protocol (``reset() -> str``,
-                 ``step(code) -> (observation, done)``) plus ``evaluate()`` (passed, total, reward, success), ``close()``.
+                 ``step(code) -> (observation, done)``) plus ``evaluate()`` (passed, total, reward, success),
+                 ``close()``.
     appworld.py  ``AppWorldEnv(task_id, base_url)``: the same interface over the real AppWorld environment server
                  (its own venv, HTTP); ``appworld_tasks(split)``; ``AppWorldServer`` starts one.
+    play.py      ``load_tasks(recipe, split)``, ``make_env(recipe, task)``, ``play(engine, ...)``: K episodes per
+                 task as plain rows; ``scores(rows)``: TGC / SGC (the agent trainer and the agent harness).
 
 See docs/agents.md.
 """

@@ -34,10 +34,15 @@ def main() -> dict:
     def ms(xs, q):
         return round(1000 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 2)
 
-    return {"sandbox_level": level, "first_sandbox_ms": round(1000 * zygote_s, 1), "tasks": len(tasks),
-            "gold_failed": failed, "reset_ms": {"median": round(1000 * statistics.median(starts), 2), "p90": ms(starts, 0.9)},
-            "gold_step_ms": {"median": round(1000 * statistics.median(steps), 2), "p90": ms(steps, 0.9)},
-            "all_gold_episodes_s": round(total, 3)}
+    return {
+        "sandbox_level": level,
+        "first_sandbox_ms": round(1000 * zygote_s, 1),
+        "tasks": len(tasks),
+        "gold_failed": failed,
+        "reset_ms": {"median": round(1000 * statistics.median(starts), 2), "p90": ms(starts, 0.9)},
+        "gold_step_ms": {"median": round(1000 * statistics.median(steps), 2), "p90": ms(steps, 0.9)},
+        "all_gold_episodes_s": round(total, 3),
+    }
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ The ``appworld`` package pins an old stack (pydantic < 2, fastapi 0.110, ...), s
 environment (``bash evals/appworld/setup.sh`` makes ``.venv-appworld``) and align talks to
 ``appworld serve environment`` over HTTP (appworld/serve/environment.py, version 0.1.3):
 
-    POST /initialize     {"task_id", ...AppWorld init options}  -> {"output": {"task_id", "instruction", "supervisor", "datetime"}}
+    POST /initialize     {"task_id", ...AppWorld init options}  -> {"output": {"task_id", "instruction",
+                                                                              "supervisor", "datetime"}}
     POST /execute        {"task_id", "code"}                    -> {"output": str}   (printed output or the traceback)
     POST /task_completed {"task_id"}                            -> {"output": bool}
-    POST /evaluate       {"task_id", "suppress_errors"}         -> {"output": {"success", "difficulty", "num_tests", "passes", "failures"}}
+    POST /evaluate       {"task_id", "suppress_errors"}         -> {"output": {"success", "difficulty", "num_tests",
+                                                                              "passes", "failures"}}
     POST /close          {"task_id"}
     GET  /tasks/{task_id}                                       -> {"output": {"task_id", "instruction", ...}}
 
@@ -43,11 +45,18 @@ from align.paths import REPO_ROOT
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 VENV = REPO_ROOT / ".venv-appworld"
-SPLITS = {"train": "train", "dev": "dev", "test": "test_normal", "test_normal": "test_normal",
-          "test_challenge": "test_challenge"}
-DOCS_HINT = ("Explore the APIs with apis.api_docs.show_app_descriptions(), apis.api_docs.show_api_descriptions("
-             "app_name=...) and apis.api_docs.show_api_doc(app_name=..., api_name=...). "
-             "Finish with apis.supervisor.complete_task() (answer=... for questions).")
+SPLITS = {
+    "train": "train",
+    "dev": "dev",
+    "test": "test_normal",
+    "test_normal": "test_normal",
+    "test_challenge": "test_challenge",
+}
+DOCS_HINT = (
+    "Explore the APIs with apis.api_docs.show_app_descriptions(), apis.api_docs.show_api_descriptions("
+    "app_name=...) and apis.api_docs.show_api_doc(app_name=..., api_name=...). "
+    "Finish with apis.supervisor.complete_task() (answer=... for questions)."
+)
 
 
 class AppWorldError(RuntimeError):
@@ -74,15 +83,19 @@ def appworld_root(root: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def appworld_tasks(split: str, base_url: str | None = None, root: str | os.PathLike | None = None) -> list[AppWorldTask]:
+def appworld_tasks(
+    split: str, base_url: str | None = None, root: str | os.PathLike | None = None
+) -> list[AppWorldTask]:
     """The tasks of an AppWorld split (train, dev, test = test_normal, test_challenge), read from the data folder."""
     name = SPLITS.get(split)
     if name is None:
         raise UserError(f"agent.split: AppWorld has no split {split!r} (choose {', '.join(SPLITS)})")
     folder = appworld_root(root)
     if folder is None:
-        raise UserError("AppWorld data not found (looked in the root argument, $APPWORLD_ROOT and .venv-appworld/root): "
-                        "run `bash evals/appworld/setup.sh --data` where the internet is reachable, or set APPWORLD_ROOT")
+        raise UserError(
+            "AppWorld data not found (looked in the root argument, $APPWORLD_ROOT and .venv-appworld/root): "
+            "run `bash evals/appworld/setup.sh --data` where the internet is reachable, or set APPWORLD_ROOT"
+        )
     path = folder / "data" / "datasets" / f"{name}.txt"
     if not path.is_file():
         raise UserError(f"{path}: AppWorld split file missing")
@@ -115,7 +128,7 @@ def appworld_tasks(split: str, base_url: str | None = None, root: str | os.PathL
 class _Server:
     """Client state for one AppWorld server: which episode's world it holds now, and how many episodes use it."""
 
-    _all: dict[str, "_Server"] = {}
+    _all: dict[str, _Server] = {}
     _lock = threading.Lock()
 
     def __init__(self, url: str):
@@ -123,7 +136,7 @@ class _Server:
         self.lock = threading.RLock()
 
     @classmethod
-    def pick(cls, base_url: str) -> "_Server":
+    def pick(cls, base_url: str) -> _Server:
         urls = [u.strip().rstrip("/") for u in str(base_url).split(",") if u.strip()]
         if not urls:
             raise UserError("agent.appworld_url: empty")
@@ -140,32 +153,49 @@ class _Server:
     def call(self, method: str, payload: dict | None = None, timeout: float = 120.0, raw: bool = False):
         url = f"{self.url}/{method.lstrip('/')}"
         data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(url, data=data, method="GET" if payload is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url, data=data, method="GET" if payload is None else "POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 body = resp.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:500].decode(errors="replace")
             raise AppWorldError(f"AppWorld server {self.url}: {method} failed with HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as e:
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             reason = getattr(e, "reason", e)
-            raise AppWorldError(f"AppWorld server not reachable at {self.url} ({reason}); start it with "
-                                "`.venv-appworld/bin/appworld serve environment --port N` (see evals/appworld/setup.sh)") from None
+            raise AppWorldError(
+                f"AppWorld server not reachable at {self.url} ({reason}); start it with "
+                "`.venv-appworld/bin/appworld serve environment --port N` (see evals/appworld/setup.sh)"
+            ) from None
         try:
             return json.loads(body) if raw else json.loads(body)["output"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise AppWorldError(f"AppWorld server {self.url}: {method} answered without an 'output': {body[:200]!r}") from None
+            raise AppWorldError(
+                f"AppWorld server {self.url}: {method} answered without an 'output': {body[:200]!r}"
+            ) from None
 
 
 class AppWorldEnv:
     """The Environment protocol over one AppWorld task; same interface as ``WorldEnv``."""
 
-    def __init__(self, task: AppWorldTask | str, base_url: str = DEFAULT_URL, max_output_chars: int = 2000,
-                 show_docs: bool = True, timeout: float = 120.0, experiment_name: str = "align",
-                 init_options: dict | None = None):
+    def __init__(
+        self,
+        task: AppWorldTask | str,
+        base_url: str = DEFAULT_URL,
+        max_output_chars: int = 2000,
+        show_docs: bool = True,
+        timeout: float = 120.0,
+        experiment_name: str = "align",
+        init_options: dict | None = None,
+    ):
         self.task = task if isinstance(task, AppWorldTask) else AppWorldTask(task, task.split("_")[0], "")
-        self.base_url, self.max_output_chars, self.show_docs, self.timeout = base_url, max_output_chars, show_docs, timeout
+        self.base_url, self.max_output_chars, self.show_docs, self.timeout = (
+            base_url,
+            max_output_chars,
+            show_docs,
+            timeout,
+        )
         self.init_options = {"experiment_name": experiment_name, **(init_options or {})}
         self.history: list[str] = []
         self.turns: list[dict] = []
@@ -197,7 +227,8 @@ class AppWorldEnv:
             info = self._activate() or {}
         sup = info.get("supervisor") or {}
         self.task.instruction = info.get("instruction", self.task.instruction)
-        who = f"I am {sup.get('first_name', '')} {sup.get('last_name', '')} ({sup.get('email', '')}, {sup.get('phone_number', '')}).\n"
+        name = f"{sup.get('first_name', '')} {sup.get('last_name', '')}"
+        who = f"I am {name} ({sup.get('email', '')}, {sup.get('phone_number', '')}).\n"
         obs = (who if sup else "") + f"Task: {self.task.instruction}"
         return f"{obs}\n\n{DOCS_HINT}" if self.show_docs else obs
 
@@ -231,9 +262,14 @@ class AppWorldEnv:
         out = self._final
         passed = len(out.get("passes", []))
         total = int(out.get("num_tests") or passed + len(out.get("failures", [])))
-        return {"passed": passed, "total": total, "reward": passed / total if total else 0.0,
-                "success": bool(out.get("success", total > 0 and passed == total)), "difficulty": out.get("difficulty"),
-                "failures": [f.get("requirement") for f in out.get("failures", []) if isinstance(f, dict)]}
+        return {
+            "passed": passed,
+            "total": total,
+            "reward": passed / total if total else 0.0,
+            "success": bool(out.get("success", total > 0 and passed == total)),
+            "difficulty": out.get("difficulty"),
+            "failures": [f.get("requirement") for f in out.get("failures", []) if isinstance(f, dict)],
+        }
 
     def close(self) -> None:
         s, self._server = self._server, None
@@ -243,7 +279,9 @@ class AppWorldEnv:
             if s.active is not None and s.active() is self:
                 if self._final is None and self.history:
                     try:  # keep evaluate() working after close
-                        self._final = s.call("evaluate", {"task_id": self.task.id, "suppress_errors": True}, self.timeout)
+                        self._final = s.call(
+                            "evaluate", {"task_id": self.task.id, "suppress_errors": True}, self.timeout
+                        )
                     except AppWorldError:
                         pass
                 try:
@@ -272,8 +310,13 @@ class AppWorldServer:
     """``appworld serve environment`` on 127.0.0.1 from the separate venv (the CLI binds 0.0.0.0 and refuses to
     start without data/; this starts the same FastAPI app with uvicorn on loopback only)."""
 
-    def __init__(self, root: str | os.PathLike, port: int | None = None, venv: str | os.PathLike | None = None,
-                 wait: float = 90.0):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        port: int | None = None,
+        venv: str | os.PathLike | None = None,
+        wait: float = 90.0,
+    ):
         py = venv_python(venv)
         if py is None:
             raise UserError(f"{venv or VENV}: no AppWorld virtual environment; run `bash evals/appworld/setup.sh`")
@@ -282,13 +325,19 @@ class AppWorldServer:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
         self.port, self.url, self.root = port, f"http://127.0.0.1:{port}", Path(root)
-        boot = ("import sys, uvicorn; from appworld.serve.environment import app; "
-                "uvicorn.run(app, host='127.0.0.1', port=int(sys.argv[1]), log_level='warning')")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
-               "APPWORLD_ROOT": str(self.root)}  # nothing else of ours (no API keys)
+        boot = (
+            "import sys, uvicorn; from appworld.serve.environment import app; "
+            "uvicorn.run(app, host='127.0.0.1', port=int(sys.argv[1]), log_level='warning')"
+        )
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/root"),
+            "APPWORLD_ROOT": str(self.root),
+        }  # nothing else of ours (no API keys)
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([str(py), "-c", boot, str(port)], cwd=self.root, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        self.proc = subprocess.Popen(
+            [str(py), "-c", boot, str(port)], cwd=self.root, env=env, stdout=subprocess.DEVNULL, stderr=self.log
+        )
         deadline = time.monotonic() + wait
         while True:
             if self.proc.poll() is not None:

@@ -39,8 +39,15 @@ def first_observation(instruction: str, show_docs: bool) -> str:
 class WorldEnv:
     """The Environment protocol (``reset() -> str``, ``step(text) -> (str | None, bool)``) for one ``Task``."""
 
-    def __init__(self, task: Task, turn_timeout: float = 5.0, max_output_chars: int = 2000, show_docs: bool = True,
-                 limits: Limits | None = None, privileged: bool | None = None):
+    def __init__(
+        self,
+        task: Task,
+        turn_timeout: float = 5.0,
+        max_output_chars: int = 2000,
+        show_docs: bool = True,
+        limits: Limits | None = None,
+        privileged: bool | None = None,
+    ):
         self.task, self.turn_timeout, self.max_output_chars = task, float(turn_timeout), int(max_output_chars)
         self.show_docs, self.limits, self.privileged = show_docs, limits, privileged
         self.db = task.db
@@ -52,8 +59,9 @@ class WorldEnv:
     def reset(self) -> str:
         self.close()
         self.db, self.done, self.turns = self.task.db, False, []
-        self._sandbox = Sandbox(self.task.db, limits=self.limits, max_output_chars=self.max_output_chars,
-                                privileged=self.privileged)
+        self._sandbox = Sandbox(
+            self.task.db, limits=self.limits, max_output_chars=self.max_output_chars, privileged=self.privileged
+        )
         self.startup_seconds = self._sandbox.startup_seconds
         return first_observation(self.task.instruction, self.show_docs)
 
@@ -79,8 +87,13 @@ class WorldEnv:
     def evaluate(self) -> dict:
         details = check_details(self.task, self.db)
         passed, total = sum(ok for _, ok in details), len(details)
-        return {"passed": passed, "total": total, "reward": passed / total if total else 0.0,
-                "success": total > 0 and passed == total, "checks": details}
+        return {
+            "passed": passed,
+            "total": total,
+            "reward": passed / total if total else 0.0,
+            "success": total > 0 and passed == total,
+            "checks": details,
+        }
 
     def close(self) -> None:
         if self._sandbox is not None:

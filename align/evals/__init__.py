@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-HARNESSES = ["align.evals.alpaca", "align.evals.agent", "align.evals.mtbench", "align.evals.arena_hard"]
+HARNESSES = ["align.evals.alpaca_cli", "align.evals.agent", "align.evals.mtbench", "align.evals.arena_hard"]
 """Modules with ``add_parser(esub)``; add a harness by appending its module here."""
 
 

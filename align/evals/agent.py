@@ -21,21 +21,30 @@ from align.errors import UserError
 
 
 def _write_report(out: Path, rows: list[dict], meta: dict) -> dict:
+    from align.agents.play import scores
     from align.runs import atomic_write
-    from align.trainers.agent import scores
 
     sc = scores(rows)
     report = {**meta, **sc}
     atomic_write(out / "report.json", json.dumps(report, indent=1))
-    lines = [f"# Agent evaluation: {meta['model']}", "", f"world `{meta['world']}`, split `{meta['split']}`, "
-             f"{sc['tasks']} tasks in {sc['scenarios']} scenarios", "",
-             "| metric | value |", "|---|---|", f"| TGC | {sc['tgc']:.1f}% |", f"| SGC | {sc['sgc']:.1f}% |",
-             f"| mean reward (checks passed) | {sc['reward']:.3f} |"]
+    lines = [
+        f"# Agent evaluation: {meta['model']}",
+        "",
+        f"world `{meta['world']}`, split `{meta['split']}`, {sc['tasks']} tasks in {sc['scenarios']} scenarios",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| TGC | {sc['tgc']:.1f}% |",
+        f"| SGC | {sc['sgc']:.1f}% |",
+        f"| mean reward (checks passed) | {sc['reward']:.3f} |",
+    ]
     lines += [f"| TGC, difficulty {d} | {v:.1f}% |" for d, v in sc["tgc_by_difficulty"].items()]
     by_scen: dict = {}
     for r in rows:
         by_scen.setdefault(r["scenario"], []).append(r["success"])
-    lines += ["", "| scenario | tasks passed |", "|---|---|"] + [f"| {s} | {sum(v)}/{len(v)} |" for s, v in sorted(by_scen.items())]
+    lines += ["", "| scenario | tasks passed |", "|---|---|"] + [
+        f"| {s} | {sum(v)}/{len(v)} |" for s, v in sorted(by_scen.items())
+    ]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     import matplotlib
 
@@ -54,13 +63,24 @@ def _write_report(out: Path, rows: list[dict], meta: dict) -> dict:
     return report
 
 
-def evaluate_agent(model_path: str, output: str, world: str = "builtin", split: str = "test", limit: int | None = None,
-                   max_turns: int = 2, max_new_tokens: int = 160, temperature: float = 0.0, show_docs: bool = False,
-                   backend: str = "hf", appworld_url: str = "http://127.0.0.1:8000", seed: int = 0) -> dict:
+def evaluate_agent(
+    model_path: str,
+    output: str,
+    world: str = "builtin",
+    split: str = "test",
+    limit: int | None = None,
+    max_turns: int = 2,
+    max_new_tokens: int = 160,
+    temperature: float = 0.0,
+    show_docs: bool = False,
+    backend: str = "hf",
+    appworld_url: str = "http://127.0.0.1:8000",
+    seed: int = 0,
+) -> dict:
+    from align.agents.play import load_tasks, make_env, mid_turn_suppressed, play
     from align.config import ModelConfig, Recipe, RolloutConfig
     from align.models import load_policy
     from align.rollout import SamplingParams, make_engine
-    from align.trainers.agent import load_tasks, make_env, mid_turn_suppressed, play
 
     recipe = Recipe(trainer="agent")
     recipe.loss.name = "loop"
@@ -82,11 +102,12 @@ def evaluate_agent(model_path: str, output: str, world: str = "builtin", split: 
     todo = [t for t in tasks if t.id not in done]
     print(f"[eval agent] {len(tasks)} tasks, {len(done)} already done, {len(todo)} to run", file=sys.stderr, flush=True)
     engine = make_engine(RolloutConfig(backend=backend, batch_size=64), model.eval(), tok)
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                              suppress_token_ids=mid_turn_suppressed(tok))
+    sampling = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, suppress_token_ids=mid_turn_suppressed(tok)
+    )
     step = 16
     for s in range(0, len(todo), step):
-        rows = play(engine, tok, todo[s:s + step], 1, sampling, max_turns, lambda t: make_env(recipe, t))
+        rows = play(engine, tok, todo[s : s + step], 1, sampling, max_turns, lambda t: make_env(recipe, t))
         with open(path, "a") as f:
             for r in rows:
                 slim = {k: v for k, v in r.items() if k not in ("token_ids", "mask", "logprobs")}
@@ -100,9 +121,19 @@ def evaluate_agent(model_path: str, output: str, world: str = "builtin", split: 
 def main_eval_agent(args) -> int:
     if not Path(args.model).is_dir() and not args.model.startswith("tiny:"):
         raise UserError(f"--model {args.model!r}: not a model folder")
-    report = evaluate_agent(args.model, args.output, world=args.world, split=args.split, limit=args.limit,
-                            max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            show_docs=args.show_docs, backend=args.backend, appworld_url=args.appworld_url)
+    report = evaluate_agent(
+        args.model,
+        args.output,
+        world=args.world,
+        split=args.split,
+        limit=args.limit,
+        max_turns=args.max_turns,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        show_docs=args.show_docs,
+        backend=args.backend,
+        appworld_url=args.appworld_url,
+    )
     print(json.dumps({k: report[k] for k in ("tgc", "sgc", "reward", "tasks", "scenarios")}))
     return 0
 

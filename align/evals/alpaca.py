@@ -33,17 +33,16 @@ LC inputs leaves both ``None``.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
-import sys
-import tempfile
-import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING
 
 from align.errors import UserError
+from align.evals.annotations import load_annotations, win_probability
+from align.runs import atomic_write
 
 if TYPE_CHECKING:
     from align.evals.alpaca_lc import LCInputs
@@ -51,53 +50,19 @@ if TYPE_CHECKING:
 LEADERBOARD_FILE = "leaderboard.json"
 """The file ``score_annotations_file`` writes in its output folder: ``{model name: row}``."""
 
-COLUMNS = ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total", "discrete_win_rate",
-           "avg_length", "length_controlled_winrate", "lc_standard_error")
+COLUMNS = (
+    "win_rate",
+    "standard_error",
+    "n_wins",
+    "n_wins_base",
+    "n_draws",
+    "n_total",
+    "discrete_win_rate",
+    "avg_length",
+    "length_controlled_winrate",
+    "lc_standard_error",
+)
 """The row's keys, in alpaca_eval's leaderboard order."""
-
-
-def load_annotations(path: str | os.PathLike) -> list[dict]:
-    """Read an AlpacaEval annotations file (``.json`` or ``.json.gz``): a JSON list of objects with a ``preference``."""
-    path = Path(path)
-    if path.name.endswith(".json.gz"):
-        opener = gzip.open
-    elif path.name.endswith(".json"):
-        opener = open
-    else:
-        raise UserError(f"{path}: expected an AlpacaEval annotations file ending in .json or .json.gz")
-    if not path.is_file():
-        raise UserError(f"{path}: annotations file not found")
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: not a readable JSON annotations file: {detail}") from None
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of annotations, got {type(data).__name__}")
-    if not data:
-        raise UserError(f"{path}: no annotations in the file")
-    for i, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: row {i}: expected an object, got {type(row).__name__}")
-        if "preference" not in row:
-            raise UserError(f"{path}: row {i}: no 'preference' field (is this an AlpacaEval annotations file?)")
-    return data
-
-
-def _win_probability(value: Any, where: str) -> float | None:
-    """Preference in [1, 2] -> probability that output_2 wins in [0, 1]; None for a missing judgement."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{where}: preference {value!r} is not a number in [1, 2]")
-    if math.isnan(value):
-        return None
-    if value == 0:  # alpaca_eval's legacy encoding of a draw
-        return 0.5
-    if not 1 <= value <= 2:
-        raise UserError(f"{where}: preference {value!r} is outside [1, 2] (1 = reference wins, 2 = model wins)")
-    return float(value) - 1.0  # exact for values in [1, 2]
 
 
 def generator_name(annotations: Iterable[dict]) -> str | None:
@@ -110,8 +75,9 @@ def generator_name(annotations: Iterable[dict]) -> str | None:
     return None
 
 
-def leaderboard_row(annotations: list[dict], name: str | None = None, *, source: str | None = None,
-                    lc: "LCInputs | None" = None) -> dict:
+def leaderboard_row(
+    annotations: list[dict], name: str | None = None, *, source: str | None = None, lc: LCInputs | None = None
+) -> dict:
     """alpaca_eval's leaderboard columns for one model's annotations.
 
     ``name`` (the model) and ``source`` (the file) only label error messages; the row itself is keyed by the model
@@ -124,7 +90,7 @@ def leaderboard_row(annotations: list[dict], name: str | None = None, *, source:
     for i, row in enumerate(annotations):
         if not isinstance(row, dict) or "preference" not in row:
             raise UserError(f"{label}: row {i}: no 'preference' field")
-        p = _win_probability(row["preference"], f"{label}: row {i}")
+        p = win_probability(row["preference"], f"{label}: row {i}")
         if p is not None:
             probs.append(p)
     n = len(probs)
@@ -165,32 +131,27 @@ def leaderboard_row(annotations: list[dict], name: str | None = None, *, source:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_leaderboard(path: Path) -> dict[str, dict]:
+def read_leaderboard(path: Path) -> dict[str, dict]:
     try:
         board = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{path}: existing leaderboard is not readable JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(board, dict) or not all(isinstance(v, dict) for v in board.values()):
-        raise UserError(f"{path}: existing leaderboard is not a {{model name: row}} object; remove it or pick another --output")
+        raise UserError(
+            f"{path}: existing leaderboard is not a {{model name: row}} object; remove it or pick another --output"
+        )
     return board
 
 
-def score_annotations_file(path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None = None, *,
-                           instruction_difficulty: str | os.PathLike | None = None,
-                           gamed: str | os.PathLike | None = None, length_controlled: bool = True) -> dict:
+def score_annotations_file(
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    name: str | None = None,
+    *,
+    instruction_difficulty: str | os.PathLike | None = None,
+    gamed: str | os.PathLike | None = None,
+    length_controlled: bool = True,
+) -> dict:
     """Score an annotations file and write ``output_dir/leaderboard.json`` atomically; returns the model's row.
 
     The leaderboard is ``{model name: row}`` (alpaca_eval's layout, one entry per model). The name is ``name``, else
@@ -199,12 +160,26 @@ def score_annotations_file(path: str | os.PathLike, output_dir: str | os.PathLik
     The LC columns use the hub files where given (``instruction_difficulty``, ``gamed``), else the shipped estimate;
     ``length_controlled=False`` leaves them ``None``. Nothing is written when an input is bad.
     """
-    return _score_and_write(path, output_dir, name, instruction_difficulty=instruction_difficulty, gamed=gamed,
-                            length_controlled=length_controlled)[1]
+    return score_file(
+        path,
+        output_dir,
+        name,
+        instruction_difficulty=instruction_difficulty,
+        gamed=gamed,
+        length_controlled=length_controlled,
+    )[1]
 
 
-def _score_and_write(path: str | os.PathLike, output_dir: str | os.PathLike, name: str | None, *,
-                     instruction_difficulty=None, gamed=None, length_controlled: bool = True) -> tuple[str, dict]:
+def score_file(
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    name: str | None,
+    *,
+    instruction_difficulty=None,
+    gamed=None,
+    length_controlled: bool = True,
+) -> tuple[str, dict]:
+    """``score_annotations_file`` returning (the model's name in the leaderboard, its row)."""
     path = Path(path)
     annotations = load_annotations(path)
     lc = None
@@ -216,8 +191,9 @@ def _score_and_write(path: str | os.PathLike, output_dir: str | os.PathLike, nam
     return model, score_rows_and_write(annotations, output_dir, model, source=str(path), lc=lc)
 
 
-def score_rows_and_write(annotations: list[dict], output_dir: str | os.PathLike, model: str, *, source: str,
-                         lc: "LCInputs | None" = None) -> dict:
+def score_rows_and_write(
+    annotations: list[dict], output_dir: str | os.PathLike, model: str, *, source: str, lc: LCInputs | None = None
+) -> dict:
     """``leaderboard_row`` of annotations already in memory, merged into ``output_dir/leaderboard.json`` (atomic
     write, other models kept, sorted by win rate); returns the row. The generation path of ``align eval alpaca
     --model`` scores its annotations through here."""
@@ -227,76 +203,12 @@ def score_rows_and_write(annotations: list[dict], output_dir: str | os.PathLike,
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: --output exists and is not a folder")
     out = output_dir / LEADERBOARD_FILE
-    board = _read_leaderboard(out) if out.exists() else {}
+    board = read_leaderboard(out) if out.exists() else {}
     board[model] = row
     board = dict(sorted(board.items(), key=lambda kv: -(kv[1].get("win_rate") or 0.0)))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out, json.dumps(board, indent=2, allow_nan=False) + "\n")
+        atomic_write(out, json.dumps(board, indent=2, allow_nan=False) + "\n")
     except OSError as e:
         raise UserError(f"{out}: cannot write the leaderboard: {e.strerror or e}") from None
     return row
-
-
-GENERATION_OPTIONS = ("judge", "limit", "backend", "max_new_tokens", "reference", "temperature", "batch_size", "parallel")
-"""Options of the generation path (``--model``); they mean nothing with ``--annotations``."""
-
-
-def main_eval_alpaca(args) -> int:
-    """``align eval alpaca --annotations FILE --output DIR [--name NAME] [--instruction-difficulty FILE] [--gamed FILE]``,
-    or the generation path ``align eval alpaca --model PATH --judge JUDGE.yaml --output DIR [...]``
-    (``align/evals/alpaca_generate.py``); the two are mutually exclusive.
-
-    Prints ``{name: row}`` as one JSON line on stdout; which LC inputs were used goes to stderr.
-    """
-    annotations, model = getattr(args, "annotations", None), getattr(args, "model", None)
-    if annotations and model:
-        raise UserError("--annotations and --model are mutually exclusive: score an existing annotations file, "
-                        "or generate with --model and judge with --judge")
-    if not annotations and not model:
-        raise UserError("one of --annotations FILE (score an existing file) or --model PATH --judge FILE (generate and "
-                        "judge) is required")
-    if model:
-        from align.evals.alpaca_generate import main_generate
-
-        return main_generate(args)
-    given = [o for o in GENERATION_OPTIONS if getattr(args, o, None) is not None]
-    if given:
-        raise UserError(f"--{given[0].replace('_', '-')} applies only with --model (generation); --annotations scores "
-                        "an existing file")
-    difficulty, gamed = getattr(args, "instruction_difficulty", None), getattr(args, "gamed", None)
-    model, row = _score_and_write(args.annotations, args.output, getattr(args, "name", None),
-                                  instruction_difficulty=difficulty, gamed=gamed)
-    if gamed is None:
-        note = ("instruction difficulty from " + str(difficulty) + ", shipped estimate of df_gamed" if difficulty
-                else "shipped offline estimate of instruction_difficulty.csv and df_gamed.csv (evals/alpaca_lc)")
-        print(f"length-controlled win rate: {note}", file=sys.stderr)
-    print(json.dumps({model: row}))
-    return 0
-
-
-def add_parser(esub) -> None:
-    """Register ``align eval alpaca`` on the ``align eval`` subparsers."""
-    a = esub.add_parser("alpaca", help="AlpacaEval 2: generate + judge (--model) or score an annotations file (--annotations)")
-    a.add_argument("--annotations", help="AlpacaEval annotations.json or .json.gz (preference in [1, 2]) to score")
-    a.add_argument("--model", help="generate: policy folder (HF format, or a training run's output folder) or tiny:llama")
-    a.add_argument("--judge", metavar="FILE", help="--model: judge config YAML (kind: llm | reward_model | vpl; see evals/judges/)")
-    a.add_argument("--output", required=True,
-                   help="folder for leaderboard.json ({model: row}; other models in it are kept); with --model also "
-                        "model_outputs.json, annotations.json, report.md, report.png")
-    a.add_argument("--name", help="model name in the leaderboard (default: the annotations' generator_2, else the file "
-                                  "name; with --model the model folder's name)")
-    a.add_argument("--limit", metavar="N", help="--model: only the first N instructions")
-    a.add_argument("--backend", choices=["hf", "vllm"], help="--model: rollout backend (default hf)")
-    a.add_argument("--max-new-tokens", metavar="N", help="--model: tokens generated per answer (default 2048)")
-    a.add_argument("--temperature", metavar="T", help="--model: sampling temperature (default 0: greedy)")
-    a.add_argument("--batch-size", metavar="N", help="--model: instructions per generation batch (default 16)")
-    a.add_argument("--parallel", metavar="N", help="--model: LLM-judge requests in flight (default 4)")
-    a.add_argument("--reference", metavar="FILE_OR_HUB_ID",
-                   help="--model: reference outputs (alpaca_eval model_outputs .json/.json.gz/.jsonl, or the hub id "
-                        "tatsu-lab/alpaca_eval[:config] when online; default: the shared gpt4_1106_preview copy)")
-    a.add_argument("--instruction-difficulty", metavar="FILE",
-                   help="alpaca_eval's instruction_difficulty.csv from the hub (default: our shipped offline estimate)")
-    a.add_argument("--gamed", metavar="FILE",
-                   help="alpaca_eval's df_gamed.csv from the hub: gamed-baseline rows and difficulty (default: shipped estimate)")
-    a.set_defaults(fn=main_eval_alpaca)

@@ -40,9 +40,20 @@ import zlib
 from pathlib import Path
 
 from align.errors import UserError
-from align.evals.common import (Generator, Timer, check_model, check_output_dir, default_model_name, judge_error,
-                                map_parallel, parse_float, parse_positive_int, progress, read_json_list,
-                                write_json_atomic)
+from align.evals.common import (
+    Generator,
+    Timer,
+    check_model,
+    check_output_dir,
+    default_model_name,
+    judge_error,
+    map_parallel,
+    parse_float,
+    parse_positive_int,
+    progress,
+    read_json_list,
+    write_json_atomic,
+)
 
 HUB_ID = "tatsu-lab/alpaca_eval"
 HUB_CONFIG = "alpaca_eval_gpt4_baseline"
@@ -82,7 +93,9 @@ def _load_hub(source: str) -> list:
     dataset repository. Needs the network; offline it is a UserError pointing at ``--reference FILE``."""
     repo, _, config = source.partition(":")
     config = config or HUB_CONFIG
-    hint = "offline, pass --reference FILE (the shared copy: ../shared/data/alpaca_eval/outputs/gpt4_1106_preview.json.gz)"
+    hint = (
+        "offline, pass --reference FILE (the shared copy: ../shared/data/alpaca_eval/outputs/gpt4_1106_preview.json.gz)"
+    )
     try:
         import datasets
 
@@ -126,8 +139,14 @@ def load_reference(source: str | Path | None = None) -> tuple[list[dict], str]:
         if instr in seen:
             raise UserError(f"--reference {where}: row {i}: duplicate instruction {instr[:60]!r}")
         seen.add(instr)
-        out.append({"instruction": instr, "output": output, "generator": str(r.get("generator") or "reference"),
-                    "dataset": str(r.get("dataset") or "")})
+        out.append(
+            {
+                "instruction": instr,
+                "output": output,
+                "generator": str(r.get("generator") or "reference"),
+                "dataset": str(r.get("dataset") or ""),
+            }
+        )
     return out, where
 
 
@@ -154,12 +173,24 @@ def _key(row: dict) -> tuple:
     return row.get("instruction"), row.get("output_1"), row.get("output_2"), row.get("annotator")
 
 
-def evaluate_alpaca(model: str, judge: str, output: str, *, limit: int | None = None, backend: str = "hf",
-                    max_new_tokens: int = 2048, name: str | None = None, reference: str | None = None,
-                    temperature: float = 0.0, batch_size: int = 16, parallel: int = 4,
-                    instruction_difficulty: str | None = None, gamed: str | None = None) -> tuple[str, dict]:
+def evaluate_alpaca(
+    model: str,
+    judge: str,
+    output: str,
+    *,
+    limit: int | None = None,
+    backend: str = "hf",
+    max_new_tokens: int = 2048,
+    name: str | None = None,
+    reference: str | None = None,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    parallel: int = 4,
+    instruction_difficulty: str | None = None,
+    gamed: str | None = None,
+) -> tuple[str, dict]:
     """Generate, judge and score (see the module docstring); returns (model name, leaderboard row)."""
-    from align.evals.alpaca import LEADERBOARD_FILE, _read_leaderboard, score_rows_and_write
+    from align.evals.alpaca import LEADERBOARD_FILE, read_leaderboard, score_rows_and_write
     from align.evals.judge_config import build_pairwise_judge, load_judge_config
 
     timer = Timer()
@@ -174,9 +205,15 @@ def evaluate_alpaca(model: str, judge: str, output: str, *, limit: int | None = 
     done = {}
     if outputs_path.exists():
         for i, r in enumerate(read_json_list(outputs_path, "model outputs")):
-            if r.get("generator") != name or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
-                raise UserError(f"{outputs_path}: row {i} is not an output of {name!r} (generator {r.get('generator')!r}); "
-                                "pick another --output or --name")
+            if (
+                r.get("generator") != name
+                or not isinstance(r.get("instruction"), str)
+                or not isinstance(r.get("output"), str)
+            ):
+                raise UserError(
+                    f"{outputs_path}: row {i} is not an output of {name!r} (generator {r.get('generator')!r}); "
+                    "pick another --output or --name"
+                )
             done[r["instruction"]] = r
     judged = {}
     if ann_path.exists():
@@ -184,7 +221,7 @@ def evaluate_alpaca(model: str, judge: str, output: str, *, limit: int | None = 
             if r.get("generator_2") == name:
                 judged[_key(r)] = r
     if (out / LEADERBOARD_FILE).exists():
-        _read_leaderboard(out / LEADERBOARD_FILE)  # an unreadable leaderboard fails now, not after the work
+        read_leaderboard(out / LEADERBOARD_FILE)  # an unreadable leaderboard fails now, not after the work
     official = is_official(all_refs)
     lc = None
     if official:
@@ -192,8 +229,10 @@ def evaluate_alpaca(model: str, judge: str, output: str, *, limit: int | None = 
 
         lc = load_lc_inputs(instruction_difficulty, gamed)
     elif instruction_difficulty or gamed:
-        raise UserError(f"--instruction-difficulty/--gamed: the length-controlled win rate needs the official 805 "
-                        f"{REFERENCE_GENERATOR} reference outputs, and {ref_source} is not that set")
+        raise UserError(
+            f"--instruction-difficulty/--gamed: the length-controlled win rate needs the official 805 "
+            f"{REFERENCE_GENERATOR} reference outputs, and {ref_source} is not that set"
+        )
     progress(TAG, f"{len(refs)} instructions from {ref_source}; judge: {spec.describe()}")
     scorer = build_pairwise_judge(spec)
 
@@ -206,11 +245,17 @@ def evaluate_alpaca(model: str, judge: str, output: str, *, limit: int | None = 
         gen = Generator(model, backend=backend, batch_size=batch_size)
         out.mkdir(parents=True, exist_ok=True)
         for s in range(0, len(todo), batch_size):
-            chunk = todo[s:s + batch_size]
-            answers = gen.generate([[{"role": "user", "content": r["instruction"]}] for r in chunk], max_new_tokens, temperature)
+            chunk = todo[s : s + batch_size]
+            answers = gen.generate(
+                [[{"role": "user", "content": r["instruction"]}] for r in chunk], max_new_tokens, temperature
+            )
             for r, (text, _) in zip(chunk, answers):
-                done[r["instruction"]] = {"dataset": r["dataset"], "instruction": r["instruction"], "output": text,
-                                          "generator": name}
+                done[r["instruction"]] = {
+                    "dataset": r["dataset"],
+                    "instruction": r["instruction"],
+                    "output": text,
+                    "generator": name,
+                }
             write_json_atomic(outputs_path, _ordered(done, all_refs))
             progress(TAG, f"generated {min(s + batch_size, len(todo))}/{len(todo)}")
         del gen
@@ -235,14 +280,16 @@ def evaluate_alpaca(model: str, judge: str, output: str, *, limit: int | None = 
         return {"p": float(scorer.compare([instr[i]], [mine[i]], [theirs[i]])[0])}
 
     for s in range(0, len(jtodo), judge_batch):
-        chunk = jtodo[s:s + judge_batch]
+        chunk = jtodo[s : s + judge_batch]
         instr = [r["instruction"] for r in chunk]
         mine = [done[r["instruction"]]["output"] for r in chunk]
         theirs = [r["output"] for r in chunk]
         t1 = time.perf_counter()
         try:
             if remote:
-                details = map_parallel(lambda i: one(i, instr, mine, theirs), list(range(len(chunk))), parallel)
+                details = map_parallel(
+                    lambda i, a=instr, b=mine, c=theirs: one(i, a, b, c), list(range(len(chunk))), parallel
+                )
             elif hasattr(scorer, "compare_detailed"):
                 details = scorer.compare_detailed(instr, mine, theirs)
             else:
@@ -256,9 +303,18 @@ def evaluate_alpaca(model: str, judge: str, output: str, *, limit: int | None = 
             raw = {"p_model_wins": None if pref is None else pref - 1.0}
             if "p_a_first" in d:  # P(first shown wins) per order: the model's answer shown first, then the reference's
                 raw.update(p_first_model_first=d["p_a_first"], p_first_reference_first=d["p_b_first"])
-            row = {"instruction": r["instruction"], "output_1": r["output"], "generator_1": r["generator"],
-                   "dataset": r["dataset"], "output_2": m, "generator_2": name, "annotator": spec.name,
-                   "preference": pref, "time_per_example": per, "raw_completion": raw}
+            row = {
+                "instruction": r["instruction"],
+                "output_1": r["output"],
+                "generator_1": r["generator"],
+                "dataset": r["dataset"],
+                "output_2": m,
+                "generator_2": name,
+                "annotator": spec.name,
+                "preference": pref,
+                "time_per_example": per,
+                "raw_completion": raw,
+            }
             judged[_key(row)] = row
         current = {annotation_key(r): r for r in all_refs if r["instruction"] in done}
         write_json_atomic(ann_path, [judged[k] for k in current if k in judged])
@@ -269,14 +325,29 @@ def evaluate_alpaca(model: str, judge: str, output: str, *, limit: int | None = 
     rows = [judged[annotation_key(r)] for r in refs]
     row = score_rows_and_write(rows, out, name, source=str(ann_path), lc=lc)
     if lc is None:
-        progress(TAG, f"length-controlled win rate: not computed ({ref_source} is not the official "
-                      f"{N_INSTRUCTIONS} {REFERENCE_GENERATOR} outputs the LC difficulty is indexed by)")
+        progress(
+            TAG,
+            f"length-controlled win rate: not computed ({ref_source} is not the official "
+            f"{N_INSTRUCTIONS} {REFERENCE_GENERATOR} outputs the LC difficulty is indexed by)",
+        )
     from align.evals.report import alpaca_report
 
-    alpaca_report(out, name, row, meta={"judge": spec.describe(), "annotator": spec.name, "reference": ref_source,
-                                        "instructions": len(refs), "generation_seconds": round(gen_seconds, 2),
-                                        "judging_seconds": round(judge_seconds, 2), "wall_seconds": round(timer(), 2),
-                                        "reference_generator": refs[0]["generator"], "lc_inputs": lc.source if lc else None})
+    alpaca_report(
+        out,
+        name,
+        row,
+        meta={
+            "judge": spec.describe(),
+            "annotator": spec.name,
+            "reference": ref_source,
+            "instructions": len(refs),
+            "generation_seconds": round(gen_seconds, 2),
+            "judging_seconds": round(judge_seconds, 2),
+            "wall_seconds": round(timer(), 2),
+            "reference_generator": refs[0]["generator"],
+            "lc_inputs": lc.source if lc else None,
+        },
+    )
     progress(TAG, f"done in {timer():.1f}s: win rate {row['win_rate']:.2f} over {row['n_total']} judged answers")
     return name, row
 
@@ -290,9 +361,20 @@ def main_generate(args) -> int:
     batch = parse_positive_int(args.batch_size, "--batch-size") or 16
     temperature = parse_float(args.temperature, "--temperature", 0.0, 10.0) or 0.0
     parallel = parse_positive_int(args.parallel, "--parallel") or 4
-    name, row = evaluate_alpaca(args.model, args.judge, args.output, limit=limit, backend=args.backend or "hf",
-                                max_new_tokens=max_new, name=args.name, reference=args.reference,
-                                temperature=temperature, batch_size=batch, parallel=parallel,
-                                instruction_difficulty=args.instruction_difficulty, gamed=args.gamed)
+    name, row = evaluate_alpaca(
+        args.model,
+        args.judge,
+        args.output,
+        limit=limit,
+        backend=args.backend or "hf",
+        max_new_tokens=max_new,
+        name=args.name,
+        reference=args.reference,
+        temperature=temperature,
+        batch_size=batch,
+        parallel=parallel,
+        instruction_difficulty=args.instruction_difficulty,
+        gamed=args.gamed,
+    )
     print(json.dumps({name: row}))
     return 0

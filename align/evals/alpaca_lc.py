@@ -64,9 +64,9 @@ import io
 import math
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -150,7 +150,9 @@ def _float(value: str, path: Path, line: int, column: str, *, allow_empty: bool 
 def _int(value: str, path: Path, line: int, column: str) -> int:
     x = _float(value, path, line, column)
     if x != int(x) or x < 0:
-        raise UserError(f"{path}: line {line}: column '{column}' = {value!r} is not an instruction index (integer >= 0)")
+        raise UserError(
+            f"{path}: line {line}: column '{column}' = {value!r} is not an instruction index (integer >= 0)"
+        )
     return int(x)
 
 
@@ -158,7 +160,9 @@ def _check_complete(found: dict[int, float], path: Path, what: str) -> np.ndarra
     n = max(found) + 1
     missing = [k for k in range(n) if k not in found]
     if missing:
-        raise UserError(f"{path}: {what} has no value for instruction index {missing[0]} (indices must cover 0..{n - 1})")
+        raise UserError(
+            f"{path}: {what} has no value for instruction index {missing[0]} (indices must cover 0..{n - 1})"
+        )
     return np.array([found[k] for k in range(n)], dtype=float)
 
 
@@ -167,7 +171,9 @@ def load_instruction_difficulty(path: str | Path) -> np.ndarray:
     path = Path(path)
     header, rows = _read_csv(path, "instruction difficulty")
     if len(header) != 2:
-        raise UserError(f"{path}: expected 2 columns (index, instruction_difficulty), found {len(header)}: {','.join(header)}")
+        raise UserError(
+            f"{path}: expected 2 columns (index, instruction_difficulty), found {len(header)}: {','.join(header)}"
+        )
     found: dict[int, float] = {}
     for line, row in enumerate(rows, start=2):
         if len(row) != 2:
@@ -200,7 +206,9 @@ def load_gamed(path: str | Path) -> tuple[GamedRows, np.ndarray]:
     col = {name: i for i, name in enumerate(header)}
     missing = [c for c in GAMED_COLUMNS if c not in col]
     if missing:
-        raise UserError(f"{path}: gamed-baseline CSV lacks column(s) {', '.join(missing)} (needs {', '.join(GAMED_COLUMNS)})")
+        raise UserError(
+            f"{path}: gamed-baseline CSV lacks column(s) {', '.join(missing)} (needs {', '.join(GAMED_COLUMNS)})"
+        )
     out: dict[str, list] = {c: [] for c in GAMED_COLUMNS}
     first: dict[int, float] = {}
     for line, row in enumerate(rows, start=2):
@@ -209,7 +217,9 @@ def load_gamed(path: str | Path) -> tuple[GamedRows, np.ndarray]:
         k = _int(row[col["index"]], path, line, "index")
         pref = _float(row[col["preference"]], path, line, "preference", allow_empty=True)
         if not math.isnan(pref) and not 0 <= pref <= 1:
-            raise UserError(f"{path}: line {line}: preference {pref} is outside [0, 1] (df_gamed stores preference - 1)")
+            raise UserError(
+                f"{path}: line {line}: preference {pref} is outside [0, 1] (df_gamed stores preference - 1)"
+            )
         diff = _float(row[col["instruction_difficulty"]], path, line, "instruction_difficulty")
         out["index"].append(k)
         out["preference"].append(pref)
@@ -227,8 +237,9 @@ def load_gamed(path: str | Path) -> tuple[GamedRows, np.ndarray]:
     return gamed, _check_complete(first, path, "gamed-baseline CSV")
 
 
-def load_lc_inputs(instruction_difficulty: str | Path | None = None, gamed: str | Path | None = None, *,
-                   warn=None) -> LCInputs:
+def load_lc_inputs(
+    instruction_difficulty: str | Path | None = None, gamed: str | Path | None = None, *, warn=None
+) -> LCInputs:
     """The LC inputs: the hub files where given, our shipped estimates for what is not.
 
     - ``gamed`` given: its rows, and (as alpaca_eval) the difficulty it carries; an ``instruction_difficulty`` file
@@ -246,19 +257,28 @@ def load_lc_inputs(instruction_difficulty: str | Path | None = None, gamed: str 
             n = min(len(supplied), len(difficulty))
             gap = float(np.max(np.abs(supplied[:n] - difficulty[:n]))) if n else 0.0
             if len(supplied) != len(difficulty) or gap > 1e-6:
-                warn(f"{instruction_difficulty} differs from the difficulty in {gamed} (max |diff| {gap:.3g}, "
-                     f"{len(supplied)} vs {len(difficulty)} instructions); using {gamed}'s, as alpaca_eval does")
+                warn(
+                    f"{instruction_difficulty} differs from the difficulty in {gamed} (max |diff| {gap:.3g}, "
+                    f"{len(supplied)} vs {len(difficulty)} instructions); using {gamed}'s, as alpaca_eval does"
+                )
         src = f"gamed rows and difficulty from {gamed}"
         return LCInputs(difficulty=difficulty, gamed=rows, source=src)
     shipped_rows, shipped_difficulty = load_gamed(SHIPPED_GAMED)
     if supplied is not None:
         if shipped_rows.index.max() >= len(supplied):
-            raise UserError(f"{instruction_difficulty}: covers {len(supplied)} instructions, the shipped gamed rows need "
-                            f"{shipped_rows.index.max() + 1}")
+            raise UserError(
+                f"{instruction_difficulty}: covers {len(supplied)} instructions, the shipped gamed rows need "
+                f"{shipped_rows.index.max() + 1}"
+            )
         rows = replace(shipped_rows, instruction_difficulty=supplied[shipped_rows.index])
-        return LCInputs(difficulty=supplied, gamed=rows,
-                        source=f"difficulty from {instruction_difficulty}; shipped estimate of the gamed rows")
-    return LCInputs(difficulty=shipped_difficulty, gamed=shipped_rows, source="shipped offline estimate (evals/alpaca_lc)")
+        return LCInputs(
+            difficulty=supplied,
+            gamed=rows,
+            source=f"difficulty from {instruction_difficulty}; shipped estimate of the gamed rows",
+        )
+    return LCInputs(
+        difficulty=shipped_difficulty, gamed=shipped_rows, source="shipped offline estimate (evals/alpaca_lc)"
+    )
 
 
 # ----------------------------------------------------------------------------- the fit
@@ -285,8 +305,14 @@ def _soft_cross_entropy(y: np.ndarray, q: np.ndarray, weight: np.ndarray) -> flo
     return float(-np.mean(weight * (y * np.log(q) + (1 - y) * np.log(1 - q))))
 
 
-def fit_soft_logistic(X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None, *,
-                      n_splits: int = N_SPLITS, Cs: Sequence[float] = CS) -> tuple[np.ndarray, float]:
+def fit_soft_logistic(
+    X: np.ndarray,
+    y: np.ndarray,
+    sample_weight: np.ndarray | None = None,
+    *,
+    n_splits: int = N_SPLITS,
+    Cs: Sequence[float] = CS,
+) -> tuple[np.ndarray, float]:
     """L1 logistic regression on soft targets ``y`` in [0, 1], C by grouped k-fold CV; returns (coef, C).
 
     Each row becomes a label-1 copy weighted ``y * w`` and a label-0 copy weighted ``(1 - y) * w`` (w = sample weight,
@@ -326,17 +352,19 @@ def fit_soft_logistic(X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | 
 
 def _model_features(annotations: list[dict], label: str) -> tuple[np.ndarray, np.ndarray]:
     """(win probability or NaN, std_delta_len) per annotation row."""
-    from align.evals.alpaca import _win_probability
+    from align.evals.annotations import win_probability
 
     probs, delta = [], []
     for i, row in enumerate(annotations):
         if not isinstance(row, dict) or "preference" not in row:
             raise UserError(f"{label}: row {i}: no 'preference' field")
-        p = _win_probability(row["preference"], f"{label}: row {i}")
+        p = win_probability(row["preference"], f"{label}: row {i}")
         probs.append(math.nan if p is None else p)
         for key in ("output_1", "output_2"):
             if not isinstance(row.get(key), str):
-                raise UserError(f"{label}: row {i}: '{key}' is not a string (the length-controlled win rate needs both outputs)")
+                raise UserError(
+                    f"{label}: row {i}: '{key}' is not a string (the length-controlled win rate needs both outputs)"
+                )
         delta.append(len(row["output_1"]) - len(row["output_2"]))
     delta_arr = np.array(delta, dtype=float)
     std = float(np.std(delta_arr, ddof=1)) if len(delta_arr) > 1 else 0.0
@@ -351,8 +379,13 @@ def _is_baseline(annotations: list[dict]) -> bool:
     return len(g1) == 1 and g1 == g2 and isinstance(next(iter(g1)), str)
 
 
-def length_controlled_winrate(annotations: list[dict], inputs: LCInputs, *, label: str = "annotations",
-                              instruction_index: Sequence[int] | None = None) -> dict:
+def length_controlled_winrate(
+    annotations: list[dict],
+    inputs: LCInputs,
+    *,
+    label: str = "annotations",
+    instruction_index: Sequence[int] | None = None,
+) -> dict:
     """``{"length_controlled_winrate", "lc_standard_error", "weights", "C"}`` for one model's annotations.
 
     ``instruction_index`` (default: the row positions, as alpaca_eval) maps each annotation row to its instruction.
@@ -362,15 +395,21 @@ def length_controlled_winrate(annotations: list[dict], inputs: LCInputs, *, labe
     if n == 0:
         raise UserError(f"{label}: no annotations")
     if _is_baseline(annotations):  # the reference against itself: 50 by construction
-        return {"length_controlled_winrate": 50.0, "lc_standard_error": 0.0 if n > 1 else None,
-                "weights": dict.fromkeys(WEIGHT_NAMES, 0.0), "C": None}
+        return {
+            "length_controlled_winrate": 50.0,
+            "lc_standard_error": 0.0 if n > 1 else None,
+            "weights": dict.fromkeys(WEIGHT_NAMES, 0.0),
+            "C": None,
+        }
     probs, sdl = _model_features(annotations, label)
     idx = np.arange(n) if instruction_index is None else np.asarray(instruction_index, dtype=int)
     if len(idx) != n:
         raise UserError(f"{label}: {len(idx)} instruction indices for {n} annotations")
     if idx.max() >= len(inputs.difficulty):
-        raise UserError(f"{label}: {n} annotation rows but the instruction difficulty ({inputs.source}) covers only "
-                        f"{len(inputs.difficulty)} instructions; is this an AlpacaEval 2 annotations file?")
+        raise UserError(
+            f"{label}: {n} annotation rows but the instruction difficulty ({inputs.source}) covers only "
+            f"{len(inputs.difficulty)} instructions; is this an AlpacaEval 2 annotations file?"
+        )
     if np.isnan(probs).all():
         raise UserError(f"{label}: no row has a preference (all are null)")
     return lc_from_features(probs, sdl, inputs.difficulty[idx], inputs)
@@ -405,5 +444,9 @@ def lc_from_features(probs: np.ndarray, std_delta_len: np.ndarray, difficulty: n
 
     pred = _sigmoid(coef[1] * d + coef[2])  # every row, the length term at 0
     se = float(np.std(pred, ddof=1) / math.sqrt(n)) * 100 if n > 1 else None
-    return {"length_controlled_winrate": float(pred.mean()) * 100, "lc_standard_error": se,
-            "weights": dict(zip(WEIGHT_NAMES, map(float, coef))), "C": C}
+    return {
+        "length_controlled_winrate": float(pred.mean()) * 100,
+        "lc_standard_error": se,
+        "weights": dict(zip(WEIGHT_NAMES, map(float, coef))),
+        "C": C,
+    }

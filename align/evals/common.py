@@ -8,10 +8,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from align.errors import UserError
+from align.runs import atomic_write
 
 
 def progress(tag: str, message: str) -> None:
@@ -22,7 +23,8 @@ def progress(tag: str, message: str) -> None:
 
 
 def parse_positive_int(value, option: str) -> int | None:
-    """``--limit`` / ``--max-new-tokens`` given as text: None stays None; anything but a positive integer is a UserError."""
+    """``--limit`` / ``--max-new-tokens`` given as text: None stays None; anything but a positive integer is a
+    UserError."""
     if value is None:
         return None
     try:
@@ -54,7 +56,8 @@ def check_output_dir(path: str | os.PathLike) -> Path:
 
 
 def check_model(model: str) -> None:
-    """Fail early for a --model that is neither a model folder (a training run's output folder is one) nor ``tiny:*``."""
+    """Fail early for a --model that is neither a model folder (a training run's output folder is one) nor
+    ``tiny:*``."""
     from align.models import check_model_path
 
     if not model.startswith("tiny:"):
@@ -75,10 +78,9 @@ def default_model_name(model: str) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename: a reader (or a killed run) never sees half a file."""
-    from align.evals.alpaca import _atomic_write_text
-
-    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    """Write JSON to ``path`` through a temporary file and a rename: a reader (or a killed run) never sees half a
+    file."""
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def read_json_list(path: Path, what: str) -> list[dict]:
@@ -86,11 +88,33 @@ def read_json_list(path: Path, what: str) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: existing {what} is not readable JSON ({(str(e).splitlines() or ['?'])[0]}); "
-                        "remove it or pick another --output") from None
+        raise UserError(
+            f"{path}: existing {what} is not readable JSON ({(str(e).splitlines() or ['?'])[0]}); "
+            "remove it or pick another --output"
+        ) from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise UserError(f"{path}: existing {what} is not a JSON list of objects; remove it or pick another --output")
     return data
+
+
+def read_data_jsonl(path: Path, what: str) -> list[dict]:
+    """The rows of a JSONL data file (questions, references, prompts); a missing or malformed file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    rows = []
+    try:
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise UserError(f"{path}: line {i + 1}: not JSON") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}: line {i + 1}: expected an object")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the {what} ({e})") from None
+    return rows
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:
@@ -111,7 +135,9 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
             if i == len(lines) - 1:  # the torn tail of a killed run: drop it
                 _rewrite_jsonl(path, rows)
                 break
-            raise UserError(f"{path}: line {i + 1} of the existing {what} is not JSON; remove it or pick another --output") from None
+            raise UserError(
+                f"{path}: line {i + 1} of the existing {what} is not JSON; remove it or pick another --output"
+            ) from None
         if not isinstance(row, dict):
             raise UserError(f"{path}: line {i + 1} of the existing {what} is not an object")
         rows.append(row)
@@ -119,9 +145,7 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
 
 
 def _rewrite_jsonl(path: Path, rows: list[dict]) -> None:
-    from align.evals.alpaca import _atomic_write_text
-
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -164,18 +188,23 @@ class Generator:
         parts = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
         return "\n\n".join(parts) + "\n\nAssistant:"
 
-    def generate(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float = 0.0) -> list[tuple[str, int]]:
+    def generate(
+        self, conversations: list[list[dict]], max_new_tokens: int, temperature: float = 0.0
+    ) -> list[tuple[str, int]]:
         """(answer text, generated tokens) per conversation, greedy when ``temperature`` is 0."""
         from align.rollout import SamplingParams
 
         if not conversations:
             return []
-        sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=self.seed,
-                            suppress_token_ids=self.suppress)
+        sp = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=self.seed, suppress_token_ids=self.suppress
+        )
         out = self.engine.generate([self.prompt(c) for c in conversations], n=1, sampling=sp)
         return [(g[0].text.strip(), len(g[0].token_ids)) for g in out]
 
-    def answer_turns(self, questions: list[list[str]], max_new_tokens: int, temperatures: list[float]) -> list[list[tuple[str, int]]]:
+    def answer_turns(
+        self, questions: list[list[str]], max_new_tokens: int, temperatures: list[float]
+    ) -> list[list[tuple[str, int]]]:
         """Multi-turn answers: turn k of every question is generated (batched, grouped by temperature) with the
         conversation so far, so the second turn sees the model's own first answer. Returns (text, tokens) per turn."""
         answers: list[list[tuple[str, int]]] = [[] for _ in questions]
@@ -187,7 +216,10 @@ class Generator:
                 for i in group:
                     msgs = []
                     for k in range(t):
-                        msgs += [{"role": "user", "content": questions[i][k]}, {"role": "assistant", "content": answers[i][k][0]}]
+                        msgs += [
+                            {"role": "user", "content": questions[i][k]},
+                            {"role": "assistant", "content": answers[i][k][0]},
+                        ]
                     convs.append(msgs + [{"role": "user", "content": questions[i][t]}])
                 for i, a in zip(group, self.generate(convs, max_new_tokens, temp)):
                     answers[i].append(a)
@@ -204,8 +236,10 @@ class Timer:
 
 def judge_error(e: Exception, where: Path) -> UserError:
     """A judge that failed after its retries: one clear line; what is already in ``where`` is kept for the resume."""
-    return UserError(f"{(str(e).splitlines() or [type(e).__name__])[0]}; finished rows are kept in {where}: rerun the "
-                     "same command to resume")
+    return UserError(
+        f"{(str(e).splitlines() or [type(e).__name__])[0]}; finished rows are kept in {where}: rerun the "
+        "same command to resume"
+    )
 
 
 def map_parallel(fn, items: list, parallel: int = 1) -> list:

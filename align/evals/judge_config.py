@@ -4,7 +4,7 @@
     base_url: http://127.0.0.1:8000/v1
     model: gpt-4-1106-preview        # the model name at the endpoint
     api_key_env: OPENAI_API_KEY      # the variable holding the key (never the key itself)
-    prompt: alpaca_eval              # llm, pairwise harnesses: alpaca_eval (weighted m/M prompt) | pairwise (1/2 prompt)
+    prompt: alpaca_eval              # llm, pairwise harnesses: alpaca_eval (weighted m/M prompt) | pairwise (1/2)
     api: chat                        # llm: chat (/chat/completions) | completions (/completions)
     top_logprobs: 5                  # llm, alpaca_eval prompt: top log-probs asked for (OpenAI allows <= 20 / 5)
     temperature: 1.0                 # llm: alpaca_eval prompt 1.0 (only log-probs are read); graders 0.0
@@ -34,8 +34,16 @@ from align.config import JudgeConfig
 from align.errors import UserError
 
 PAIRWISE_KINDS = ("llm", "reward_model", "vpl")
-EXTRA_KEYS = {"prompt": str, "api": str, "top_logprobs": int, "temperature": float, "max_tokens": int,
-              "timeout": float, "retries": int, "name": str}
+EXTRA_KEYS = {
+    "prompt": str,
+    "api": str,
+    "top_logprobs": int,
+    "temperature": float,
+    "max_tokens": int,
+    "timeout": float,
+    "retries": int,
+    "name": str,
+}
 
 
 @dataclass
@@ -86,10 +94,19 @@ def load_judge_config(path: str | os.PathLike) -> JudgeSpec:
             cfg_kwargs[key] = value
         elif key in EXTRA_KEYS:
             want = EXTRA_KEYS[key]
-            ok = isinstance(value, str) if want is str else (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and (want is float or float(value).is_integer()))
+            ok = (
+                isinstance(value, str)
+                if want is str
+                else (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and (want is float or float(value).is_integer())
+                )
+            )
             if not ok:
-                raise UserError(f"{p}: key '{key}': expected {'a string' if want is str else 'a number'}, got {value!r}")
+                raise UserError(
+                    f"{p}: key '{key}': expected {'a string' if want is str else 'a number'}, got {value!r}"
+                )
             extra[key] = want(value)
         else:
             raise UserError(f"{p}: unknown key '{key}' (known: {', '.join(sorted([*known, *EXTRA_KEYS]))})")
@@ -112,7 +129,9 @@ def load_judge_config(path: str | os.PathLike) -> JudgeSpec:
             raise UserError(f"{p}: key 'path': {judge.path!r} is not a folder")
         if kind == "vpl" and (not judge.context or not Path(judge.context).is_file()):
             raise UserError(f"{p}: key 'context': a vpl judge needs the file of the user's labelled pairs")
-    spec = JudgeSpec(judge=judge, source=str(p), name=extra.pop("name", None) or p.name.removesuffix(".yaml").removesuffix(".yml"))
+    spec = JudgeSpec(
+        judge=judge, source=str(p), name=extra.pop("name", None) or p.name.removesuffix(".yaml").removesuffix(".yml")
+    )
     for key, value in extra.items():
         setattr(spec, key, value)
     if spec.prompt not in ("alpaca_eval", "pairwise"):
@@ -138,8 +157,16 @@ def build_pairwise_judge(spec: JudgeSpec):
 
         if spec.prompt == "alpaca_eval":
             temperature = 1.0 if spec.temperature is None else spec.temperature
-            return WeightedLLMJudge(j.base_url, j.model, j.api_key_env, api=spec.api, top_logprobs=spec.top_logprobs,
-                                    temperature=temperature, timeout=spec.timeout, retries=spec.retries)
+            return WeightedLLMJudge(
+                j.base_url,
+                j.model,
+                j.api_key_env,
+                api=spec.api,
+                top_logprobs=spec.top_logprobs,
+                temperature=temperature,
+                timeout=spec.timeout,
+                retries=spec.retries,
+            )
         return LLMJudge(j.base_url, j.model, j.api_key_env, timeout=spec.timeout, retries=spec.retries)
     from align.judges import make_judge
 
@@ -150,9 +177,17 @@ def build_grader(spec: JudgeSpec, default_max_tokens: int):
     """A chat client for free-text judgements (MT-Bench ratings, Arena-Hard verdicts); the judge must be an LLM."""
     j = spec.judge
     if j.kind != "llm":
-        raise UserError(f"{spec.source}: key 'kind': this benchmark needs an llm judge (free-text judgements), got {j.kind!r}")
+        raise UserError(
+            f"{spec.source}: key 'kind': this benchmark needs an llm judge (free-text judgements), got {j.kind!r}"
+        )
     from align.judges import LLMChat
 
-    return LLMChat(j.base_url, j.model, j.api_key_env, max_tokens=spec.max_tokens or default_max_tokens,
-                   temperature=0.0 if spec.temperature is None else spec.temperature, timeout=spec.timeout,
-                   retries=spec.retries)
+    return LLMChat(
+        j.base_url,
+        j.model,
+        j.api_key_env,
+        max_tokens=spec.max_tokens or default_max_tokens,
+        temperature=0.0 if spec.temperature is None else spec.temperature,
+        timeout=spec.timeout,
+        retries=spec.retries,
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from align.losses import PairBatch, register_loss
+from align.losses.registry import PairBatch, register_loss
 
 
 def _ratios(b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +94,11 @@ def simpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     return loss, _reward_metrics(cr, rr)
 
 
-@register_loss("sppo", needs_reference=True, summary="SPPO regression: (log pi/pi_t (y) - (P(y > pi_t) - 1/2)/beta)^2 on both responses")
+@register_loss(
+    "sppo",
+    needs_reference=True,
+    summary="SPPO regression: (log pi/pi_t (y) - (P(y > pi_t) - 1/2)/beta)^2 on both responses",
+)
 def sppo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """SPPO, Wu et al. 2024, Eq. 4.7 (Algorithm 1):
     L = (log pi/pi_t(y_w) - eta (P(y_w > pi_t) - 1/2))^2 + (log pi/pi_t(y_l) - eta (P(y_l > pi_t) - 1/2))^2
@@ -110,7 +114,9 @@ def sppo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     return loss, _reward_metrics(cfg.beta * cr, cfg.beta * rr)
 
 
-@register_loss("inpo", needs_reference=True, needs_anchor=True, summary="INPO: (h_t - 1/(2 eta))^2 against pi_ref and pi_t")
+@register_loss(
+    "inpo", needs_reference=True, needs_anchor=True, summary="INPO: (h_t - 1/(2 eta))^2 against pi_ref and pi_t"
+)
 def inpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """INPO, Zhang et al. 2024, Eq. 9 / Algorithm 1:
     h_t = log(pi(y)/pi(y')) - (tau/eta) log(ref(y)/ref(y')) - ((eta - tau)/eta) log(pi_t(y)/pi_t(y')),
@@ -121,12 +127,19 @@ def inpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     anchor = b.anchor_chosen_logps - b.anchor_rejected_logps
     h = policy - (tau / eta) * ref - ((eta - tau) / eta) * anchor
     loss = (h - 1 / (2 * eta)) ** 2
-    metrics = _reward_metrics(eta * (b.chosen_logps - b.anchor_chosen_logps), eta * (b.rejected_logps - b.anchor_rejected_logps))
+    metrics = _reward_metrics(
+        eta * (b.chosen_logps - b.anchor_chosen_logps), eta * (b.rejected_logps - b.anchor_rejected_logps)
+    )
     metrics["inpo/h"] = h.detach()
     return loss, metrics
 
 
-@register_loss("sft", needs_reference=False, needs_rejected=False, summary="supervised fine-tuning: mean NLL of the response tokens")
+@register_loss(
+    "sft",
+    needs_reference=False,
+    needs_rejected=False,
+    summary="supervised fine-tuning: mean NLL of the response tokens",
+)
 def sft(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """Supervised fine-tuning: per-token negative log-likelihood of the response, L = -log pi(y|x) / |y|.
     (The trainer weights examples by their token counts so the batch loss is the token mean.)"""

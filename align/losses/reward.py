@@ -17,8 +17,9 @@ REWARD_LOSSES = {
 """Objectives of ``trainer: reward`` (``reward.kind``), listed by ``align recipes --losses``."""
 
 
-def bradley_terry(r_w: torch.Tensor, r_l: torch.Tensor, margin: torch.Tensor | None = None,
-                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+def bradley_terry(
+    r_w: torch.Tensor, r_l: torch.Tensor, margin: torch.Tensor | None = None, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, dict]:
     """Bradley-Terry reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022, Eq. 1), with the two usual options:
 
         L = -(1 - eps) log sigmoid(r_w - r_l - m) - eps log sigmoid(r_l - r_w + m)
@@ -38,11 +39,18 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar).sum(-1)
 
 
-def vpl_elbo(r_w: torch.Tensor, r_l: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             kl_beta: float, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def vpl_elbo(
+    r_w: torch.Tensor,
+    r_l: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    kl_beta: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Negative ELBO of VPL (Poddar et al. 2024, "Personalizing RLHF with Variational Preference Learning", Eq. 4):
 
-        L(user) = E_{z ~ q(z | C)} [ -sum_{(y_w, y_l) in Q} log sigmoid(r(x, y_w, z) - r(x, y_l, z)) ] + beta KL(q(z | C) || N(0, I))
+        L(user) = E_{z ~ q(z | C)} [ -sum_{(y_w, y_l) in Q} log sigmoid(r(x, y_w, z) - r(x, y_l, z)) ]
+                  + beta KL(q(z | C) || N(0, I))
 
     for one user with context pairs C and query pairs Q. Here ``r_w``, ``r_l`` are [U, Q] rewards of U users' Q
     query pairs under one reparameterised sample z = mu + exp(logvar/2) * e (a one-sample Monte-Carlo estimate of
@@ -53,5 +61,9 @@ def vpl_elbo(r_w: torch.Tensor, r_l: torch.Tensor, mu: torch.Tensor, logvar: tor
     nll = -(F.logsigmoid(r_w - r_l) * m).sum(-1)
     kl = gaussian_kl(mu, logvar)
     d = (r_w - r_l).detach()
-    return nll + kl_beta * kl, {"accuracy": ((d > 0).float() * m).sum(-1) / n, "nll": nll.detach() / n,
-                                "kl": kl.detach(), "margin": (d * m).sum(-1) / n}
+    return nll + kl_beta * kl, {
+        "accuracy": ((d > 0).float() * m).sum(-1) / n,
+        "nll": nll.detach() / n,
+        "kl": kl.detach(),
+        "margin": (d * m).sum(-1) / n,
+    }

@@ -14,8 +14,9 @@ the unmodified distribution (temperature 1, no top-k/top-p), i.e. what a trainer
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, Union
+from typing import Protocol, Union
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -44,7 +45,9 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[Prompt], n: int = 1, sampling: SamplingParams | None = None) -> list[list[Completion]]: ...
+    def generate(
+        self, prompts: Sequence[Prompt], n: int = 1, sampling: SamplingParams | None = None
+    ) -> list[list[Completion]]: ...
 
     def update_weights(self, model) -> None: ...
 
@@ -63,7 +66,12 @@ def make_engine(rollout_cfg, model, tokenizer) -> RolloutEngine:
 
 
 def sampling_from(rollout_cfg, **overrides) -> SamplingParams:
-    base = dict(max_new_tokens=rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k)
+    base = dict(
+        max_new_tokens=rollout_cfg.max_new_tokens,
+        temperature=rollout_cfg.temperature,
+        top_p=rollout_cfg.top_p,
+        top_k=rollout_cfg.top_k,
+    )
     base.update(overrides)
     return SamplingParams(**base)
 

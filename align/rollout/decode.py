@@ -53,7 +53,7 @@ def _weight(module):
     return w, base.bias
 
 
-def llama_decoder(model) -> "LlamaDecoder | None":
+def llama_decoder(model) -> LlamaDecoder | None:
     """A decoder over ``model``'s current weights, or None when the lean path does not apply."""
     base = _base(model)
     config = getattr(base, "config", None)
@@ -104,7 +104,7 @@ class LlamaDecoder:
         qk_rows = torch.cat([qk_rows, torch.arange(nk * hd) + (nh + nk) * hd])
         self.sliding = None
         self.layers = []
-        root = self.hidden ** 0.5
+        root = self.hidden**0.5
         with torch.no_grad():
             for layer in base.model.layers:
                 attn, mlp = layer.self_attn, layer.mlp
@@ -112,7 +112,18 @@ class LlamaDecoder:
                     raise _Unsupported
                 if getattr(attn, "sliding_window", None):
                     self.sliding = min(self.sliding or attn.sliding_window, attn.sliding_window)
-                parts = [_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+                parts = [
+                    _weight(m)
+                    for m in (
+                        attn.q_proj,
+                        attn.k_proj,
+                        attn.v_proj,
+                        attn.o_proj,
+                        mlp.gate_proj,
+                        mlp.up_proj,
+                        mlp.down_proj,
+                    )
+                ]
                 if any(p is None for p in parts):
                     raise _Unsupported
                 (qw, qb), (kw, kb), (vw, vb), (ow, ob), (gw, gb), (uw, ub), (dw, db) = parts
@@ -121,11 +132,21 @@ class LlamaDecoder:
                 scale[: nh * hd] = attn.scaling
                 qkv_w = torch.cat([qw, kw, vw])[qk_rows.to(qw.device)] * (w_in * root) * scale[:, None]
                 qkv_b = None if qb is None else torch.cat([qb, kb, vb])[qk_rows.to(qb.device)] * scale
-                self.layers.append(dict(
-                    in_c=self._floor(layer.input_layernorm.variance_epsilon), post_c=self._floor(layer.post_attention_layernorm.variance_epsilon),
-                    qkv_w=qkv_w.t().contiguous(), qkv_b=qkv_b, o_w=ow.t().contiguous(), o_b=ob,
-                    gu_w=(torch.cat([gw, uw]) * (w_post * root)).t().contiguous(), gu_b=None if gb is None else torch.cat([gb, ub]),
-                    d_w=dw.t().contiguous(), d_b=db, act=mlp.act_fn))
+                self.layers.append(
+                    dict(
+                        in_c=self._floor(layer.input_layernorm.variance_epsilon),
+                        post_c=self._floor(layer.post_attention_layernorm.variance_epsilon),
+                        qkv_w=qkv_w.t().contiguous(),
+                        qkv_b=qkv_b,
+                        o_w=ow.t().contiguous(),
+                        o_b=ob,
+                        gu_w=(torch.cat([gw, uw]) * (w_post * root)).t().contiguous(),
+                        gu_b=None if gb is None else torch.cat([gb, ub]),
+                        d_w=dw.t().contiguous(),
+                        d_b=db,
+                        act=mlp.act_fn,
+                    )
+                )
             self.head_w = (base.lm_head.weight * (base.model.norm.weight * root)).t().contiguous()
         self.head_b = getattr(base.lm_head, "bias", None)
         self.norm_c = self._floor(base.model.norm.variance_epsilon)
@@ -185,9 +206,15 @@ class LlamaDecoder:
             kt[:b, :, :hd, :width] = qk[:, :, nh:].permute(0, 2, 3, 1)
             kt[:b, :, hd, :width] = bias[:, None]
             v = self.v[i].view(rows, nk, total, hd)
-            v[:b, :, :width] = qkv[:, (nh + nk) * hd:].view(b, width, nk, hd).transpose(1, 2)
-            a = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), kt[:b, :, :hd, :width].transpose(-1, -2),
-                                               v[:b, :, :width], attn_mask=mask, scale=1.0, enable_gqa=nh != nk)
+            v[:b, :, :width] = qkv[:, (nh + nk) * hd :].view(b, width, nk, hd).transpose(1, 2)
+            a = F.scaled_dot_product_attention(
+                qk[:, :, :nh].transpose(1, 2),
+                kt[:b, :, :hd, :width].transpose(-1, -2),
+                v[:b, :, :width],
+                attn_mask=mask,
+                scale=1.0,
+                enable_gqa=nh != nk,
+            )
             x = self._mlp(self._out(x, a.transpose(1, 2).reshape(b * width, nh * hd), L), L)
             if n > 1:  # each prompt's cache rows repeated for its n samples (sample k of prompt i is row i*n + k)
                 kt[:, :, :, :width] = kt[:b, :, :, :width].repeat_interleave(n, 0)
@@ -197,7 +224,11 @@ class LlamaDecoder:
             x = x.repeat_interleave(n, 0)
         self.q = torch.zeros(rows * nk, nh // nk, hd + 2, dtype=dt, device=device)
         self.q[:, :, hd] = 1
-        self.q_rot = torch.view_as_complex(self.q.view(rows, nh, hd // 2 + 1, 2))[:, :, : hd // 2] if dt == torch.float32 else None
+        self.q_rot = (
+            torch.view_as_complex(self.q.view(rows, nh, hd // 2 + 1, 2))[:, :, : hd // 2]
+            if dt == torch.float32
+            else None
+        )
         self.q_out = self.q.view(rows, nh, hd + 2)[:, :, :hd]
         # where a step writes its keys and values (views made once; a step selects its position)
         self.k_in = [t.view(rows, nk, hd + 2, total)[:, :, :hd] for t in self.kt]
@@ -225,7 +256,11 @@ class LlamaDecoder:
                 torch.mul(torch.view_as_complex(q.view(rows, nh, hd // 2, 2)), rot, out=self.q_rot)
                 k = torch.view_as_complex(k.view(rows, nk, hd // 2, 2)) * rot
             else:
-                self.q_out.copy_(torch.view_as_real(torch.view_as_complex(q.float().view(rows, nh, hd // 2, 2)) * rot).view(rows, nh, hd))
+                self.q_out.copy_(
+                    torch.view_as_real(torch.view_as_complex(q.float().view(rows, nh, hd // 2, 2)) * rot).view(
+                        rows, nh, hd
+                    )
+                )
                 k = torch.view_as_complex(k.float().view(rows, nk, hd // 2, 2)) * rot
             self.k_in[i].select(3, at).copy_(torch.view_as_real(k).view(rows, nk, hd))
             self.v_in[i].select(2, at).copy_(v.view(rows, nk, hd))

@@ -46,11 +46,12 @@ def _delta_ids(tokenizer, before: list[dict], after: list[dict], generation_prom
     new = _render(tokenizer, after, generation_prompt)
     if not new.startswith(old):
         raise ValueError("the chat template re-renders earlier turns differently; multi-turn token masks would drift")
-    return tokenizer(new[len(old):], add_special_tokens=False)["input_ids"]
+    return tokenizer(new[len(old) :], add_special_tokens=False)["input_ids"]
 
 
-def run_episodes(engine, tokenizer, envs: list[Environment], sampling: SamplingParams, max_turns: int = 4,
-                 system: str | None = None) -> list[Episode]:
+def run_episodes(
+    engine, tokenizer, envs: list[Environment], sampling: SamplingParams, max_turns: int = 4, system: str | None = None
+) -> list[Episode]:
     """Play every environment to done (or ``max_turns`` model turns), batching the model's turns across episodes."""
     episodes = []
     for env in envs:
@@ -95,15 +96,15 @@ def _closing_ids(tokenizer, messages: list[dict], text: str, emitted: list[int])
     """Ids that complete the assistant turn after what the model emitted: nothing when it ended with its
     end-of-turn token, the end-of-turn token (and any template suffix) when it stopped on length."""
     head = _render(tokenizer, messages, True)
-    turn = _render(tokenizer, messages + [{"role": "assistant", "content": text}], False)[len(head):]
+    turn = _render(tokenizer, messages + [{"role": "assistant", "content": text}], False)[len(head) :]
     turn_ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
     if turn_ids[: len(emitted)] == emitted:
-        return turn_ids[len(emitted):]
+        return turn_ids[len(emitted) :]
     if turn.startswith(text):  # the model's ids are not the canonical tokenisation: close the turn after them
-        suffix = turn[len(text):]
+        suffix = turn[len(text) :]
         eos = tokenizer.eos_token
         if emitted and emitted[-1] == tokenizer.eos_token_id and eos and suffix.startswith(eos):
-            suffix = suffix[len(eos):]
+            suffix = suffix[len(eos) :]
         return tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
     return []
 
@@ -111,4 +112,7 @@ def _closing_ids(tokenizer, messages: list[dict], text: str, emitted: list[int])
 def check_no_drift(tokenizer, episode: Episode) -> bool:
     """Re-tokenising the rendered conversation gives the episode's ids."""
     open_turn = episode.messages[-1]["role"] != "assistant"  # ended on an observation: the generation prompt follows
-    return tokenizer(_render(tokenizer, episode.messages, open_turn), add_special_tokens=False)["input_ids"] == episode.token_ids
+    return (
+        tokenizer(_render(tokenizer, episode.messages, open_turn), add_special_tokens=False)["input_ids"]
+        == episode.token_ids
+    )

@@ -4,13 +4,13 @@ by its n samples (the cache is repeated after the prefill). It generates with th
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from align.attention import gqa_attention
-from align.rollout.decode import llama_decoder
 from align.rollout import Completion, Prompt, SamplingParams, encode_prompt
+from align.rollout.decode import llama_decoder
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -42,7 +42,9 @@ class HFEngine:
         pass
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], n: int = 1, sampling: SamplingParams | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[Prompt], n: int = 1, sampling: SamplingParams | None = None
+    ) -> list[list[Completion]]:
         sampling = sampling or SamplingParams()
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         gen = None
@@ -56,12 +58,14 @@ class HFEngine:
             decoder = llama_decoder(self.model) if self.fast else None  # weights rearranged once per call
             with gqa_attention(self.model):
                 for s in range(0, len(ids), per_chunk):
-                    out.extend(self._generate_chunk(ids[s:s + per_chunk], n, sampling, gen, decoder))
+                    out.extend(self._generate_chunk(ids[s : s + per_chunk], n, sampling, gen, decoder))
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate_chunk(self, prompt_ids: list[list[int]], n: int, sp: SamplingParams, gen, decoder) -> list[list[Completion]]:
+    def _generate_chunk(
+        self, prompt_ids: list[list[int]], n: int, sp: SamplingParams, gen, decoder
+    ) -> list[list[Completion]]:
         from transformers import DynamicCache
 
         model, tok = self.model, self.tokenizer
@@ -71,8 +75,8 @@ class HFEngine:
         input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
         attn = torch.zeros_like(input_ids)
         for i, p in enumerate(prompt_ids):  # left padding
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
         input_ids, attn = input_ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         fast = decoder if decoder is not None and decoder.fits(width + sp.max_new_tokens) else None
@@ -81,14 +85,22 @@ class HFEngine:
             attn, pos = attn.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
         else:
             cache = DynamicCache()
-            logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(
+                input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+            ).logits[:, -1]
             # share the prefill: repeat cache, mask and last logits n times (sample k of prompt i is row i*n + k)
             if n > 1:
                 cache.batch_repeat_interleave(n)
-                attn, logits, pos = attn.repeat_interleave(n, 0), logits.repeat_interleave(n, 0), pos.repeat_interleave(n, 0)
+                attn, logits, pos = (
+                    attn.repeat_interleave(n, 0),
+                    logits.repeat_interleave(n, 0),
+                    pos.repeat_interleave(n, 0),
+                )
         rows = attn.size(0)
         next_pos = pos[:, -1:] + 1
-        stop_ids = torch.tensor(sorted({*sp.stop_token_ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])}), device=device)
+        stop_ids = torch.tensor(
+            sorted({*sp.stop_token_ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])}), device=device
+        )
         tokens = torch.zeros((rows, sp.max_new_tokens), dtype=torch.long, device=device)
         logps = torch.zeros((rows, sp.max_new_tokens), device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -129,7 +141,13 @@ class HFEngine:
                 logits = fast.step(nxt, next_pos)
             else:
                 attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
-                logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=attn,
+                    position_ids=next_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits[:, -1]
             next_pos = next_pos + 1
         tokens, logps, lengths, top_v, top_i = tokens.cpu(), logps.cpu(), lengths.cpu(), top_v.cpu(), top_i.cpu()
         stopped = done.cpu()
@@ -145,6 +163,10 @@ class HFEngine:
                     cut = min((text.find(s) for s in sp.stop if s in text), default=len(text))
                     text = text[:cut]
                 tops = [dict(zip(top_i[r, j].tolist(), top_v[r, j].tolist())) for j in range(L)] if k else None
-                group.append(Completion(list(p), ids, text, logps[r, :L].tolist(), "stop" if bool(stopped[r]) else "length", tops))
+                group.append(
+                    Completion(
+                        list(p), ids, text, logps[r, :L].tolist(), "stop" if bool(stopped[r]) else "length", tops
+                    )
+                )
             results.append(group)
         return results

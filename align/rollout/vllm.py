@@ -23,8 +23,9 @@ Design (after vLLM's ``examples/offline_inference/rlhf*.py`` and TRL's colocate 
   previous adapter is removed from the engine. The adapter applies to the base weights vLLM holds: the engine
   keeps a fingerprint (names and per-tensor sums) of them and, when the peft model's base differs (e.g. after
   a full sync of another model), pushes that base first (not checked under ZeRO-3, where it would need a
-  full gather: there the base is assumed unchanged, as in LoRA training). A peft model given to an engine without LoRA (or one with ``modules_to_save``) is synced
-  merged (merge_adapter -> full weights -> unmerge_adapter), like TRL.
+  full gather: there the base is assumed unchanged, as in LoRA training). A peft model given to an engine
+  without LoRA (or one with ``modules_to_save``) is synced merged (merge_adapter -> full weights ->
+  unmerge_adapter), like TRL.
 - *ZeRO-3.* Parameters partitioned by DeepSpeed (``ds_id``) are gathered with ``deepspeed.zero.GatheredParameters``
   around every read (all at once: merging a sharded adapter is not possible); every rank must call
   ``update_weights`` since gathering is a collective.
@@ -60,8 +61,8 @@ import random
 import shutil
 import tempfile
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -132,15 +133,30 @@ def _lora_rank(model) -> int:
 
 def _lora_syncable(model) -> bool:
     cfg = model.peft_config[getattr(model, "active_adapter", "default")]
-    return getattr(cfg, "peft_type", None) is not None and str(cfg.peft_type).endswith("LORA") and not cfg.modules_to_save
+    return (
+        getattr(cfg, "peft_type", None) is not None and str(cfg.peft_type).endswith("LORA") and not cfg.modules_to_save
+    )
 
 
 class VLLMEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 64, *, enable_lora: bool | None = None,
-                 max_lora_rank: int | None = None, dtype: str | None = None, max_model_len: int | None = None,
-                 kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float = 0.3,
-                 enable_sleep_mode: bool | None = None, enforce_eager: bool = True, seed: int = 0,
-                 workdir: str | None = None, **llm_kwargs):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 64,
+        *,
+        enable_lora: bool | None = None,
+        max_lora_rank: int | None = None,
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.3,
+        enable_sleep_mode: bool | None = None,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        workdir: str | None = None,
+        **llm_kwargs,
+    ):
         """``model`` is the trainer's HF model (or a peft model); ``batch_size`` caps the sequences vLLM runs at once
         (``max_num_seqs``). ``enable_lora`` defaults to "``model`` is a peft LoRA model"; pass True to start from a
         plain model and sync adapters later. Further keyword arguments go to ``vllm.LLM``."""
@@ -209,9 +225,14 @@ class VLLMEngine:
             sleep_mode = current_platform.is_sleep_mode_available()
         self._sleep_mode = bool(sleep_mode) and not on_cpu
         kwargs = dict(
-            model=str(self.model_dir), dtype=self.dtype, seed=self.seed, enforce_eager=self.enforce_eager,
+            model=str(self.model_dir),
+            dtype=self.dtype,
+            seed=self.seed,
+            enforce_eager=self.enforce_eager,
             generation_config="vllm",  # our SamplingParams decide, never the folder's generation_config.json
-            logprobs_mode="raw_logprobs", max_num_seqs=max(1, self.batch_size), enable_sleep_mode=self._sleep_mode,
+            logprobs_mode="raw_logprobs",
+            max_num_seqs=max(1, self.batch_size),
+            enable_sleep_mode=self._sleep_mode,
         )
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
@@ -265,10 +286,14 @@ class VLLMEngine:
         self.wake()  # (GPU sleep mode) weights must be resident before they are written
         with _hf_weights(model, merged=merged) as named:
             if self._in_process:
-                self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True})
+                self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True}
+                )
             else:  # a multiprocess engine: tensors do not survive the RPC, a folder does
                 self._write_folder(model, named)
-                self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.model_dir), "is_checkpoint_format": True})
+                self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_path": str(self.model_dir), "is_checkpoint_format": True}
+                )
             self._base_fp = _fingerprint(model, named)
         self._llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
@@ -313,7 +338,9 @@ class VLLMEngine:
             self._asleep = False
 
     # ---------------------------------------------------------------- generation
-    def generate(self, prompts: Sequence[Prompt], n: int = 1, sampling: SamplingParams | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[Prompt], n: int = 1, sampling: SamplingParams | None = None
+    ) -> list[list[Completion]]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -322,19 +349,31 @@ class VLLMEngine:
         if not ids:
             return []
         if sp.max_new_tokens <= 0:
-            return [[Completion(list(p), [], "", [], "length", [] if sp.top_logprobs else None) for _ in range(n)] for p in ids]
+            return [
+                [Completion(list(p), [], "", [], "length", [] if sp.top_logprobs else None) for _ in range(n)]
+                for p in ids
+            ]
         self.wake()
         greedy = sp.temperature <= 0
         base = dict(
-            n=1 if greedy else n, temperature=0.0 if greedy else sp.temperature, top_p=sp.top_p, top_k=sp.top_k or 0,
-            max_tokens=sp.max_new_tokens, stop=list(sp.stop) or None, stop_token_ids=list(sp.stop_token_ids) or None,
-            logprobs=sp.top_logprobs, skip_special_tokens=True, include_stop_str_in_output=False,
+            n=1 if greedy else n,
+            temperature=0.0 if greedy else sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k or 0,
+            max_tokens=sp.max_new_tokens,
+            stop=list(sp.stop) or None,
+            stop_token_ids=list(sp.stop_token_ids) or None,
+            logprobs=sp.top_logprobs,
+            skip_special_tokens=True,
+            include_stop_str_in_output=False,
         )
         if sp.suppress_token_ids:
             banned = set(sp.suppress_token_ids)
             base["allowed_token_ids"] = [t for t in range(self._vocab_size()) if t not in banned]
         params = [VSamplingParams(**base, seed=None if sp.seed is None else sp.seed + i * n) for i in range(len(ids))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False, lora_request=self._lora)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False, lora_request=self._lora
+        )
         results = []
         for p, out in zip(ids, outs):
             samples = sorted(out.outputs, key=lambda c: c.index)

@@ -56,7 +56,9 @@ class UnshardedCopy:
 
     def __init__(self, model, device=None):
         if any(hasattr(p, "ds_id") for p in model.parameters()):
-            raise ValueError("UnshardedCopy needs the policy before DeepSpeed partitions it (load it inside unpartitioned())")
+            raise ValueError(
+                "UnshardedCopy needs the policy before DeepSpeed partitions it (load it inside unpartitioned())"
+            )
         self.model = copy.deepcopy(model).requires_grad_(False).to(device)  # where the live module will train
 
     @torch.no_grad()

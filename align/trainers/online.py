@@ -38,39 +38,15 @@ import torch
 
 from align import runs
 from align.config import Recipe
-from align.data import Example, collate
+from align.data import Example, collate, load_prompts
 from align.errors import UserError
 from align.judges import make_judge
-from align.logprobs import token_logps
+from align.logprobs import pair_logps, token_logps
 from align.losses import PairBatch, chosen_nll, get_loss
-from align.models import is_peft, load_policy, reference_context, save_model
+from align.models import is_peft, load_policy, reference_context
 from align.rollout import make_engine, sampling_from
 from align.rollout.zero import UnshardedCopy, unpartitioned, zero_stage
-from align.trainers.offline import finish, make_accelerator, pair_logps, peak_memory_mb, save_checkpoint
-
-RANK_SEED_STRIDE = 1_000_003  # rank r samples with seed + r * stride (rank 0: the single-process seed)
-
-
-def load_prompts(recipe: Recipe) -> list[str]:
-    d = recipe.data
-    if d.train in ("builtin:stories", "builtin:stories:train"):
-        from align.stories import story_prompts
-
-        return story_prompts(10**9, seed=recipe.train.seed, split="train")
-    if d.train.startswith("builtin:"):
-        from align import tasks as T
-
-        return [t.prompt for t in T.make_tasks(d.builtin_size, seed=recipe.train.seed, split="train", families=d.builtin_families)]
-    from align.data import read_rows
-
-    rows = read_rows(d.train, d)
-    prompts = []
-    for i, row in enumerate(rows[: d.limit] if d.limit else rows):
-        p = row.get(d.prompt_key) if isinstance(row, dict) else None
-        if not isinstance(p, str) or not p.strip():
-            raise UserError(f"{d.train}: row {i}: missing or empty {d.prompt_key!r} (the online trainer needs prompts)")
-        prompts.append(p)
-    return prompts
+from align.trainers import kit
 
 
 def win_rates(judge, prompt: str, texts: list[str]) -> list[float]:
@@ -91,9 +67,21 @@ def rollout_iteration(engine, judge, prompts: list[str], recipe: Recipe, seed: i
     out = []
     for prompt, group in zip(prompts, groups):
         r = win_rates(judge, prompt, [c.text for c in group])
-        out.append({"prompt": prompt, "prompt_ids": group[0].prompt_ids,
-                    "samples": [{"token_ids": c.token_ids or [engine.tokenizer.eos_token_id], "logprobs": c.logprobs or [0.0],
-                                 "text": c.text, "reward": ri} for c, ri in zip(group, r)]})
+        out.append(
+            {
+                "prompt": prompt,
+                "prompt_ids": group[0].prompt_ids,
+                "samples": [
+                    {
+                        "token_ids": c.token_ids or [engine.tokenizer.eos_token_id],
+                        "logprobs": c.logprobs or [0.0],
+                        "text": c.text,
+                        "reward": ri,
+                    }
+                    for c, ri in zip(group, r)
+                ],
+            }
+        )
     return out
 
 
@@ -102,77 +90,9 @@ def _token_batch(rows: list[tuple[list[int], list[int], list[float]]], pad: int,
     batch = collate([Example(i, p, r, None) for i, (p, r, _) in enumerate(rows)], pad)
     old = torch.zeros(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1)
     for i, (p, r, lp) in enumerate(rows):
-        old[i, len(p) - 1: len(p) - 1 + len(r)] = torch.tensor(lp)
+        old[i, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(lp)
     batch["old"] = old
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def rank_minibatches(order: list[int], batch_size: int, world: int, rank: int) -> list[list[int]]:
-    """This rank's share of each global minibatch (batch_size x world consecutive entries of ``order``). Shares are
-    equal, so every rank runs the same number of steps (ZeRO's collectives need it) and the gradient averaged over
-    the ranks is the mean over the global minibatch. A ragged last minibatch is split evenly and the fewer than
-    ``world`` entries left over are skipped this epoch (the next epoch reshuffles); with world = 1 none are."""
-    out = []
-    for s in range(0, len(order), batch_size * world):
-        block = order[s:s + batch_size * world]
-        share = len(block) // world
-        if share:
-            out.append(block[rank * share:(rank + 1) * share])
-    return out
-
-
-def shard_and_gather(items: list, world: int, rank: int, work) -> list:
-    """``work(items[rank::world])`` on each rank (a list with one result per item), gathered to every rank in the
-    order of ``items``. One process: ``work(items)``."""
-    from accelerate.utils import gather_object
-
-    parts = gather_object([work(items[rank::world])])
-    return [parts[i % world][i // world] for i in range(len(items))]
-
-
-def start_iterations(recipe: Recipe, model, accelerator, output_dir: Path, resume: bool, iterations: int, label: str):
-    """Shared by the iterative trainers (online, agent): AdamW on the trainable parameters, a constant schedule (the
-    iterations are the schedule), the newest checkpoint restored when resuming, the output folder with rollouts/,
-    recipe.yaml, the metrics log and the progress line (rank 0 only; ``log`` is None on the others). Returns
-    (model, optimizer, start iteration, log, progress)."""
-    t = recipe.train
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
-    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds_plugin is not None:  # one optimizer step per minibatch of batch_size rows on each rank (as offline)
-        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
-        ds_plugin.deepspeed_config["gradient_accumulation_steps"] = 1
-        ds_plugin.deepspeed_config["train_batch_size"] = t.batch_size * accelerator.num_processes
-        # DeepSpeed clips at 1.0 unless told otherwise (and ignores clip_grad_norm_'s max_norm): 0.0 = off
-        ds_plugin.deepspeed_config["gradient_clipping"] = t.max_grad_norm or 0.0
-    model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    accelerator.register_for_checkpointing(scheduler)
-    start = 0
-    ckpt = runs.latest_checkpoint(output_dir) if resume else None
-    if ckpt is not None:
-        start = runs.read_state(ckpt, recipe)["step"]
-        accelerator.load_state(str(ckpt))
-    main = accelerator.is_main_process
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "rollouts").mkdir(exist_ok=True)
-        runs.write_recipe(output_dir, recipe)
-    accelerator.wait_for_everyone()
-    log = runs.MetricsLog(output_dir / "metrics.jsonl", start) if main else None
-    return model, optimizer, start, log, runs.Progress(iterations, label, enabled=main and recipe.logging.progress)
-
-
-def update(accelerator, model, optimizer, loss, max_grad_norm: float | None, where: str) -> None:
-    """One optimizer step on ``loss`` (clipped); a non-finite loss on any rank stops the run on every rank, naming
-    ``where``."""
-    bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss)), device=accelerator.device), "sum")
-    if bad.item() > 0:
-        raise RuntimeError(f"non-finite loss at {where}")
-    accelerator.backward(loss)
-    if max_grad_norm is not None:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
@@ -183,12 +103,14 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     spec = get_loss(recipe.loss.name)
     output_dir = Path(output_dir)
     runs.prepare_output_dir(output_dir, resume)
-    accelerator = make_accelerator(1)
+    accelerator = kit.make_accelerator(1)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     zero3 = zero_stage(accelerator) == 3
     if zero3 and spec.needs_reference and not recipe.lora.enabled:
-        raise UserError(f"loss.name: {spec.name!r} needs a frozen reference copy of the policy, which ZeRO-3 cannot hold; "
-                        "use LoRA (lora.enabled=true: the reference is the adapter-free base) or ZeRO-2")
+        raise UserError(
+            f"loss.name: {spec.name!r} needs a frozen reference copy of the policy, which ZeRO-3 cannot hold; "
+            "use LoRA (lora.enabled=true: the reference is the adapter-free base) or ZeRO-2"
+        )
     set_seed(t.seed)
 
     # ZeRO-3: the hf engine samples from an unsharded copy of the policy (vLLM gathers by itself), so the policy is
@@ -196,9 +118,11 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     plain_engine = zero3 and recipe.rollout.backend == "hf"
     with unpartitioned(accelerator, enabled=plain_engine):
         model, tok = load_policy(recipe.model, recipe.lora, seed=t.seed)
-    prompts = load_prompts(recipe)
+    prompts = load_prompts(recipe.data, seed=t.seed)
     if len(prompts) < o.prompts_per_iteration:
-        raise UserError(f"{recipe.data.train}: {len(prompts)} prompts < online.prompts_per_iteration {o.prompts_per_iteration}")
+        raise UserError(
+            f"{recipe.data.train}: {len(prompts)} prompts < online.prompts_per_iteration {o.prompts_per_iteration}"
+        )
     if recipe.rollout.n < 2:
         raise UserError("rollout.n: self-play needs at least 2 samples per prompt")
     with unpartitioned(accelerator):  # every rank judges its own samples with a whole judge model
@@ -207,8 +131,14 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     if spec.needs_reference and not is_peft(model):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     plain = UnshardedCopy(model, accelerator.device) if plain_engine else None
-    model, optimizer, start, log, progress = start_iterations(recipe, model, accelerator, output_dir, resume,
-                                                              o.iterations, f"online:{spec.name}")
+    # the iterations are the schedule: a constant learning rate
+    model, optimizer, _ = kit.prepare_optimization(
+        accelerator, model, t, o.iterations, schedule="constant", warmup_steps=0
+    )
+    start, _ = kit.restore(accelerator, output_dir, recipe, resume)
+    log, progress = kit.open_run(
+        accelerator, output_dir, recipe, start, o.iterations, f"online:{spec.name}", subdirs=("rollouts",)
+    )
     for i in range(1, start + 1):  # resumed: the judge's memo as the earlier iterations left it
         saved = output_dir / "rollouts" / f"iter-{i}.json"
         judge.remember(json.loads(saved.read_text()).get("judged") if saved.exists() else None, rank)
@@ -229,11 +159,18 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         else:
             rng = random.Random(t.seed * 1000 + it)
             calls_before, known = judge.calls, len(judge.cache)
-            seed = t.seed * 1000 + it + rank * RANK_SEED_STRIDE
-            groups = shard_and_gather(rng.sample(prompts, o.prompts_per_iteration), world, rank,
-                                      lambda mine: rollout_iteration(engine, judge, mine, recipe, seed=seed))
-            data = {"groups": groups, "judge_calls": sum(gather_object([judge.calls - calls_before])),
-                    "judged": gather_object([judge.added_since(known)])}  # per rank: what this iteration added to its memo
+            seed = t.seed * 1000 + it + rank * kit.RANK_SEED_STRIDE
+            groups = kit.shard_and_gather(
+                rng.sample(prompts, o.prompts_per_iteration),
+                world,
+                rank,
+                lambda mine, seed=seed: rollout_iteration(engine, judge, mine, recipe, seed=seed),
+            )
+            data = {
+                "groups": groups,
+                "judge_calls": sum(gather_object([judge.calls - calls_before])),
+                "judged": gather_object([judge.added_since(known)]),
+            }  # per rank: what this iteration added to its memo
             if main:
                 runs.atomic_write(path, json.dumps(data))
         groups = data["groups"]
@@ -247,7 +184,14 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                 for s in g["samples"]:
                     adv = s["reward"] - (sum(r) - s["reward"]) / (k - 1)
                     if abs(adv) > o.min_advantage:
-                        rows.append({"prompt_ids": g["prompt_ids"], "ids": s["token_ids"], "logprobs": s["logprobs"], "adv": adv})
+                        rows.append(
+                            {
+                                "prompt_ids": g["prompt_ids"],
+                                "ids": s["token_ids"],
+                                "logprobs": s["logprobs"],
+                                "adv": adv,
+                            }
+                        )
             else:
                 best, worst = max(range(k), key=r.__getitem__), min(range(k), key=r.__getitem__)
                 if r[best] > r[worst]:
@@ -260,49 +204,66 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         for _ in range(o.epochs_per_iteration):
             order = list(range(len(rows)))
             rng.shuffle(order)
-            for share in rank_minibatches(order, t.batch_size, world, rank):
+            for share in kit.rank_minibatches(order, t.batch_size, world, rank):
                 chunk = [rows[i] for i in share]
                 loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device)
-                update(accelerator, model, optimizer, loss, t.max_grad_norm, f"iteration {it + 1}")
+                loss, _ = kit.checked_step(
+                    accelerator, model, optimizer, loss, t.max_grad_norm, t.nan_policy, f"iteration {it + 1}"
+                )
                 window.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
         window = [w for part in gather_object([window]) for w in part]  # every rank's steps
         engine.update_weights(policy())
 
         # ---- 4. log, checkpoint
         rewards = [s["reward"] for g in groups for s in g["samples"]]
-        row = {"step": it + 1, "iteration": it + 1, "train_rows": len(rows), "judge_calls": data["judge_calls"],
-               "reward/mean": sum(rewards) / len(rewards),
-               "reward/spread": sum(max(s["reward"] for s in g["samples"]) - min(s["reward"] for s in g["samples"]) for g in groups) / len(groups),
-               "response_tokens/mean": sum(len(s["token_ids"]) for g in groups for s in g["samples"]) / len(rewards)}
+        row = {
+            "step": it + 1,
+            "iteration": it + 1,
+            "train_rows": len(rows),
+            "judge_calls": data["judge_calls"],
+            "reward/mean": sum(rewards) / len(rewards),
+            "reward/spread": sum(
+                max(s["reward"] for s in g["samples"]) - min(s["reward"] for s in g["samples"]) for g in groups
+            )
+            / len(groups),
+            "response_tokens/mean": sum(len(s["token_ids"]) for g in groups for s in g["samples"]) / len(rewards),
+        }
         if recipe.judge.kind == "checker":
             from align import tasks as T
 
-            row["sample_accuracy"] = sum(T.parse_prompt(g["prompt"]).check(s["text"]) for g in groups for s in g["samples"]) / len(rewards)
+            row["sample_accuracy"] = sum(
+                T.parse_prompt(g["prompt"]).check(s["text"]) for g in groups for s in g["samples"]
+            ) / len(rewards)
         elif recipe.judge.kind == "story":
             from align.stories import story_score
 
-            row["sample_goal_score"] = sum(story_score(s["text"], recipe.judge.goal) for g in groups for s in g["samples"]) / len(rewards)
+            row["sample_goal_score"] = sum(
+                story_score(s["text"], recipe.judge.goal) for g in groups for s in g["samples"]
+            ) / len(rewards)
         if window:
             row.update({k_: sum(w[k_] for w in window) / len(window) for k_ in window[0]})
         if main:
             log.log(row)
         progress.update(it + 1, f"reward spread {row['reward/spread']:.3f} loss {row.get('loss', float('nan')):.4f}")
         if it + 1 < o.iterations:
-            save_checkpoint(accelerator, output_dir, it + 1, recipe, None)
+            kit.save_checkpoint(accelerator, output_dir, it + 1, recipe)
 
-    accelerator.wait_for_everyone()
     wall = time.time() - started
-    state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3
-    save_model(accelerator.unwrap_model(model), tok, output_dir, state_dict=state_dict, is_main_process=main)
+    kit.save_final_model(accelerator, model, tok, output_dir)
     summary = {}
     if main:
-        summary = {"trainer": "online", "loss": spec.name, "steps": o.iterations, "processes": world, "wall_seconds": round(wall, 3),
-                   "judge_calls": sum(r.get("judge_calls", 0) for r in log.rows), "peak_memory_mb": peak_memory_mb(),
-                   "final": log.rows[-1] if log.rows else {}}
-        if recipe.logging.plots:
-            runs.write_plots(output_dir, log.rows)
-        runs.write_summary(output_dir, summary)
-    finish(accelerator)
+        summary = {
+            "trainer": "online",
+            "loss": spec.name,
+            "steps": o.iterations,
+            "processes": world,
+            "wall_seconds": round(wall, 3),
+            "judge_calls": sum(r.get("judge_calls", 0) for r in log.rows),
+            "peak_memory_mb": kit.peak_memory_mb(),
+            "final": log.rows[-1] if log.rows else {},
+        }
+        kit.write_outputs(output_dir, recipe, log.rows, summary)
+    kit.finish(accelerator)
     return summary
 
 
@@ -312,16 +273,23 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         mask = batch["completion_mask"][:, 1:]
         lp = token_logps(out.logits[:, :-1], batch["input_ids"][:, 1:]) * mask
-        pb = PairBatch(chosen_logps=lp.sum(-1), chosen_lengths=mask.sum(-1).float(), token_logps=lp,
-                       old_token_logps=batch["old"] * mask, token_mask=mask,
-                       advantages=torch.tensor([r["adv"] for r in chunk], device=device))
+        pb = PairBatch(
+            chosen_logps=lp.sum(-1),
+            chosen_lengths=mask.sum(-1).float(),
+            token_logps=lp,
+            old_token_logps=batch["old"] * mask,
+            token_mask=mask,
+            advantages=torch.tensor([r["adv"] for r in chunk], device=device),
+        )
     else:
         exs = [Example(i, r["prompt_ids"], r["w"]["token_ids"], r["l"]["token_ids"]) for i, r in enumerate(chunk)]
         batch = {k: v.to(device) for k, v in collate(exs, pad).items()}
         c, cl, rj, rl = pair_logps(model, batch, paired=True)
         pb = PairBatch(chosen_logps=c, chosen_lengths=cl, rejected_logps=rj, rejected_lengths=rl)
         with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
-            pb.ref_chosen_logps, _, pb.ref_rejected_logps, _ = pair_logps(ref_model if ref_model is not None else model, batch, paired=True)
+            pb.ref_chosen_logps, _, pb.ref_rejected_logps, _ = pair_logps(
+                ref_model if ref_model is not None else model, batch, paired=True
+            )
         # pi_t: the policy that sampled this iteration's responses; its log-probs came with the samples
         pb.anchor_chosen_logps = torch.tensor([sum(r["w"]["logprobs"]) for r in chunk], device=device)
         pb.anchor_rejected_logps = torch.tensor([sum(r["l"]["logprobs"]) for r in chunk], device=device)
@@ -335,4 +303,3 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device):
     if recipe.loss.sft_weight and not spec.per_token:
         loss = loss + recipe.loss.sft_weight * chosen_nll(pb)
     return loss, metrics
-

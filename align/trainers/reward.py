@@ -29,7 +29,7 @@ from align.config import Recipe
 from align.errors import UserError
 from align.losses.reward import bradley_terry, vpl_elbo
 from align.reward_model import RewardModel, build
-from align.trainers.offline import NonFiniteLoss, _order, _scheduler
+from align.trainers import kit
 
 
 @dataclass
@@ -45,8 +45,10 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.prompt)
 
-    def subset(self, idx: list[int]) -> "Pairs":
-        return Pairs(*[[getattr(self, f)[i] for i in idx] if getattr(self, f) else [] for f in self.__dataclass_fields__])
+    def subset(self, idx: list[int]) -> Pairs:
+        return Pairs(
+            *[[getattr(self, f)[i] for i in idx] if getattr(self, f) else [] for f in self.__dataclass_fields__]
+        )
 
     def by_user(self) -> dict:
         out: dict = {}
@@ -68,7 +70,7 @@ def load_pairs(source: str, recipe: Recipe, seed: int) -> Pairs:
     rc = recipe.reward
     rows = read_rows(source, recipe.data, seed=seed)
     if recipe.data.limit:
-        rows = rows[:recipe.data.limit]
+        rows = rows[: recipe.data.limit]
     kept: list[int] = []
     _, triples = normalise(rows, recipe.data, source, sft=False, kept=kept)
     p = Pairs()
@@ -83,12 +85,18 @@ def load_pairs(source: str, recipe: Recipe, seed: int) -> Pairs:
         if rc.margin_key is not None:
             m = row.get(rc.margin_key)
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-                raise UserError(f"{source}: row {i}: column {rc.margin_key!r} (reward.margin_key) must be a finite number, got {m!r}")
+                raise UserError(
+                    f"{source}: row {i}: column {rc.margin_key!r} (reward.margin_key) must be a finite number, got "
+                    f"{m!r}"
+                )
             p.margin.append(float(m))
     if rc.kind == "vpl":
         missing = next((i for i, u in zip(kept, p.user) if u is None), None)
         if missing is not None:
-            raise UserError(f"{source}: row {missing}: missing column {rc.user_key!r} (reward.user_key; VPL needs a user id per pair)")
+            raise UserError(
+                f"{source}: row {missing}: missing column {rc.user_key!r} (reward.user_key; VPL needs a user id per "
+                "pair)"
+            )
         if all(len(v) < 2 for v in p.by_user().values()):
             raise UserError(f"{source}: every user has a single pair; VPL needs users with several labelled pairs")
     return p
@@ -105,7 +113,7 @@ def split_pairs(recipe: Recipe) -> tuple[Pairs, Pairs | None]:
     if rc.kind == "vpl":  # hold out whole users
         users = sorted(train.by_user(), key=str)
         rng.shuffle(users)
-        held = set(users[:max(1, round(rc.eval_fraction * len(users)))])
+        held = set(users[: max(1, round(rc.eval_fraction * len(users)))])
         ev = [i for i, u in enumerate(train.user) if u in held]
     else:
         ev = sorted(rng.sample(range(len(train)), max(1, round(rc.eval_fraction * len(train)))))
@@ -132,7 +140,7 @@ class Embeddings:
         prog = runs.Progress(len(todo), "embed", enabled=self.progress and len(todo) > batch_size)
         with torch.no_grad():
             for s in range(0, len(todo), batch_size):
-                chunk = todo[s:s + batch_size]
+                chunk = todo[s : s + batch_size]
                 for t, e in zip(chunk, self.model.embed(chunk, batch_size)):
                     self.cache[t] = e
                 if (s // batch_size) % 10 == 9:
@@ -161,7 +169,7 @@ def vpl_batch(users: dict, keys: list, n_users: int, n_ctx: int, n_query: int, g
         c = min(n_ctx, len(perm) - 1)
         q = min(n_query, len(perm) - c)
         ctx[row, :c] = torch.tensor(perm[:c], dtype=torch.long)
-        qry[row, :q] = torch.tensor(perm[c:c + q], dtype=torch.long)
+        qry[row, :q] = torch.tensor(perm[c : c + q], dtype=torch.long)
     return ctx, qry
 
 
@@ -177,13 +185,14 @@ def eval_contexts(p: Pairs, n_ctx: int, seed: int) -> torch.Tensor:
     for i, u in enumerate(p.user):
         others = [j for j in users[u] if j != i]
         pick = torch.randperm(len(others), generator=g)[:n_ctx].tolist()
-        out[i, :len(pick)] = torch.tensor([others[j] for j in pick], dtype=torch.long)
+        out[i, : len(pick)] = torch.tensor([others[j] for j in pick], dtype=torch.long)
     return out
 
 
 @torch.no_grad()
-def pair_probabilities(model: RewardModel, emb: Embeddings, p: Pairs, n_ctx: int = 8, seed: int = 0,
-                       batch: int = 256) -> torch.Tensor:
+def pair_probabilities(
+    model: RewardModel, emb: Embeddings, p: Pairs, n_ctx: int = 8, seed: int = 0, batch: int = 256
+) -> torch.Tensor:
     """P(chosen > rejected) for every pair under the model; VPL: z = mu of fresh context pairs of the pair's user."""
     model.eval()
     out = []
@@ -230,15 +239,20 @@ def evaluate(model: RewardModel, emb: Embeddings, p: Pairs, n_ctx: int, seed: in
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def _save_checkpoint(output_dir: Path, step: int, recipe: Recipe, model, optimizer, scheduler, window: list[dict]) -> None:
+def _save_checkpoint(
+    output_dir: Path, step: int, recipe: Recipe, model, optimizer, scheduler, window: list[dict]
+) -> None:
     tmp, final = output_dir / f"checkpoint-{step}.tmp", output_dir / f"checkpoint-{step}"
     tmp.mkdir(parents=True, exist_ok=True)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               tmp / "state.pt")
+    torch.save(
+        {"trainable": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        tmp / "state.pt",
+    )
     runs.save_window(tmp, 0, window)
-    runs.finish_checkpoint(tmp, final, {"step": step, "recipe_fingerprint": runs.recipe_fingerprint(recipe)},
-                           recipe.train.keep_checkpoints)
+    runs.finish_checkpoint(
+        tmp, final, {"step": step, "recipe_fingerprint": runs.recipe_fingerprint(recipe)}, recipe.train.keep_checkpoints
+    )
 
 
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: dict | None = None) -> dict:
@@ -262,17 +276,26 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        model.backbone = get_peft_model(model.backbone, PeftLoraConfig(
-            r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-            target_modules=recipe.lora.target_modules, task_type="FEATURE_EXTRACTION"))
+        model.backbone = get_peft_model(
+            model.backbone,
+            PeftLoraConfig(
+                r=recipe.lora.r,
+                lora_alpha=recipe.lora.alpha,
+                lora_dropout=recipe.lora.dropout,
+                target_modules=recipe.lora.target_modules,
+                task_type="FEATURE_EXTRACTION",
+            ),
+        )
     elif not rc.train_backbone:
         model.backbone.requires_grad_(False)
     emb = Embeddings(model, frozen=not rc.train_backbone, cache=cache, progress=recipe.logging.progress)
     all_pairs = [train_p] + ([eval_p] if eval_p is not None else [])
     emb.warm([x for p in all_pairs for w in "wl" for x in _texts(p, list(range(len(p))), w)])
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = _scheduler(optimizer, t, total)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
+    )
+    scheduler = kit.make_scheduler(optimizer, total, t.schedule, t.warmup_steps)
     start, window = 0, []
     ckpt = runs.latest_checkpoint(output_dir) if resume else None
     if ckpt is not None:
@@ -300,7 +323,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
             pos = torch.zeros(len(train_p), dtype=torch.long)
             pos[flat] = torch.arange(len(flat))
             ew, el = emb(_texts(train_p, flat, "w")), emb(_texts(train_p, flat, "l"))
-            mu, logvar = model.posterior(_gather(ew, pos[ctx.clamp(min=0)]), _gather(el, pos[ctx.clamp(min=0)]), ctx >= 0)
+            mu, logvar = model.posterior(
+                _gather(ew, pos[ctx.clamp(min=0)]), _gather(el, pos[ctx.clamp(min=0)]), ctx >= 0
+            )
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
             qi = pos[qry.clamp(min=0)]
             beta = rc.kl_beta * (min(1.0, (step + 1) / rc.kl_anneal_steps) if rc.kl_anneal_steps else 1.0)
@@ -308,29 +333,37 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
             metrics["kl_beta"] = torch.tensor(beta)
         else:
             epoch, k = divmod(step, per_epoch)
-            order = _order(len(train_p), t.seed, epoch)
-            idx = order[k * t.batch_size:(k + 1) * t.batch_size] or order[:t.batch_size]
+            order = kit.data_order(len(train_p), t.seed, epoch)
+            idx = order[k * t.batch_size : (k + 1) * t.batch_size] or order[: t.batch_size]
             rw, rl = model.reward(emb(_texts(train_p, idx, "w"))), model.reward(emb(_texts(train_p, idx, "l")))
             per, metrics = bradley_terry(rw, rl, margins[idx] if margins is not None else None, rc.label_smoothing)
         loss = per.mean()
         if not torch.isfinite(loss):
             if t.nan_policy == "stop":
-                raise NonFiniteLoss(f"non-finite loss at step {step + 1}; the last good checkpoint is kept in {output_dir}")
+                raise kit.NonFiniteLoss(
+                    f"non-finite loss at step {step + 1}; the last good checkpoint is kept in {output_dir}"
+                )
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             continue
         loss.backward()
         grad_norm = None
         if t.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm))
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         window.append({"loss": loss.item(), **{k: v.float().mean().item() for k, v in metrics.items()}})
         done = step + 1
         if done % t.logging_steps == 0 or done == total:
-            row = {"step": done, "epoch": round(done / per_epoch, 4), "lr": scheduler.get_last_lr()[0],
-                   **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
+            row = {
+                "step": done,
+                "epoch": round(done / per_epoch, 4),
+                "lr": scheduler.get_last_lr()[0],
+                **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
+            }
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
             window = []
@@ -348,9 +381,17 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
         log.log({"step": total, **{f"eval/{k}": v for k, v in ev.items()}})
     model.eval()
     model.save(output_dir)
-    summary = {"trainer": "reward", "kind": rc.kind, "steps": total, "pairs": len(train_p),
-               "users": len(keys) if vpl else None, "eval_pairs": len(eval_p) if eval_p is not None else 0,
-               "backbone": "trained" if rc.train_backbone else "frozen", "wall_seconds": round(wall, 3), "final": final}
+    summary = {
+        "trainer": "reward",
+        "kind": rc.kind,
+        "steps": total,
+        "pairs": len(train_p),
+        "users": len(keys) if vpl else None,
+        "eval_pairs": len(eval_p) if eval_p is not None else 0,
+        "backbone": "trained" if rc.train_backbone else "frozen",
+        "wall_seconds": round(wall, 3),
+        "final": final,
+    }
     if recipe.logging.plots:
         runs.write_plots(output_dir, [r for r in log.rows if "loss" in r])
     runs.write_summary(output_dir, summary)

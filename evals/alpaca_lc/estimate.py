@@ -64,7 +64,7 @@ if str(REPO) not in sys.path:
 
 from align.errors import UserError  # noqa: E402
 from align.evals import alpaca_lc  # noqa: E402
-from align.evals.alpaca import _win_probability  # noqa: E402
+from align.evals.annotations import win_probability  # noqa: E402
 from align.paths import shared_data_dir  # noqa: E402
 
 REFERENCE = "gpt4_1106_preview"
@@ -104,7 +104,7 @@ def load_models(folder: Path, index_of: dict[str, int]) -> dict[str, ModelData]:
     for path in sorted((folder / "annotations").glob("*.json.gz")):
         name = path.name.removesuffix(".json.gz")
         rows = _load_json_gz(path)
-        probs = [_win_probability(r["preference"], f"{path}: row {i}") for i, r in enumerate(rows)]
+        probs = [win_probability(r["preference"], f"{path}: row {i}") for i, r in enumerate(rows)]
         delta = np.array([len(r["output_1"]) - len(r["output_2"]) for r in rows], dtype=float)
         std = delta.std(ddof=1)
         models[name] = ModelData(
@@ -133,8 +133,14 @@ def _sigmoid(x):
     return np.exp(-np.logaddexp(0.0, -x))
 
 
-def estimate_difficulty(models: dict[str, ModelData], weights: dict[str, np.ndarray], n_instructions: int, *,
-                        exclude: set[str] = frozenset(), tau: float = PRIOR_TAU) -> np.ndarray:
+def estimate_difficulty(
+    models: dict[str, ModelData],
+    weights: dict[str, np.ndarray],
+    n_instructions: int,
+    *,
+    exclude: set[str] = frozenset(),
+    tau: float = PRIOR_TAU,
+) -> np.ndarray:
     """Per-instruction posterior mode of d_k with every model's published weights fixed (see the module docstring)."""
     used = [m for m in sorted(models) if m in weights and m != REFERENCE and m not in exclude]
     P = np.full((len(used), n_instructions), np.nan)
@@ -159,8 +165,14 @@ def estimate_difficulty(models: dict[str, ModelData], weights: dict[str, np.ndar
     return d
 
 
-def rebuild_gamed(folder: Path, ref_len: np.ndarray, difficulty: np.ndarray, weights: dict[str, np.ndarray], *,
-                  gamed_bias: str = "none") -> tuple[alpaca_lc.GamedRows, list[str]]:
+def rebuild_gamed(
+    folder: Path,
+    ref_len: np.ndarray,
+    difficulty: np.ndarray,
+    weights: dict[str, np.ndarray],
+    *,
+    gamed_bias: str = "none",
+) -> tuple[alpaca_lc.GamedRows, list[str]]:
     """The df_gamed rows: lengths from the variants' outputs, expected preferences from their published weights."""
     parts, names = [], []
     for name in GAMED:
@@ -177,8 +189,13 @@ def rebuild_gamed(folder: Path, ref_len: np.ndarray, difficulty: np.ndarray, wei
         parts.append((idx, pref[keep], sdl[keep], difficulty[keep]))
         names += [name] * len(idx)
     cat = [np.concatenate(x) for x in zip(*parts)]
-    rows = alpaca_lc.GamedRows(index=cat[0], preference=cat[1], std_delta_len=cat[2], instruction_difficulty=cat[3],
-                               not_gamed_baseline=np.zeros(len(cat[0]), dtype=bool))
+    rows = alpaca_lc.GamedRows(
+        index=cat[0],
+        preference=cat[1],
+        std_delta_len=cat[2],
+        instruction_difficulty=cat[3],
+        not_gamed_baseline=np.zeros(len(cat[0]), dtype=bool),
+    )
     return rows, names
 
 
@@ -192,8 +209,14 @@ def write_outputs(out_dir: Path, difficulty: np.ndarray, gamed: alpaca_lc.GamedR
     with open(out_dir / alpaca_lc.SHIPPED_GAMED.name, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["model", *alpaca_lc.GAMED_COLUMNS])
-        for name, k, p, s, d, ng in zip(gamed_names, gamed.index, gamed.preference, gamed.std_delta_len,
-                                        gamed.instruction_difficulty, gamed.not_gamed_baseline):
+        for name, k, p, s, d, ng in zip(
+            gamed_names,
+            gamed.index,
+            gamed.preference,
+            gamed.std_delta_len,
+            gamed.instruction_difficulty,
+            gamed.not_gamed_baseline,
+        ):
             w.writerow([name, int(k), f"{p:.6f}", f"{s:.6f}", f"{d:.6f}", bool(ng)])
 
 
@@ -220,11 +243,18 @@ def leave_one_out(folder: Path, *, gamed_bias: str, tau: float, only: list[str] 
         public = board[name]
         lc_ref = float(public["length_controlled_winrate"])
         se_ref = float(public["lc_standard_error"]) if public.get("lc_standard_error", "") else None
-        row = {"model": name, "lc": res["length_controlled_winrate"], "lc_public": lc_ref,
-               "lc_error": res["length_controlled_winrate"] - lc_ref, "lc_standard_error": res["lc_standard_error"],
-               "lc_standard_error_public": se_ref,
-               "lc_standard_error_error": None if se_ref is None else res["lc_standard_error"] - se_ref,
-               "complete": models[name].complete, "weights": res["weights"], "C": res["C"]}
+        row = {
+            "model": name,
+            "lc": res["length_controlled_winrate"],
+            "lc_public": lc_ref,
+            "lc_error": res["length_controlled_winrate"] - lc_ref,
+            "lc_standard_error": res["lc_standard_error"],
+            "lc_standard_error_public": se_ref,
+            "lc_standard_error_error": None if se_ref is None else res["lc_standard_error"] - se_ref,
+            "complete": models[name].complete,
+            "weights": res["weights"],
+            "C": res["C"],
+        }
         rows.append(row)
         se_txt = "" if se_ref is None else f"  se {row['lc_standard_error']:.3f} vs {se_ref:.3f}"
         log(f"{name:38s} LC {row['lc']:6.2f} vs {lc_ref:6.2f}  error {row['lc_error']:+5.2f}{se_txt}")
@@ -246,17 +276,28 @@ def leave_one_out(folder: Path, *, gamed_bias: str, tau: float, only: list[str] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", help="the shared alpaca_eval folder (default: <shared data>/alpaca_eval)")
-    p.add_argument("--output-dir", default=str(alpaca_lc.DATA_DIR),
-                   help="where to write the two CSVs (default: the package's data folder)")
-    p.add_argument("--leave-one-out", action="store_true",
-                   help="score every leaderboard model with an estimate made without it; writes no CSV")
+    p.add_argument(
+        "--output-dir",
+        default=str(alpaca_lc.DATA_DIR),
+        help="where to write the two CSVs (default: the package's data folder)",
+    )
+    p.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="score every leaderboard model with an estimate made without it; writes no CSV",
+    )
     p.add_argument("--only", nargs="*", help="with --leave-one-out: only these models")
     p.add_argument("--report", help="with --leave-one-out: also write the per-model results as JSON here")
-    p.add_argument("--gamed-bias", choices=["none", "fitted"], default="none",
-                   help="include the variants' own bias weight in their expected preferences (default: %(default)s)")
+    p.add_argument(
+        "--gamed-bias",
+        choices=["none", "fitted"],
+        default="none",
+        help="include the variants' own bias weight in their expected preferences (default: %(default)s)",
+    )
     p.add_argument("--tau", type=float, default=PRIOR_TAU, help="prior std of the difficulty (default %(default)s)")
     args = p.parse_args(argv)
 
@@ -270,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = shared / "alpaca_eval"
     t0 = time.time()
     if args.leave_one_out:
-        result = leave_one_out(folder, gamed_bias=args.gamed_bias, tau=args.tau, only=args.only,
-                               log=lambda s: print(s, file=sys.stderr))
+        result = leave_one_out(
+            folder, gamed_bias=args.gamed_bias, tau=args.tau, only=args.only, log=lambda s: print(s, file=sys.stderr)
+        )
         result["summary"]["wall_seconds"] = round(time.time() - t0, 1)
         if args.report:
             Path(args.report).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -285,9 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     gamed, names = rebuild_gamed(folder, ref_len, d, weights, gamed_bias=args.gamed_bias)
     write_outputs(Path(args.output_dir), d, gamed, names)
     used = sum(1 for m in models if m in weights and m != REFERENCE)
-    print(json.dumps({"output_dir": args.output_dir, "instructions": len(d), "models_used": used,
-                      "gamed_rows": len(gamed.index), "difficulty_mean": float(d.mean()), "difficulty_std": float(d.std()),
-                      "wall_seconds": round(time.time() - t0, 1)}))
+    print(
+        json.dumps(
+            {
+                "output_dir": args.output_dir,
+                "instructions": len(d),
+                "models_used": used,
+                "gamed_rows": len(gamed.index),
+                "difficulty_mean": float(d.mean()),
+                "difficulty_std": float(d.std()),
+                "wall_seconds": round(time.time() - t0, 1),
+            }
+        )
+    )
     return 0
 
 

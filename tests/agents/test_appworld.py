@@ -10,8 +10,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from align.agents.appworld import (VENV, AppWorldEnv, AppWorldError, AppWorldServer, AppWorldTask, appworld_root,
-                                   appworld_tasks, venv_python)
+from align.agents.appworld import (
+    VENV,
+    AppWorldEnv,
+    AppWorldError,
+    AppWorldServer,
+    AppWorldTask,
+    appworld_root,
+    appworld_tasks,
+    venv_python,
+)
 from align.errors import UserError
 
 
@@ -47,10 +55,22 @@ class FakeAppWorld:
                 fake.calls.append((method, data))
                 if method == "initialize":
                     fake.world = {"task_id": data["task_id"], "paid": 0, "completed": False}
-                    return self._reply(200, {"output": {
-                        "task_id": data["task_id"], "instruction": f"Pay Ann $5 ({data['task_id']}).",
-                        "supervisor": {"first_name": "Joe", "last_name": "Doe", "email": "joe@x.com",
-                                       "phone_number": "555"}, "datetime": "2023-05-18T12:00:00"}})
+                    return self._reply(
+                        200,
+                        {
+                            "output": {
+                                "task_id": data["task_id"],
+                                "instruction": f"Pay Ann $5 ({data['task_id']}).",
+                                "supervisor": {
+                                    "first_name": "Joe",
+                                    "last_name": "Doe",
+                                    "email": "joe@x.com",
+                                    "phone_number": "555",
+                                },
+                                "datetime": "2023-05-18T12:00:00",
+                            }
+                        },
+                    )
                 w = fake.world
                 if w is None or w["task_id"] != data.get("task_id"):
                     return self._reply(500, {})
@@ -66,10 +86,20 @@ class FakeAppWorld:
                     return self._reply(200, {"output": w["completed"]})
                 if method == "evaluate":
                     tests = [("paid once", w["paid"] == 1), ("completed", w["completed"])]
-                    return self._reply(200, {"output": {
-                        "success": all(ok for _, ok in tests), "difficulty": 1, "num_tests": 2,
-                        "passes": [{"requirement": r, "label": "no_op_fail"} for r, ok in tests if ok],
-                        "failures": [{"requirement": r, "label": "no_op_fail", "trace": "x"} for r, ok in tests if not ok]}})
+                    return self._reply(
+                        200,
+                        {
+                            "output": {
+                                "success": all(ok for _, ok in tests),
+                                "difficulty": 1,
+                                "num_tests": 2,
+                                "passes": [{"requirement": r, "label": "no_op_fail"} for r, ok in tests if ok],
+                                "failures": [
+                                    {"requirement": r, "label": "no_op_fail", "trace": "x"} for r, ok in tests if not ok
+                                ],
+                            }
+                        },
+                    )
                 if method == "close":
                     fake.world = None
                     return self._reply(200, {"output": None})
@@ -77,8 +107,7 @@ class FakeAppWorld:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def close(self):
@@ -165,7 +194,11 @@ def test_task_lists_from_the_data_folder(tmp_path, monkeypatch):
     (data / "tasks" / "abc_1" / "ground_truth" / "metadata.json").write_text(json.dumps({"difficulty": 2}))
     (data / "tasks" / "abc_1" / "specs.json").write_text(json.dumps({"instruction": "do it"}))
     tasks = appworld_tasks("dev", root=tmp_path)
-    assert [(t.id, t.scenario, t.difficulty) for t in tasks] == [("abc_1", "abc", 2), ("abc_2", "abc", None), ("xyz_1", "xyz", None)]
+    assert [(t.id, t.scenario, t.difficulty) for t in tasks] == [
+        ("abc_1", "abc", 2),
+        ("abc_2", "abc", None),
+        ("xyz_1", "xyz", None),
+    ]
     assert tasks[0].instruction == "do it"
     monkeypatch.setenv("APPWORLD_ROOT", str(tmp_path))
     assert [t.id for t in appworld_tasks("test")] == ["t1_1"]  # test = test_normal
@@ -180,7 +213,9 @@ def test_task_lists_from_the_data_folder(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------- the real package (separate venv)
 
-needs_venv = pytest.mark.skipif(venv_python() is None, reason=f"AppWorld venv absent ({VENV}): bash evals/appworld/setup.sh")
+needs_venv = pytest.mark.skipif(
+    venv_python() is None, reason=f"AppWorld venv absent ({VENV}): bash evals/appworld/setup.sh"
+)
 
 
 @needs_venv

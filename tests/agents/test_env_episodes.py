@@ -33,7 +33,9 @@ def test_world_env_in_run_episodes(tiny_tokenizer):
     envs = [WorldEnv(t, turn_timeout=2) for t in tasks]
     for e in envs:
         e.show_docs = False
-    eps = run_episodes(Scripted(tiny_tokenizer, tasks), tiny_tokenizer, envs, SamplingParams(max_new_tokens=200), max_turns=3)
+    eps = run_episodes(
+        Scripted(tiny_tokenizer, tasks), tiny_tokenizer, envs, SamplingParams(max_new_tokens=200), max_turns=3
+    )
     for ep, env, task in zip(eps, envs, tasks):
         assert ep.finished and ep.turns == 2
         assert check_no_drift(tiny_tokenizer, ep)

@@ -18,7 +18,9 @@ from align.agents.world import make_tasks
 from align.paths import REPO_ROOT
 
 ROOT = os.geteuid() == 0
-root_only = pytest.mark.skipif(not ROOT, reason="chroot, uid drop and namespaces need root (non-root degrades: see docs/agents.md)")
+root_only = pytest.mark.skipif(
+    not ROOT, reason="chroot, uid drop and namespaces need root (non-root degrades: see docs/agents.md)"
+)
 SMALL = Limits(memory_mb=192, cpu_seconds=5, file_size_mb=1, open_files=32, processes=1)
 
 
@@ -72,7 +74,9 @@ def test_runaway_turn_is_killed_and_the_next_episode_is_fine(task):
     env.step(f'apis.messages.send("{task.db["contacts"][0]["name"]}", "first")')
     t0 = time.monotonic()
     # swallows the in-process TimeoutError, so only the hard kill stops it
-    obs, done = env.step("while True:\n    try:\n        x = sum(range(10**5))\n    except BaseException:\n        pass")
+    obs, done = env.step(
+        "while True:\n    try:\n        x = sum(range(10**5))\n    except BaseException:\n        pass"
+    )
     assert time.monotonic() - t0 < 3.0
     assert done and obs.startswith("TimeoutError") and "stopped" in obs
     assert gone(pid)
@@ -175,8 +179,11 @@ def test_no_inherited_file_descriptors(task, tmp_path):
     f = open(tmp_path / "open-in-trainer.txt", "w")  # an fd the trainer holds
     try:
         with Sandbox(task.db, SMALL) as sb:
-            r = sb.run("import os\nfds = []\nfor i in range(256):\n    try:\n        os.fstat(i)\n        fds.append(i)\n"
-                       "    except OSError:\n        pass\nprint(fds)", 2)
+            r = sb.run(
+                "import os\nfds = []\nfor i in range(256):\n    try:\n        os.fstat(i)\n        fds.append(i)\n"
+                "    except OSError:\n        pass\nprint(fds)",
+                2,
+            )
             assert r.output.strip() == "[0, 1, 2, 3]"
     finally:
         f.close()
@@ -232,7 +239,10 @@ def test_degraded_mode_still_contains(task, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("trainer data")
     with Sandbox(task.db, SMALL, privileged=False) as sb:
-        assert not sb.levels["chroot"] and sb.levels["network"] in ("netns (user namespace)", "socket module blocked (weak)")
+        assert not sb.levels["chroot"] and sb.levels["network"] in (
+            "netns (user namespace)",
+            "socket module blocked (weak)",
+        )
         r = sb.run(f"print(open({str(secret)!r}).read())", 2)
         assert r.error.startswith("PermissionError")
         r = sb.run("import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', 9))", 2)
@@ -245,7 +255,7 @@ def test_degraded_mode_still_contains(task, tmp_path):
         assert r.output.strip() == "ok"
 
 
-PROBE = r'''
+PROBE = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from align.agents.sandbox import Limits, Sandbox, sandbox_level
@@ -258,7 +268,7 @@ with Sandbox({}, Limits(memory_mb=192, cpu_seconds=5)) as sb:
         r = sb.run(code.replace("sys.argv[1]", repr(sys.argv[1])), 0.5)
         out["runs"][name] = [r.output.strip(), r.error, r.dead]
 print(json.dumps(out))
-'''
+"""
 
 
 @root_only
@@ -271,9 +281,13 @@ def test_root_without_capabilities_degrades_gracefully():
 
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) not installed")
-    proc = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", PROBE,
-                           str(REPO_ROOT)], capture_output=True, text=True, timeout=60,
-                          env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", PROBE, str(REPO_ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     lv, runs = out["level"], out["runs"]
@@ -295,7 +309,7 @@ def test_cpu_time_limit_per_episode(task):
     gold_episode_works(task)
 
 
-TRAINER = r'''
+TRAINER = r"""
 import json, struct, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 from align.agents.sandbox import Sandbox, _zygote
@@ -303,13 +317,13 @@ box = {}
 th = threading.Thread(target=lambda: box.setdefault("sb", Sandbox({})))  # started from a thread that then exits
 th.start(); th.join()
 sbs = [box["sb"]] + [Sandbox({}) for _ in range(2)]
-busy = json.dumps({"op": "exec", "timeout": 100,
-                   "code": "while True:\n    try:\n        sum(range(10**5))\n    except BaseException:\n        pass"}).encode()
+loop = "while True:\n    try:\n        sum(range(10**5))\n    except BaseException:\n        pass"
+busy = json.dumps({"op": "exec", "timeout": 100, "code": loop}).encode()
 sbs[1]._sock.sendall(struct.pack("!I", len(busy)) + busy)  # a worker stuck in a loop when the trainer dies
 assert sbs[2].run("print(1)", 2).output == "1\n"  # the zygote outlived the thread that started it
 print(json.dumps({"pids": [_zygote().proc.pid] + [s.pid for s in sbs], "jails": [s.jail for s in sbs]}), flush=True)
 time.sleep(60)
-'''
+"""
 
 
 def _run_then_kill(script: str) -> dict:
@@ -319,8 +333,12 @@ def _run_then_kill(script: str) -> dict:
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", script, str(REPO_ROOT)], stdout=subprocess.PIPE, text=True,
-                            env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(REPO_ROOT)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"},
+    )
     try:
         return json.loads(proc.stdout.readline())
     finally:
@@ -336,7 +354,7 @@ def test_a_killed_trainer_leaves_nothing_behind():
     assert all(_wait_removed(os.path.dirname(j), wait=5) for j in info["jails"] if j)  # the zygote's folder too
 
 
-CLEANING = r'''
+CLEANING = r"""
 import json, socket, sys, time
 sys.path.insert(0, sys.argv[1])
 from align.agents.sandbox import Sandbox, _zygote
@@ -345,13 +363,13 @@ out = sb.run("for i in range(3000):\n    open(f'f{i}', 'w').close()\nprint('writ
 _zygote().sock.shutdown(socket.SHUT_WR)  # EOF: the zygote starts removing its folder (3,000 files take a while)
 print(json.dumps({"out": out, "jail": sb.jail}), flush=True)
 time.sleep(60)
-'''
+"""
 
 
 def test_a_trainer_killed_while_the_zygote_cleans_up_leaves_nothing_behind():
     # the trainer's death ends the control socket (the zygote starts its clean-up) and, a moment later, sends the
     # parent-death SIGTERM: that used to cut the clean-up short (SystemExit), leaving the zygote's folder behind,
-    # in 3 of 7 kills of the agent trainer in bench/kill_soak.py. Here the clean-up is slow and already running.
+    # in 3 of 7 kills of the agent trainer in align/bench/kill_soak.py. Here the clean-up is slow and already running.
     info = _run_then_kill(CLEANING)
     assert info["out"] == "written\n"
     assert _wait_removed(os.path.dirname(info["jail"]), wait=10)

@@ -10,8 +10,7 @@ import time
 import pytest
 
 from align.agents.env import WorldEnv, strip_fences
-from align.agents.world import (API_DOCS, SCENARIOS, World, check, check_details, make_tasks, scenarios_for,
-                                tasks_for)
+from align.agents.world import API_DOCS, SCENARIOS, World, check, check_details, make_tasks, scenarios_for, tasks_for
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,7 @@ def test_collateral_changes_fail_nothing_else_changed(tasks):
     assert details["nothing else changed"] is False
     assert check(t, w.db) == (1, 2)
     # a deleted distractor note, or an answer nobody asked for, also count
-    for extra in ['apis.notes.delete(apis.notes.list()[0])', 'apis.supervisor.complete_task(answer="42")']:
+    for extra in ["apis.notes.delete(apis.notes.list()[0])", 'apis.supervisor.complete_task(answer="42")']:
         w = World(t.db)
         w.run(t.solution + "\n" + extra)
         assert check(t, w.db) == (1, 2), extra

@@ -33,7 +33,9 @@ def tiny_policy_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     from align.models import build_tiny_model
 
     path = tmp_path_factory.mktemp("policy") / "tiny-policy"
-    model = build_tiny_model("llama", hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=0, tokenizer=tiny_tokenizer)
+    model = build_tiny_model(
+        "llama", hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=0, tokenizer=tiny_tokenizer
+    )
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
@@ -80,9 +82,12 @@ def align_serve_judge(tmp_path_factory, tiny_tokenizer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "align", "serve", "--model", str(folder), "--port", str(port),
-                             "--name", "mm-judge"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align", "serve", "--model", str(folder), "--port", str(port), "--name", "mm-judge"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -129,8 +134,9 @@ class FakeChat(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeChat.requests.append(body)
         text = FakeChat.reply(body)
-        data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                        "finish_reason": "stop"}]}).encode()
+        data = json.dumps(
+            {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

@@ -20,8 +20,22 @@ def _tiny(tmp_path):
 
 def test_eval_agent_writes_reports_and_resumes(tmp_path):
     policy, out = _tiny(tmp_path), tmp_path / "eval"
-    args = ["eval", "agent", "--model", str(policy), "--world", "builtin", "--split", "test", "--output", str(out),
-            "--limit", "3", "--max-new-tokens", "24"]
+    args = [
+        "eval",
+        "agent",
+        "--model",
+        str(policy),
+        "--world",
+        "builtin",
+        "--split",
+        "test",
+        "--output",
+        str(out),
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "24",
+    ]
     r = run_align(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout)

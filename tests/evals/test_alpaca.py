@@ -25,7 +25,13 @@ N_INSTRUCTIONS = 805
 CHECKED = ("win_rate", "standard_error", "discrete_win_rate", "n_total", "n_wins", "n_wins_base", "n_draws")
 
 # model -> instructions it answered with an empty string (not annotated, but in the leaderboard's avg_length)
-EMPTY_OUTPUTS = {"alpaca-7b_verbose": 3, "gpt35_turbo_instruct": 1, "minotaur-13b": 1, "phi-2": 2, "text_davinci_001": 2}
+EMPTY_OUTPUTS = {
+    "alpaca-7b_verbose": 3,
+    "gpt35_turbo_instruct": 1,
+    "minotaur-13b": 1,
+    "phi-2": 2,
+    "text_davinci_001": 2,
+}
 
 _DATA = shared_data_dir()
 ALPACA = _DATA / "alpaca_eval" if _DATA is not None and (_DATA / "alpaca_eval").is_dir() else None
@@ -37,8 +43,9 @@ def _model(path: Path) -> str:
     return path.name.removesuffix(".json.gz")
 
 
-@pytest.mark.parametrize("path", FILES or [pytest.param(None, marks=pytest.mark.skip(reason=NO_DATA))],
-                         ids=_model if FILES else None)
+@pytest.mark.parametrize(
+    "path", FILES or [pytest.param(None, marks=pytest.mark.skip(reason=NO_DATA))], ids=_model if FILES else None
+)
 def test_matches_public_leaderboard(path: Path, public_leaderboard):
     model = _model(path)
     public = public_leaderboard.get(model)
@@ -52,7 +59,9 @@ def test_matches_public_leaderboard(path: Path, public_leaderboard):
     for col in CHECKED:
         if public.get(col, "") == "":
             continue
-        assert abs(ours[col] - float(public[col])) <= TOL, f"{model} {col}: ours {ours[col]} vs leaderboard {public[col]}"
+        assert abs(ours[col] - float(public[col])) <= TOL, (
+            f"{model} {col}: ours {ours[col]} vs leaderboard {public[col]}"
+        )
 
     chars = sum(len(a["output_2"]) for a in annotations)
     assert ours["avg_length"] == chars // len(annotations)
@@ -60,7 +69,9 @@ def test_matches_public_leaderboard(path: Path, public_leaderboard):
         assert ours["n_total"] == N_INSTRUCTIONS - EMPTY_OUTPUTS[model]
         assert int(public["avg_length"]) == chars // N_INSTRUCTIONS < ours["avg_length"]
     else:
-        assert abs(ours["avg_length"] - float(public["avg_length"])) <= TOL, f"{model} avg_length: ours {ours['avg_length']} vs {public['avg_length']}"
+        assert abs(ours["avg_length"] - float(public["avg_length"])) <= TOL, (
+            f"{model} avg_length: ours {ours['avg_length']} vs {public['avg_length']}"
+        )
 
 
 def test_every_shared_model_is_scored():
@@ -73,7 +84,9 @@ def test_every_shared_model_is_scored():
 
 
 def _ann(*prefs, output="abcd"):
-    return [{"instruction": f"q{i}", "output_1": "ref", "output_2": output, "preference": p} for i, p in enumerate(prefs)]
+    return [
+        {"instruction": f"q{i}", "output_1": "ref", "output_2": output, "preference": p} for i, p in enumerate(prefs)
+    ]
 
 
 def test_preference_conventions():
@@ -95,7 +108,9 @@ def test_single_judgement_has_no_standard_error():
     assert row["win_rate"] == 100.0 and row["standard_error"] is None
 
 
-@pytest.mark.parametrize("bad, match", [(3, "outside"), (0.5, "outside"), ("2", "not a number"), (True, "not a number")])
+@pytest.mark.parametrize(
+    "bad, match", [(3, "outside"), (0.5, "outside"), ("2", "not a number"), (True, "not a number")]
+)
 def test_bad_preference_names_the_row(bad, match):
     with pytest.raises(UserError, match=rf"row 1: .*{match}"):
         leaderboard_row(_ann(1.0, bad))
@@ -181,7 +196,9 @@ def test_cli_writes_leaderboard(tmp_path):
 
 def test_cli_missing_file_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "lb"
-    proc = run_align("eval", "alpaca", "--annotations", str(tmp_path / "nope.json.gz"), "--output", str(out), timeout=120)
+    proc = run_align(
+        "eval", "alpaca", "--annotations", str(tmp_path / "nope.json.gz"), "--output", str(out), timeout=120
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = error_lines(proc.stderr)

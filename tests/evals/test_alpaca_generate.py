@@ -1,4 +1,5 @@
-"""``align eval alpaca --model``: generation + judging + scoring end to end on CPU, resume, reference loading, bad input."""
+"""``align eval alpaca --model``: generation + judging + scoring end to end on CPU, resume, reference loading, bad
+input."""
 
 from __future__ import annotations
 
@@ -15,8 +16,18 @@ from align.evals.alpaca_generate import evaluate_alpaca, load_reference
 from tests.conftest import error_lines, run_align
 from tests.evals.conftest import write_judge
 
-ANNOTATION_KEYS = {"instruction", "output_1", "generator_1", "dataset", "output_2", "generator_2", "annotator",
-                   "preference", "time_per_example", "raw_completion"}
+ANNOTATION_KEYS = {
+    "instruction",
+    "output_1",
+    "generator_1",
+    "dataset",
+    "output_2",
+    "generator_2",
+    "annotator",
+    "preference",
+    "time_per_example",
+    "raw_completion",
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +67,31 @@ def _check_outputs(out: Path, reference: list[dict], name: str, n: int) -> dict:
 def test_cli_end_to_end_with_align_serve_judge(tmp_path, tiny_policy_dir, align_serve_judge, reference):
     """The acceptance run: tiny model, a local LLM judge served by an `align serve` process (weighted m/M prompt),
     `align eval alpaca --model ... --limit 3` as a subprocess."""
-    judge = write_judge(tmp_path / "local.yaml", kind="llm", base_url=align_serve_judge, model="mm-judge", api="chat",
-                        top_logprobs=20, name="tiny-judge")
+    judge = write_judge(
+        tmp_path / "local.yaml",
+        kind="llm",
+        base_url=align_serve_judge,
+        model="mm-judge",
+        api="chat",
+        top_logprobs=20,
+        name="tiny-judge",
+    )
     out = tmp_path / "run"
-    proc = run_align("eval", "alpaca", "--model", str(tiny_policy_dir), "--judge", str(judge), "--output", str(out),
-                     "--limit", "3", "--max-new-tokens", "12", timeout=240)
+    proc = run_align(
+        "eval",
+        "alpaca",
+        "--model",
+        str(tiny_policy_dir),
+        "--judge",
+        str(judge),
+        "--output",
+        str(out),
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "12",
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     board = _check_outputs(out, reference, "tiny-policy", 3)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == board
@@ -68,7 +99,9 @@ def test_cli_end_to_end_with_align_serve_judge(tmp_path, tiny_policy_dir, align_
     for a in ann:  # this judge always prefers the first position: both orders averaged cancel it to ~1/2
         raw = a["raw_completion"]
         assert raw["p_first_model_first"] > 0.5 and raw["p_first_reference_first"] > 0.5
-        assert a["preference"] == pytest.approx(1 + (raw["p_first_model_first"] + 1 - raw["p_first_reference_first"]) / 2)
+        assert a["preference"] == pytest.approx(
+            1 + (raw["p_first_model_first"] + 1 - raw["p_first_reference_first"]) / 2
+        )
         assert a["annotator"] == "tiny-judge"
     row = board["tiny-policy"]
     assert row["n_total"] == 3 and row["length_controlled_winrate"] is not None and row["lc_standard_error"] is not None
@@ -76,8 +109,15 @@ def test_cli_end_to_end_with_align_serve_judge(tmp_path, tiny_policy_dir, align_
 
 
 def test_resume_skips_finished_rows(tmp_path, tiny_policy_dir, mm_judge_url, reference, capsys):
-    live = write_judge(tmp_path / "live.yaml", kind="llm", base_url=mm_judge_url, model="mm-judge", api="completions",
-                       top_logprobs=20, name="tiny-judge")
+    live = write_judge(
+        tmp_path / "live.yaml",
+        kind="llm",
+        base_url=mm_judge_url,
+        model="mm-judge",
+        api="completions",
+        top_logprobs=20,
+        name="tiny-judge",
+    )
     out = tmp_path / "run"
     evaluate_alpaca(str(tiny_policy_dir), str(live), str(out), limit=2, max_new_tokens=6, name="p")
     first = json.loads((out / "annotations.json").read_text())
@@ -88,8 +128,15 @@ def test_resume_skips_finished_rows(tmp_path, tiny_policy_dir, mm_judge_url, ref
     ann = json.loads((out / "annotations.json").read_text())
     assert ann[:2] == first and len(ann) == 3
     # the same annotator behind a dead endpoint: nothing left to judge, so it is never called
-    dead = write_judge(tmp_path / "dead.yaml", kind="llm", base_url="http://127.0.0.1:9/v1", model="x", retries=0,
-                       timeout=2, name="tiny-judge")
+    dead = write_judge(
+        tmp_path / "dead.yaml",
+        kind="llm",
+        base_url="http://127.0.0.1:9/v1",
+        model="x",
+        retries=0,
+        timeout=2,
+        name="tiny-judge",
+    )
     name, row = evaluate_alpaca(str(tiny_policy_dir), str(dead), str(out), limit=3, max_new_tokens=6, name="p")
     err = capsys.readouterr().err
     assert "0 to generate" in err and "0 to judge" in err
@@ -106,8 +153,16 @@ def test_reward_model_judge(tmp_path, tiny_policy_dir, tiny_tokenizer, reference
 
     from align.judges import RewardModelJudge
 
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
     judge = write_judge(tmp_path / "rm.yaml", kind="reward_model", path=str(tmp_path / "rm"))
@@ -124,7 +179,9 @@ def test_reward_model_judge(tmp_path, tiny_policy_dir, tiny_tokenizer, reference
 
 def test_custom_reference_file_has_no_lc(tmp_path, tiny_policy_dir, mm_judge_url):
     ref = tmp_path / "ref.jsonl"
-    ref.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w, "generator": "me"}) + "\n" for w in ("a", "bb")))
+    ref.write_text(
+        "".join(json.dumps({"instruction": f"Say {w}.", "output": w, "generator": "me"}) + "\n" for w in ("a", "bb"))
+    )
     judge = write_judge(tmp_path / "j.yaml", kind="llm", base_url=mm_judge_url, model="mm-judge", top_logprobs=20)
     out = tmp_path / "run"
     name, row = evaluate_alpaca(str(tiny_policy_dir), str(judge), str(out), reference=str(ref), max_new_tokens=4)
@@ -137,28 +194,44 @@ def test_custom_reference_file_has_no_lc(tmp_path, tiny_policy_dir, mm_judge_url
 
 
 def test_load_reference_formats(tmp_path):
-    rows = [{"instruction": "q1", "output": "a1", "generator": "g", "dataset": "d"}, {"instruction": "q2", "output": "a2"}]
-    for name, write in (("r.json", lambda p: p.write_text(json.dumps(rows))),
-                        ("r.json.gz", lambda p: gzip.open(p, "wt").write(json.dumps(rows))),
-                        ("r.jsonl", lambda p: p.write_text("\n".join(map(json.dumps, rows))))):
+    rows = [
+        {"instruction": "q1", "output": "a1", "generator": "g", "dataset": "d"},
+        {"instruction": "q2", "output": "a2"},
+    ]
+    for name, write in (
+        ("r.json", lambda p: p.write_text(json.dumps(rows))),
+        ("r.json.gz", lambda p: gzip.open(p, "wt").write(json.dumps(rows))),
+        ("r.jsonl", lambda p: p.write_text("\n".join(map(json.dumps, rows)))),
+    ):
         write(tmp_path / name)
         got, where = load_reference(str(tmp_path / name))
         assert where == str(tmp_path / name)
-        assert got == [{"instruction": "q1", "output": "a1", "generator": "g", "dataset": "d"},
-                       {"instruction": "q2", "output": "a2", "generator": "reference", "dataset": ""}]
+        assert got == [
+            {"instruction": "q1", "output": "a1", "generator": "g", "dataset": "d"},
+            {"instruction": "q2", "output": "a2", "generator": "reference", "dataset": ""},
+        ]
 
 
 def test_load_reference_default_is_the_shared_copy(reference):
     got, where = load_reference()
     assert where.endswith("gpt4_1106_preview.json.gz") and len(got) == 805 == len(reference)
-    assert got[0]["instruction"] == reference[0]["instruction"] and {r["generator"] for r in got} == {"gpt4_1106_preview"}
+    assert got[0]["instruction"] == reference[0]["instruction"] and {r["generator"] for r in got} == {
+        "gpt4_1106_preview"
+    }
 
 
-@pytest.mark.parametrize("content, match", [
-    ("[]", "non-empty list"), ("{}", "non-empty list"), ("[1]", "row 0: expected an object"),
-    ('[{"output": "x"}]', "row 0: 'instruction'"), ('[{"instruction": "q"}]', "row 0: 'output'"),
-    ('[{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "b"}]', "row 1: duplicate"), ("[{", "not a readable"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("[]", "non-empty list"),
+        ("{}", "non-empty list"),
+        ("[1]", "row 0: expected an object"),
+        ('[{"output": "x"}]', "row 0: 'instruction'"),
+        ('[{"instruction": "q"}]', "row 0: 'output'"),
+        ('[{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "b"}]', "row 1: duplicate"),
+        ("[{", "not a readable"),
+    ],
+)
 def test_load_reference_bad_rows(tmp_path, content, match):
     (tmp_path / "r.json").write_text(content)
     with pytest.raises(UserError, match=match):
@@ -167,7 +240,7 @@ def test_load_reference_bad_rows(tmp_path, content, match):
         load_reference(str(tmp_path / "missing.json"))
 
 
-# ----------------------------------------------------------------------------- bad input: one line, exit 2, nothing written
+# ---------------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 
 def _cli(argv, capsys) -> tuple[int, list[str]]:
@@ -181,7 +254,9 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_policy_dir, capsys)
     out = tmp_path / "out"
     model = str(tiny_policy_dir)
     good = write_judge(tmp_path / "good.yaml", kind="llm", base_url="http://127.0.0.1:9/v1", model="m")
-    unknown = write_judge(tmp_path / "unknown.yaml", kind="llm", base_url="http://127.0.0.1:9/v1", model="m", colour="red")
+    unknown = write_judge(
+        tmp_path / "unknown.yaml", kind="llm", base_url="http://127.0.0.1:9/v1", model="m", colour="red"
+    )
     no_url = write_judge(tmp_path / "nourl.yaml", kind="llm", model="m")
     rm_missing = write_judge(tmp_path / "rm.yaml", kind="reward_model", path=str(tmp_path / "nope"))
     checker = write_judge(tmp_path / "checker.yaml", kind="checker")
@@ -201,7 +276,10 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_policy_dir, capsys)
         (["--model", model, "--judge", str(tmp_path / "bad.yaml")], "not a readable YAML"),
         (["--model", model, "--judge", str(good), "--limit", "0"], "--limit '0': must be at least 1"),
         (["--model", model, "--judge", str(good), "--limit", "x"], "--limit 'x': not an integer"),
-        (["--model", model, "--judge", str(good), "--reference", str(tmp_path / "none.json")], "reference file not found"),
+        (
+            ["--model", model, "--judge", str(good), "--reference", str(tmp_path / "none.json")],
+            "reference file not found",
+        ),
     ]
     for argv, match in cases:
         rc, lines = _cli(["eval", "alpaca", *argv, "--output", str(out)], capsys)
@@ -214,7 +292,9 @@ def test_outputs_of_another_model_are_refused(tmp_path, tiny_policy_dir, capsys)
     out.mkdir()
     (out / "model_outputs.json").write_text(json.dumps([{"instruction": "q", "output": "a", "generator": "other"}]))
     judge = write_judge(tmp_path / "j.yaml", kind="llm", base_url="http://127.0.0.1:9/v1", model="m")
-    rc, lines = _cli(["eval", "alpaca", "--model", str(tiny_policy_dir), "--judge", str(judge), "--output", str(out)], capsys)
+    rc, lines = _cli(
+        ["eval", "alpaca", "--model", str(tiny_policy_dir), "--judge", str(judge), "--output", str(out)], capsys
+    )
     assert rc == 2 and len(lines) == 1 and "not an output of 'tiny-policy'" in lines[0]
     assert sorted(p.name for p in out.iterdir()) == ["model_outputs.json"]
 
@@ -232,7 +312,9 @@ def test_hub_id_goes_through_datasets_and_fails_cleanly_offline(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     rows, where = load_reference("tatsu-lab/alpaca_eval")
-    assert calls == [("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline", "eval")] and where == "tatsu-lab/alpaca_eval"
+    assert (
+        calls == [("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline", "eval")] and where == "tatsu-lab/alpaca_eval"
+    )
     assert rows == [{"instruction": "q", "output": "a", "generator": "gpt4_turbo", "dataset": "d"}]
 
     def offline(*a, **k):
@@ -240,5 +322,7 @@ def test_hub_id_goes_through_datasets_and_fails_cleanly_offline(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=offline))
-    with pytest.raises(UserError, match=r"cannot load from the hub \(offline mode is enabled\); offline, pass --reference FILE"):
+    with pytest.raises(
+        UserError, match=r"cannot load from the hub \(offline mode is enabled\); offline, pass --reference FILE"
+    ):
         load_reference("tatsu-lab/alpaca_eval:alpaca_eval")

@@ -15,18 +15,27 @@ import importlib.util
 import json
 import math
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
 from align.errors import UserError
 from align.evals.alpaca import leaderboard_row, load_annotations
 from align.evals.alpaca_lc import (
-    SHIPPED_DIFFICULTY, SHIPPED_GAMED, WEIGHT_NAMES, GamedRows, LCInputs, fit_soft_logistic, lc_from_features,
-    length_controlled_winrate, load_gamed, load_instruction_difficulty, load_lc_inputs,
+    SHIPPED_DIFFICULTY,
+    SHIPPED_GAMED,
+    WEIGHT_NAMES,
+    GamedRows,
+    LCInputs,
+    fit_soft_logistic,
+    lc_from_features,
+    length_controlled_winrate,
+    load_gamed,
+    load_instruction_difficulty,
+    load_lc_inputs,
 )
 from align.paths import REPO_ROOT, shared_data_dir
 from tests.conftest import error_lines, run_align
@@ -111,10 +120,18 @@ def test_fit_equals_logistic_regression_cv_as_alpaca_eval_sets_it_up():
         warnings.simplefilter("ignore")
         scorer = make_scorer(soft_logloss, response_method="predict_proba", greater_is_better=False)
         scorer = scorer.set_score_request(true_sample_weight=True, true_prob=True)
-        ref = LogisticRegressionCV(cv=GroupKFold(n_splits=5), scoring=scorer, solver="liblinear", fit_intercept=False,
-                                   random_state=123, **kwargs)
+        ref = LogisticRegressionCV(
+            cv=GroupKFold(n_splits=5),
+            scoring=scorer,
+            solver="liblinear",
+            fit_intercept=False,
+            random_state=123,
+            **kwargs,
+        )
         ref.set_fit_request(sample_weight=True)
-        ref.fit(X2, label, sample_weight=true_prob * true_sw, groups=groups, true_sample_weight=true_sw, true_prob=true_prob)
+        ref.fit(
+            X2, label, sample_weight=true_prob * true_sw, groups=groups, true_sample_weight=true_sw, true_prob=true_prob
+        )
     coef, C = fit_soft_logistic(X, y, sw)
     assert C == pytest.approx(float(np.ravel(ref.C_)[0]))
     np.testing.assert_allclose(coef, ref.coef_[0], atol=1e-10)
@@ -133,8 +150,17 @@ def _world(seed=2):
     model_len = (ref_len * rng.uniform(0.4, 2.5, N_INSTR)).astype(int)
     sdl = (ref_len - model_len) / np.std(ref_len - model_len, ddof=1)
     pref = _sigmoid(-1.5 * np.tanh(sdl) + 0.9 * d - 0.7)
-    annotations = [{"instruction": f"q{i}", "output_1": "r" * int(ref_len[i]), "output_2": "m" * int(model_len[i]),
-                    "generator_1": "ref", "generator_2": "model", "preference": 1 + float(pref[i])} for i in range(N_INSTR)]
+    annotations = [
+        {
+            "instruction": f"q{i}",
+            "output_1": "r" * int(ref_len[i]),
+            "output_2": "m" * int(model_len[i]),
+            "generator_1": "ref",
+            "generator_2": "model",
+            "preference": 1 + float(pref[i]),
+        }
+        for i in range(N_INSTR)
+    ]
     gamed_rows = []
     for name, scale in (("ref_verbose", 2.0), ("ref_concise", 0.5)):
         g_len = (ref_len * scale * rng.uniform(0.8, 1.2, N_INSTR)).astype(int)
@@ -166,8 +192,9 @@ def _by_the_method(d, annotations, gamed_rows, lam=0.2):
     X_model = np.c_[np.tanh(sdl), d, np.ones(len(y))]
     X_gamed = np.array([[math.tanh(s), dd, 0.0] for _, _, _, s, dd, _ in gamed_rows])
     y_gamed = np.array([p for _, _, p, _, _, _ in gamed_rows])
-    coef, _ = fit_soft_logistic(np.r_[X_gamed, X_model], np.r_[y_gamed, y],
-                                np.r_[np.full(len(y_gamed), lam / 2), np.ones(len(y))])
+    coef, _ = fit_soft_logistic(
+        np.r_[X_gamed, X_model], np.r_[y_gamed, y], np.r_[np.full(len(y_gamed), lam / 2), np.ones(len(y))]
+    )
     pred = _sigmoid(coef[1] * d + coef[2])
     return 100 * pred.mean(), 100 * pred.std(ddof=1) / math.sqrt(len(pred)), coef
 
@@ -189,14 +216,28 @@ def test_official_path_with_supplied_hub_files(tmp_path):
     assert no_reg["weights"] != res["weights"]
     # the leaderboard row carries the two numbers
     row = leaderboard_row(annotations, "model", lc=inputs)
-    assert (row["length_controlled_winrate"], row["lc_standard_error"]) == (res["length_controlled_winrate"], res["lc_standard_error"])
+    assert (row["length_controlled_winrate"], row["lc_standard_error"]) == (
+        res["length_controlled_winrate"],
+        res["lc_standard_error"],
+    )
 
     # through the command line: the same numbers in leaderboard.json
     src = tmp_path / "annotations.json"
     src.write_text(json.dumps(annotations))
     out = tmp_path / "lb"
-    proc = run_align("eval", "alpaca", "--annotations", str(src), "--output", str(out),
-                     "--instruction-difficulty", str(diff_path), "--gamed", str(gamed_path), timeout=120)
+    proc = run_align(
+        "eval",
+        "alpaca",
+        "--annotations",
+        str(src),
+        "--output",
+        str(out),
+        "--instruction-difficulty",
+        str(diff_path),
+        "--gamed",
+        str(gamed_path),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     board = json.loads((out / "leaderboard.json").read_text())
     assert board["model"]["length_controlled_winrate"] == pytest.approx(lc, abs=1e-9)
@@ -241,8 +282,10 @@ def test_rows_map_to_instructions_by_position():
 
 
 def test_reference_against_itself_is_50():
-    ann = [{"output_1": "a" * i, "output_2": "a" * i, "generator_1": "ref", "generator_2": "ref", "preference": 1.5}
-           for i in range(1, 6)]
+    ann = [
+        {"output_1": "a" * i, "output_2": "a" * i, "generator_1": "ref", "generator_2": "ref", "preference": 1.5}
+        for i in range(1, 6)
+    ]
     res = length_controlled_winrate(ann, _no_gamed(np.zeros(5)))
     assert res["length_controlled_winrate"] == 50.0 and res["lc_standard_error"] == 0.0
 
@@ -271,7 +314,9 @@ def test_shipped_estimate_matches_public_lc(model, public_leaderboard):
 
 
 def _estimate_script():
-    spec = importlib.util.spec_from_file_location("alpaca_lc_estimate", REPO_ROOT / "evals" / "alpaca_lc" / "estimate.py")
+    spec = importlib.util.spec_from_file_location(
+        "alpaca_lc_estimate", REPO_ROOT / "evals" / "alpaca_lc" / "estimate.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
     spec.loader.exec_module(module)
@@ -280,8 +325,13 @@ def _estimate_script():
 
 def test_leave_one_out_for_two_models(public_leaderboard):
     est = _estimate_script()
-    result = est.leave_one_out(ALPACA, gamed_bias="none", tau=est.PRIOR_TAU,
-                               only=["FuseChat-Gemma-2-9B-Instruct", "gpt4_0613_concise"], log=lambda s: None)
+    result = est.leave_one_out(
+        ALPACA,
+        gamed_bias="none",
+        tau=est.PRIOR_TAU,
+        only=["FuseChat-Gemma-2-9B-Instruct", "gpt4_0613_concise"],
+        log=lambda s: None,
+    )
     assert result["summary"]["n_models"] == 2
     for r in result["models"]:
         assert abs(r["lc_error"]) <= LC_TOL, r
@@ -292,14 +342,29 @@ def test_leave_one_out_for_two_models(public_leaderboard):
 # ----------------------------------------------------------------------------- bad files
 
 
-@pytest.mark.parametrize("content, match", [
-    ("index,preference\n0,0.5\n", "lacks column"),
-    ("model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\nm,0,1.7,0.1,0.2,False\n", "outside"),
-    ("model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\nm,1,0.5,0.1,0.2,False\n", "index 0"),
-    ("model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\nm,0,0.5,abc,0.2,False\n", "line 2"),
-    ("model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\nm,0,0.5,0.1,0.2,maybe\n", "True/False"),
-    ("", "no data rows"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("index,preference\n0,0.5\n", "lacks column"),
+        (
+            "model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\nm,0,1.7,0.1,0.2,False\n",
+            "outside",
+        ),
+        (
+            "model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\nm,1,0.5,0.1,0.2,False\n",
+            "index 0",
+        ),
+        (
+            "model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\nm,0,0.5,abc,0.2,False\n",
+            "line 2",
+        ),
+        (
+            "model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\nm,0,0.5,0.1,0.2,maybe\n",
+            "True/False",
+        ),
+        ("", "no data rows"),
+    ],
+)
 def test_bad_gamed_file(tmp_path, content, match):
     path = tmp_path / "df_gamed.csv"
     path.write_text(content)
@@ -308,12 +373,15 @@ def test_bad_gamed_file(tmp_path, content, match):
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
-@pytest.mark.parametrize("content, match", [
-    ("index,instruction_difficulty\n0,0.1\n0,0.2\n", "twice"),
-    ("index,instruction_difficulty\n0,x\n", "not a number"),
-    ("index,a,b\n0,1,2\n", "2 columns"),
-    ("index,instruction_difficulty\n0,inf\n", "not finite"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("index,instruction_difficulty\n0,0.1\n0,0.2\n", "twice"),
+        ("index,instruction_difficulty\n0,x\n", "not a number"),
+        ("index,a,b\n0,1,2\n", "2 columns"),
+        ("index,instruction_difficulty\n0,inf\n", "not finite"),
+    ],
+)
 def test_bad_difficulty_file(tmp_path, content, match):
     path = tmp_path / "instruction_difficulty.csv"
     path.write_text(content)
@@ -334,7 +402,9 @@ def test_cli_bad_hub_files_exit_2_one_line(tmp_path):
     bad.write_text("model,index\nm,0\n")
     out = tmp_path / "lb"
     for option, path in (("--gamed", bad), ("--instruction-difficulty", tmp_path / "missing.csv")):
-        proc = run_align("eval", "alpaca", "--annotations", str(src), "--output", str(out), option, str(path), timeout=120)
+        proc = run_align(
+            "eval", "alpaca", "--annotations", str(src), "--output", str(out), option, str(path), timeout=120
+        )
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         lines = error_lines(proc.stderr)

@@ -51,6 +51,7 @@ def _reply_for(questions: dict):
         qid = next(q for q, item in questions.items() if item["turns"][0] in user)
         turn = 2 if "### User:" in user else 1
         return REPLIES[(qid, turn)][0]
+
     return reply
 
 
@@ -62,27 +63,58 @@ def test_mtbench_end_to_end_with_fixed_ratings(tmp_path, tiny_policy_dir, bench,
     out = tmp_path / "run"
     from align.cli import main
 
-    assert main(["eval", "mtbench", "--model", str(tiny_policy_dir), "--judge", str(judge), "--output", str(out),
-                 "--bench-dir", str(bench), "--max-new-tokens", "8", "--parallel", "2"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "mtbench",
+                "--model",
+                str(tiny_policy_dir),
+                "--judge",
+                str(judge),
+                "--output",
+                str(out),
+                "--bench-dir",
+                str(bench),
+                "--max-new-tokens",
+                "8",
+                "--parallel",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     answers = [json.loads(x) for x in (out / "model_answers.jsonl").read_text().splitlines()]
     assert sorted(a["question_id"] for a in answers) == sorted(PICK)
     for a in answers:
-        assert set(a) == {"question_id", "answer_id", "model_id", "choices", "tstamp"} and a["model_id"] == "tiny-policy"
+        assert (
+            set(a) == {"question_id", "answer_id", "model_id", "choices", "tstamp"} and a["model_id"] == "tiny-policy"
+        )
         assert len(a["choices"][0]["turns"]) == 2 and all(isinstance(t, str) for t in a["choices"][0]["turns"])
     by_q = {a["question_id"]: a["choices"][0]["turns"] for a in answers}
 
     judgments = [json.loads(x) for x in (out / "judgments.jsonl").read_text().splitlines()]
     assert len(judgments) == 6 == len(handler.requests)
-    refs = {r["question_id"]: r["choices"][0]["turns"] for r in map(json.loads, (bench / "reference_answer_gpt-4.jsonl").read_text().splitlines())}
+    refs = {
+        r["question_id"]: r["choices"][0]["turns"]
+        for r in map(json.loads, (bench / "reference_answer_gpt-4.jsonl").read_text().splitlines())
+    }
     for j in judgments:
         qid, turn = j["question_id"], j["turn"]
         want = REPLIES[(qid, turn)][1]
         assert j["score"] == (-1 if want is None else want), j
         with_ref = PICK[qid] in ("math", "coding")
-        assert j["judge"] == ["gpt4", {(False, 1): "single-v1", (True, 1): "single-math-v1", (False, 2): "single-v1-multi-turn",
-                                       (True, 2): "single-math-v1-multi-turn"}[(with_ref, turn)]]
+        assert j["judge"] == [
+            "gpt4",
+            {
+                (False, 1): "single-v1",
+                (True, 1): "single-math-v1",
+                (False, 2): "single-v1-multi-turn",
+                (True, 2): "single-math-v1-multi-turn",
+            }[(with_ref, turn)],
+        ]
         assert ("Reference" in j["user_prompt"]) == with_ref
         if with_ref:
             assert refs[qid][turn - 1] in j["user_prompt"]
@@ -104,7 +136,9 @@ def test_mtbench_end_to_end_with_fixed_ratings(tmp_path, tiny_policy_dir, bench,
     assert cats["math"] == {"turn_1": 3.0, "turn_2": None, "score": 3.0, "n": 1}
     assert cats["coding"] == {"turn_1": 7.0, "turn_2": 9.0, "score": 8.0, "n": 2}
     assert printed["score"] == results["score"] and printed["n_unparsed"] == 1
-    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG" and "| math | 3.00 | — | 3.00 | 1 |" in (out / "report.md").read_text()
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG" and "| math | 3.00 | — | 3.00 | 1 |" in (
+        out / "report.md"
+    ).read_text()
 
     # resume: nothing is regenerated or re-judged
     before = (out / "model_answers.jsonl").read_text()
@@ -116,7 +150,9 @@ def test_mtbench_end_to_end_with_fixed_ratings(tmp_path, tiny_policy_dir, bench,
 def test_resume_after_a_torn_line_and_a_dead_judge(tmp_path, tiny_policy_dir, bench, fake_chat):
     url, handler = fake_chat
     handler.reply = staticmethod(_reply_for(_questions(bench)))
-    dead = write_judge(tmp_path / "j.yaml", kind="llm", base_url="http://127.0.0.1:9/v1", model="gpt-4", retries=0, timeout=2)
+    dead = write_judge(
+        tmp_path / "j.yaml", kind="llm", base_url="http://127.0.0.1:9/v1", model="gpt-4", retries=0, timeout=2
+    )
     out = tmp_path / "run"
     with pytest.raises(UserError, match="rerun the same command to resume"):
         evaluate_mtbench(str(tiny_policy_dir), str(dead), str(out), bench_dir=str(bench), limit=2, max_new_tokens=4)
@@ -146,31 +182,59 @@ def test_second_turn_sees_the_first_answer(tiny_policy_dir):
     gen.engine, gen.chat, gen.suppress, gen.seed = Engine(), True, [], 0
     out = gen.answer_turns([["q1", "q1b"], ["q2", "q2b"]], 4, [0.0, 0.7])
     assert [[a for a, _ in x] for x in out] == [["answer1-0", "answer3-0"], ["answer2-0", "answer4-0"]]
-    assert seen[2] == ([[{"role": "user", "content": "q1"}, {"role": "assistant", "content": "answer1-0"},
-                         {"role": "user", "content": "q1b"}]], 0.0)
+    assert seen[2] == (
+        [
+            [
+                {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "answer1-0"},
+                {"role": "user", "content": "q1b"},
+            ]
+        ],
+        0.0,
+    )
     assert seen[3][1] == 0.7 and seen[3][0][0][1] == {"role": "assistant", "content": "answer2-0"}
     gen.chat = False  # no chat template: a plain transcript
-    assert gen.prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                       {"role": "user", "content": "c"}]) == "User: a\n\nAssistant: b\n\nUser: c\n\nAssistant:"
+    assert (
+        gen.prompt(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+        )
+        == "User: a\n\nAssistant: b\n\nUser: c\n\nAssistant:"
+    )
 
 
-@pytest.mark.parametrize("text, want", [
-    ("Rating: [[5]]", 5.0), ("[[7.5]]", 7.5), ("[[ 8 ]]", 8.0), ("[[9/10]]", 9.0), ("Rating: 4", 4.0),
-    ("rating = **6**", 6.0), ("score [3]", 3.0), ('e.g. "Rating: [[5]]" ... final: [[2]]', 2.0), ("[[0]]", None),
-    ("[[11]]", None), ("no number", None), ("", None), (None, None), ("Rating: [[10]]", 10.0),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Rating: [[5]]", 5.0),
+        ("[[7.5]]", 7.5),
+        ("[[ 8 ]]", 8.0),
+        ("[[9/10]]", 9.0),
+        ("Rating: 4", 4.0),
+        ("rating = **6**", 6.0),
+        ("score [3]", 3.0),
+        ('e.g. "Rating: [[5]]" ... final: [[2]]', 2.0),
+        ("[[0]]", None),
+        ("[[11]]", None),
+        ("no number", None),
+        ("", None),
+        (None, None),
+        ("Rating: [[10]]", 10.0),
+    ],
+)
 def test_parse_rating(text, want):
     assert parse_rating(text) == want
 
 
 def test_aggregate_ignores_other_models_judges_and_questions():
     qs = [{"question_id": 1, "category": "a"}, {"question_id": 2, "category": "b"}]
-    js = [{"question_id": 1, "model": "m", "judge": ["j", "p"], "turn": 1, "score": 4},
-          {"question_id": 1, "model": "m", "judge": ["j", "p"], "turn": 2, "score": -1},
-          {"question_id": 2, "model": "m", "judge": ["j", "p"], "turn": 1, "score": 8},
-          {"question_id": 2, "model": "other", "judge": ["j", "p"], "turn": 1, "score": 1},
-          {"question_id": 2, "model": "m", "judge": ["k", "p"], "turn": 1, "score": 1},
-          {"question_id": 3, "model": "m", "judge": ["j", "p"], "turn": 1, "score": 1}]
+    js = [
+        {"question_id": 1, "model": "m", "judge": ["j", "p"], "turn": 1, "score": 4},
+        {"question_id": 1, "model": "m", "judge": ["j", "p"], "turn": 2, "score": -1},
+        {"question_id": 2, "model": "m", "judge": ["j", "p"], "turn": 1, "score": 8},
+        {"question_id": 2, "model": "other", "judge": ["j", "p"], "turn": 1, "score": 1},
+        {"question_id": 2, "model": "m", "judge": ["k", "p"], "turn": 1, "score": 1},
+        {"question_id": 3, "model": "m", "judge": ["j", "p"], "turn": 1, "score": 1},
+    ]
     r = aggregate(js, qs, "m", "j")
     assert (r["score"], r["turn_1"], r["turn_2"], r["n_judgments"], r["n_unparsed"]) == (6.0, 6.0, None, 3, 1)
     assert r["by_category"]["a"]["score"] == 4 and r["by_category"]["b"]["score"] == 8
@@ -186,11 +250,16 @@ def test_bad_input(tmp_path, tiny_policy_dir, bench, capsys):
     cases = [
         (["--judge", str(rm)], "needs an llm judge"),
         (["--judge", str(good), "--limit", "-1"], "--limit '-1'"),
-        (["--judge", str(good), "--bench-dir", str(tmp_path / "empty")], "question.jsonl: MT-Bench questions not found"),
+        (
+            ["--judge", str(good), "--bench-dir", str(tmp_path / "empty")],
+            "question.jsonl: MT-Bench questions not found",
+        ),
         (["--judge", str(good), "--bench-dir", str(tmp_path / "nope")], "MT-Bench folder not found"),
     ]
     for argv, match in cases:
-        rc = main(["eval", "mtbench", "--model", str(tiny_policy_dir), "--output", str(out), "--bench-dir", str(bench), *argv])
+        rc = main(
+            ["eval", "mtbench", "--model", str(tiny_policy_dir), "--output", str(out), "--bench-dir", str(bench), *argv]
+        )
         lines = error_lines(capsys.readouterr().err)
         assert rc == 2 and len(lines) == 1 and match in lines[0], (argv, lines)
         assert not out.exists()

@@ -173,7 +173,9 @@ def test_simpo_by_hand():
     assert math.isclose(m0, -0.7) and math.isclose(m1, -0.5)
     expected = [-log_sigmoid(m0), -log_sigmoid(m1)]
     # reference-free: the reference log-probs must not matter
-    no_ref = make_batch(ref_chosen_logps=None, ref_rejected_logps=None, anchor_chosen_logps=None, anchor_rejected_logps=None)
+    no_ref = make_batch(
+        ref_chosen_logps=None, ref_rejected_logps=None, anchor_chosen_logps=None, anchor_rejected_logps=None
+    )
     close(run("simpo", no_ref, beta=2.0, simpo_gamma=0.5), expected)
     close(run("simpo", make_batch(), beta=2.0, simpo_gamma=0.5), expected)
 
@@ -274,7 +276,9 @@ def test_sppo_hard_labels_equal_trl_sppo_hard():
 # ---------------------------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("name", sorted(ALL_LOSSES - {"spo", "loop"}))  # spo, loop: per-token tests (loop: tests/trainers/test_agent.py)
+@pytest.mark.parametrize(
+    "name", sorted(ALL_LOSSES - {"spo", "loop"})
+)  # spo, loop: per-token tests (loop: tests/trainers/test_agent.py)
 def test_gradients_flow(name):
     if name == "sft":
         batch = PairBatch(chosen_logps=t(-10.0, -7.5, grad=True), chosen_lengths=t(4.0, 3.0))
@@ -314,8 +318,14 @@ def test_spo_clipped_policy_gradient_by_hand():
     new = torch.tensor([[-1.0, -2.0, -0.5], [-0.6, -1.2, 0.0]])
     old = torch.tensor([[-1.1, -2.5, -0.2], [-0.2, -1.2, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    b = PairBatch(chosen_logps=(new * mask).sum(-1), chosen_lengths=mask.sum(-1).float(), token_logps=new * mask,
-                  old_token_logps=old * mask, token_mask=mask, advantages=torch.tensor([0.5, -1.0]))
+    b = PairBatch(
+        chosen_logps=(new * mask).sum(-1),
+        chosen_lengths=mask.sum(-1).float(),
+        token_logps=new * mask,
+        old_token_logps=old * mask,
+        token_mask=mask,
+        advantages=torch.tensor([0.5, -1.0]),
+    )
     cfg = LossConfig(name="spo", clip_eps=0.2)
     loss, metrics = LOSSES["spo"].fn(b, cfg)
     r0 = [math.exp(0.1), math.exp(0.5), math.exp(-0.3)]
@@ -328,8 +338,14 @@ def test_spo_clipped_policy_gradient_by_hand():
 def test_spo_on_policy_is_reinforce_with_the_baseline():
     """rho = 1 everywhere: L = -A (per-token mean of A), and the gradient is -A * d log pi / |y|."""
     lp = torch.tensor([[-0.7, -1.3]], requires_grad=True)
-    b = PairBatch(chosen_logps=lp.sum(-1), chosen_lengths=torch.tensor([2.0]), token_logps=lp, old_token_logps=lp.detach(),
-                  token_mask=torch.ones(1, 2), advantages=torch.tensor([0.25]))
+    b = PairBatch(
+        chosen_logps=lp.sum(-1),
+        chosen_lengths=torch.tensor([2.0]),
+        token_logps=lp,
+        old_token_logps=lp.detach(),
+        token_mask=torch.ones(1, 2),
+        advantages=torch.tensor([0.25]),
+    )
     loss, _ = LOSSES["spo"].fn(b, LossConfig(name="spo"))
     close(loss, [-0.25])
     loss.sum().backward()

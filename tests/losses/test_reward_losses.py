@@ -54,9 +54,14 @@ def test_bradley_terry_equals_trl_reward_trainer_loss():
     rc, rr, mg = torch.randn(16, generator=g), torch.randn(16, generator=g), torch.rand(16, generator=g)
     logits = torch.cat([rc, rr])[:, None]
     ident = lambda x: x  # noqa: E731
-    stub = SimpleNamespace(model=SimpleNamespace(training=False), args=SimpleNamespace(center_rewards_coefficient=None),
-                           accelerator=SimpleNamespace(gather_for_metrics=ident, gather=ident),
-                           _metrics={"eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    stub = SimpleNamespace(
+        model=SimpleNamespace(training=False),
+        args=SimpleNamespace(center_rewards_coefficient=None),
+        accelerator=SimpleNamespace(gather_for_metrics=ident, gather=ident),
+        _metrics={"eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     model = lambda **inputs: SimpleNamespace(logits=logits)  # noqa: E731
     for margin in (None, mg):
         inputs = {"attention_mask": torch.ones(32, 4)} | ({} if margin is None else {"margin": margin})

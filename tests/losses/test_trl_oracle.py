@@ -65,9 +65,19 @@ def oracle(request, tmp_path_factory):
     ours, extra = CASES[trl_type]
     tok, policy, ref = _models()
     args = DPOConfig(
-        output_dir=str(tmp_path_factory.mktemp(f"trl_{trl_type}")), per_device_train_batch_size=4, use_cpu=True,
-        bf16=False, fp16=False, report_to=[], loss_type=[trl_type], beta=BETA, max_length=64, seed=0,
-        label_smoothing=extra.get("label_smoothing", 0.0), dataloader_num_workers=0, save_strategy="no",
+        output_dir=str(tmp_path_factory.mktemp(f"trl_{trl_type}")),
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to=[],
+        loss_type=[trl_type],
+        beta=BETA,
+        max_length=64,
+        seed=0,
+        label_smoothing=extra.get("label_smoothing", 0.0),
+        dataloader_num_workers=0,
+        save_strategy="no",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,8 +90,17 @@ def oracle(request, tmp_path_factory):
     trl_loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
     metrics = {k: v[-1] for k, v in trainer._metrics[mode].items()}
     our_loss, our_metrics, pair = _our_side(trainer, batch, ours, extra)
-    return dict(trl_type=trl_type, ours=ours, extra=extra, batch=batch, trl_loss=trl_loss.detach(), trl_metrics=metrics,
-                loss=our_loss, metrics=our_metrics, pair=pair)
+    return dict(
+        trl_type=trl_type,
+        ours=ours,
+        extra=extra,
+        batch=batch,
+        trl_loss=trl_loss.detach(),
+        trl_metrics=metrics,
+        loss=our_loss,
+        metrics=our_metrics,
+        pair=pair,
+    )
 
 
 def _our_side(trainer, batch, ours, extra):
@@ -92,8 +111,12 @@ def _our_side(trainer, batch, ours, extra):
         ref_logps, _ = sequence_logps(trainer.ref_model, inputs)
     b = logps.shape[0] // 2
     pair = PairBatch(
-        chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
-        ref_chosen_logps=ref_logps[:b], ref_rejected_logps=ref_logps[b:],
+        chosen_logps=logps[:b],
+        rejected_logps=logps[b:],
+        chosen_lengths=lengths[:b],
+        rejected_lengths=lengths[b:],
+        ref_chosen_logps=ref_logps[:b],
+        ref_rejected_logps=ref_logps[b:],
     )
     loss, metrics = LOSSES[ours].fn(pair, LossConfig(name=ours, beta=BETA, **extra))
     return loss, metrics, pair

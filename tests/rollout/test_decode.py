@@ -30,7 +30,9 @@ def _assert_same(lean, ref, tol):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_lean_decoder_equals_transformers(arch):
     tok = char_tokenizer()
-    model = build_tiny_model(arch, tokenizer=tok, hidden_size=128, layers=3, heads=4, intermediate_size=256, seed=1).eval()
+    model = build_tiny_model(
+        arch, tokenizer=tok, hidden_size=128, layers=3, heads=4, intermediate_size=256, seed=1
+    ).eval()
     if arch == "qwen2":  # make the q/k/v biases matter
         with torch.no_grad():
             for layer in model.model.layers:
@@ -47,7 +49,9 @@ def test_lean_decoder_folds_lora_in_both_adapter_states():
 
     tok = char_tokenizer()
     base = build_tiny_model("llama", tokenizer=tok, hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=2)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    ).eval()
     assert llama_decoder(model) is not None
     with_adapter = _both(model, tok)
     _assert_same(*with_adapter, tol=1e-4)
@@ -59,7 +63,11 @@ def test_lean_decoder_folds_lora_in_both_adapter_states():
 
 def test_lean_decoder_bf16_close_to_transformers():
     tok = char_tokenizer()
-    model = build_tiny_model("llama", tokenizer=tok, hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=3).to(torch.bfloat16).eval()
+    model = (
+        build_tiny_model("llama", tokenizer=tok, hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=3)
+        .to(torch.bfloat16)
+        .eval()
+    )
     lean, ref = _both(model, tok, n=1, new=8)
     # bf16 rounding differs (folded norms, fused projections): compare the first token's log-prob loosely
     assert all(abs(a.logprobs[0] - b.logprobs[0]) < 0.1 for a, b in zip(lean, ref))
@@ -76,5 +84,7 @@ def test_lean_decoder_declines_what_it_does_not_model():
     llama.model.rotary_emb.rope_type = "dynamic"
     assert llama_decoder(llama) is None
     # the engine still generates with the models the lean path declines
-    out = HFEngine(gpt2, tok).generate(PROMPTS[:2], n=2, sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=0))
+    out = HFEngine(gpt2, tok).generate(
+        PROMPTS[:2], n=2, sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=0)
+    )
     assert all(len(c.token_ids) == len(c.logprobs) > 0 for g in out for c in g)

@@ -12,14 +12,22 @@ from tests.conftest import SPECIALS, Echo
 def test_masks_logprobs_and_no_drift(tiny_model, tiny_tokenizer):
     engine = HFEngine(tiny_model, tiny_tokenizer)
     envs = [Echo("12+34="), Echo("rev abc="), Echo("x")]
-    eps = run_episodes(engine, tiny_tokenizer, envs, SamplingParams(max_new_tokens=6, temperature=1.0, seed=0, suppress_token_ids=SPECIALS), max_turns=5)
+    eps = run_episodes(
+        engine,
+        tiny_tokenizer,
+        envs,
+        SamplingParams(max_new_tokens=6, temperature=1.0, seed=0, suppress_token_ids=SPECIALS),
+        max_turns=5,
+    )
     for ep, env in zip(eps, envs):
         assert ep.finished and ep.turns == 3 and len(env.seen) == 3
         assert len(ep.token_ids) == len(ep.model_mask) == len(ep.logprobs)
         assert check_no_drift(tiny_tokenizer, ep)
         assert not {t for t, m in zip(ep.token_ids, ep.model_mask) if m} & set(SPECIALS)  # suppressed ids never sampled
         # environment text never sits under the model mask
-        model_text = tiny_tokenizer.decode([t for t, m in zip(ep.token_ids, ep.model_mask) if m], skip_special_tokens=True)
+        model_text = tiny_tokenizer.decode(
+            [t for t, m in zip(ep.token_ids, ep.model_mask) if m], skip_special_tokens=True
+        )
         assert "obs" not in model_text.replace("".join(env.seen), "")
         assert "".join(env.seen) == model_text
         # the engine's log-probs are the model's, for the model's tokens only
@@ -33,5 +41,11 @@ def test_masks_logprobs_and_no_drift(tiny_model, tiny_tokenizer):
 
 def test_turn_limit_stops_unfinished_episodes(tiny_model, tiny_tokenizer):
     engine = HFEngine(tiny_model, tiny_tokenizer)
-    eps = run_episodes(engine, tiny_tokenizer, [Echo("a")], SamplingParams(max_new_tokens=3, temperature=0.0, suppress_token_ids=SPECIALS), max_turns=2)
+    eps = run_episodes(
+        engine,
+        tiny_tokenizer,
+        [Echo("a")],
+        SamplingParams(max_new_tokens=3, temperature=0.0, suppress_token_ids=SPECIALS),
+        max_turns=2,
+    )
     assert eps[0].turns == 2 and not eps[0].finished and check_no_drift(tiny_tokenizer, eps[0])

@@ -13,12 +13,14 @@ def _recompute(model, c):
     ids = torch.tensor([c.prompt_ids + c.token_ids])
     with torch.no_grad():
         lp = token_logps(model(ids).logits[0, :-1], ids[0, 1:])
-    return lp[len(c.prompt_ids) - 1:]
+    return lp[len(c.prompt_ids) - 1 :]
 
 
 def test_logprobs_match_recomputation_with_left_padding(tiny_model, tiny_tokenizer):
     engine = HFEngine(tiny_model, tiny_tokenizer)
-    out = engine.generate(PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=12, temperature=1.0, top_k=30, top_p=0.9, seed=0))
+    out = engine.generate(
+        PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=12, temperature=1.0, top_k=30, top_p=0.9, seed=0)
+    )
     assert len(out) == len(PROMPTS) and all(len(g) == 3 for g in out)
     for group in out:
         for c in group:
@@ -37,7 +39,11 @@ def test_seed_reproduces_and_differs():
     sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
     a = [c.token_ids for g in engine.generate(PROMPTS, n=2, sampling=sp) for c in g]
     b = [c.token_ids for g in engine.generate(PROMPTS, n=2, sampling=sp) for c in g]
-    c = [c.token_ids for g in engine.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=8)) for c in g]
+    c = [
+        c.token_ids
+        for g in engine.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=8))
+        for c in g
+    ]
     assert a == b and a != c
 
 
@@ -58,7 +64,9 @@ def test_stop_strings_and_max_tokens(tiny_model, tiny_tokenizer):
     full = engine.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0))[0][0]
     if len(full.text) >= 3:
         stop = full.text[1:3]
-        cut = engine.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop]))[0][0]
+        cut = engine.generate(
+            ["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop])
+        )[0][0]
         assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
 
 
@@ -72,7 +80,9 @@ def test_chat_prompts_use_the_template(tiny_model, tiny_tokenizer):
 
 def test_top_logprobs(tiny_model, tiny_tokenizer):
     engine = HFEngine(tiny_model, tiny_tokenizer)
-    c = engine.generate(PROMPTS[:2], n=2, sampling=SamplingParams(max_new_tokens=4, temperature=0.0, top_logprobs=5))[1][1]
+    c = engine.generate(PROMPTS[:2], n=2, sampling=SamplingParams(max_new_tokens=4, temperature=0.0, top_logprobs=5))[
+        1
+    ][1]
     assert len(c.top_logprobs) == len(c.token_ids)
     for tid, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
         assert len(top) == 5 and max(top, key=top.get) == tid and abs(top[tid] - lp) < 1e-6
@@ -85,7 +95,9 @@ def test_sampling_follows_the_model_distribution(tiny_tokenizer):
     expectation (k - 1), and tokens outside the top k never appear."""
     from align.models import build_tiny_model
 
-    model = build_tiny_model(tokenizer=tiny_tokenizer, hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=5).eval()
+    model = build_tiny_model(
+        tokenizer=tiny_tokenizer, hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=5
+    ).eval()
     prompt = "12+34="
     ids = torch.tensor([tiny_tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
@@ -96,7 +108,8 @@ def test_sampling_follows_the_model_distribution(tiny_tokenizer):
             z = z.masked_fill(z < torch.topk(z, top_k).values[-1], float("-inf"))
         probs = z.softmax(-1).double()
         out = HFEngine(model, tiny_tokenizer, batch_size=4000).generate(
-            [prompt], n=4000, sampling=SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, seed=3))
+            [prompt], n=4000, sampling=SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, seed=3)
+        )
         counts = torch.bincount(torch.tensor([c.token_ids[0] for c in out[0]]), minlength=len(probs)).double()
         assert counts[probs == 0].sum() == 0
         expected = probs * counts.sum()

@@ -29,6 +29,7 @@ def vllm_ok():
 
 PROMPTS = ["12+34=", "rev abcdef=", "max 1 2 3=", "x"]
 from tests.conftest import SPECIALS, Echo  # noqa: E402
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -38,7 +39,9 @@ def setup(vllm_ok):
     from align.rollout.vllm import VLLMEngine
 
     tok = char_tokenizer()
-    model = build_tiny_model("llama", hidden_size=128, heads=2, layers=2, intermediate_size=256, seed=0, tokenizer=tok).eval()
+    model = build_tiny_model(
+        "llama", hidden_size=128, heads=2, layers=2, intermediate_size=256, seed=0, tokenizer=tok
+    ).eval()
     threads = torch.get_num_threads()
     torch.manual_seed(123)
     engine = VLLMEngine(model, tok, batch_size=32, enable_lora=True, max_lora_rank=8)
@@ -55,7 +58,7 @@ def _recompute(model, c):
     ids = torch.tensor([c.prompt_ids + c.token_ids])
     with torch.no_grad():
         lp = token_logps(model(ids).logits[0, :-1].float(), ids[0, 1:])
-    return lp[len(c.prompt_ids) - 1:]
+    return lp[len(c.prompt_ids) - 1 :]
 
 
 def _assert_logprobs_follow(model, out, tol=1e-3):
@@ -91,7 +94,9 @@ def test_make_engine_selects_vllm_lazily(setup):
 
 def test_shapes_finish_reasons_and_logprobs_match_recomputation(setup):
     e, model, tok = setup.engine, setup.model, setup.tok
-    out = e.generate(PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=12, temperature=1.0, top_k=30, top_p=0.9, seed=0))
+    out = e.generate(
+        PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=12, temperature=1.0, top_k=30, top_p=0.9, seed=0)
+    )
     assert len(out) == len(PROMPTS) and all(len(g) == 3 for g in out)
     for p, group in zip(PROMPTS, out):
         for c in group:
@@ -103,7 +108,9 @@ def test_shapes_finish_reasons_and_logprobs_match_recomputation(setup):
     _assert_logprobs_follow(model, out)
     # stop tokens: a sample ends on one (kept in token_ids, finish "stop") or runs to the length limit
     stops = list(range(4, 40))
-    out = e.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, stop_token_ids=stops))
+    out = e.generate(
+        PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, stop_token_ids=stops)
+    )
     reasons = set()
     for group in out:
         for c in group:
@@ -121,7 +128,11 @@ def test_seed_reproduces_and_differs(setup):
     sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
     a = [c.token_ids for g in e.generate(PROMPTS, n=2, sampling=sp) for c in g]
     b = [c.token_ids for g in e.generate(PROMPTS, n=2, sampling=sp) for c in g]
-    c = [c.token_ids for g in e.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=8)) for c in g]
+    c = [
+        c.token_ids
+        for g in e.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0, seed=8))
+        for c in g
+    ]
     assert a == b and a != c
     dup = e.generate(["x", "x"], n=2, sampling=sp)  # repeated prompts still get distinct samples
     assert len({tuple(c.token_ids) for g in dup for c in g}) > 1
@@ -148,7 +159,9 @@ def test_stop_strings_and_max_tokens(setup):
     cut = e.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop]))[0][0]
     assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
     assert full.token_ids[: len(cut.token_ids)] == cut.token_ids and stop in setup.tok.decode(cut.token_ids)
-    ref = HFEngine(setup.model, setup.tok).generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop]))[0][0]
+    ref = HFEngine(setup.model, setup.tok).generate(
+        ["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop])
+    )[0][0]
     assert (cut.token_ids, cut.text, cut.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason)
 
 
@@ -156,7 +169,9 @@ def test_suppressed_tokens_are_never_sampled_and_logprobs_stay_raw(setup):
     e, model = setup.engine, setup.model
     greedy = e.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=6, temperature=0.0))
     banned = sorted({t for g in greedy for t in g[0].token_ids} | set(SPECIALS))
-    out = e.generate(PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=0, suppress_token_ids=banned))
+    out = e.generate(
+        PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=0, suppress_token_ids=banned)
+    )
     assert not {t for g in out for c in g for t in c.token_ids} & set(banned)
     _assert_logprobs_follow(model, out)  # the raw distribution, not the masked one
 
@@ -173,10 +188,12 @@ def test_chat_and_token_id_prompts(setup):
 
 def test_top_logprobs_are_the_raw_top_k(setup):
     e, model = setup.engine, setup.model
-    c = e.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=3, top_logprobs=3))[0][0]
+    c = e.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=3, top_logprobs=3))[
+        0
+    ][0]
     ids = torch.tensor([c.prompt_ids + c.token_ids])
     with torch.no_grad():
-        lp = model(ids).logits[0, len(c.prompt_ids) - 1:-1].log_softmax(-1)
+        lp = model(ids).logits[0, len(c.prompt_ids) - 1 : -1].log_softmax(-1)
     assert len(c.top_logprobs) == len(c.token_ids)
     for pos, tops in enumerate(c.top_logprobs):
         v, i = lp[pos].topk(3)
@@ -203,7 +220,9 @@ def test_full_weight_sync_follows_the_new_weights(setup):
         with torch.no_grad():
             for p in new.parameters():
                 p.mul_(0.5)
-        _assert_logprobs_follow(snapshot, e.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=2)))
+        _assert_logprobs_follow(
+            snapshot, e.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=2))
+        )
     finally:
         e.update_weights(model)
     back = e.generate(PROMPTS, n=1, sampling=sp)
@@ -213,7 +232,9 @@ def test_full_weight_sync_follows_the_new_weights(setup):
 def _peft(model, seed):
     from peft import LoraConfig, get_peft_model
 
-    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    peft = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in peft.named_parameters():
@@ -264,13 +285,21 @@ def test_lora_adapter_sync_equals_merged_weight_sync(setup):
 def test_multi_turn_episodes(setup):
     e, model, tok = setup.engine, setup.model, setup.tok
     envs = [Echo("12+34="), Echo("rev abc="), Echo("x")]
-    eps = run_episodes(e, tok, envs, SamplingParams(max_new_tokens=6, temperature=1.0, seed=0, suppress_token_ids=SPECIALS), max_turns=5)
+    eps = run_episodes(
+        e,
+        tok,
+        envs,
+        SamplingParams(max_new_tokens=6, temperature=1.0, seed=0, suppress_token_ids=SPECIALS),
+        max_turns=5,
+    )
     for ep, env in zip(eps, envs):
         assert ep.finished and ep.turns == 3 and len(env.seen) == 3
         assert len(ep.token_ids) == len(ep.model_mask) == len(ep.logprobs)
         assert check_no_drift(tok, ep)
         assert not {t for t, m in zip(ep.token_ids, ep.model_mask) if m} & set(SPECIALS)
-        assert "".join(env.seen) == tok.decode([t for t, m in zip(ep.token_ids, ep.model_mask) if m], skip_special_tokens=True)
+        assert "".join(env.seen) == tok.decode(
+            [t for t, m in zip(ep.token_ids, ep.model_mask) if m], skip_special_tokens=True
+        )
         ids = torch.tensor([ep.token_ids])
         with torch.no_grad():
             lp = token_logps(model(ids).logits[0, :-1], ids[0, 1:])
@@ -288,7 +317,7 @@ def test_sleep_and_wake(setup):
     assert [g[0].token_ids for g in e.generate(PROMPTS, n=1, sampling=sp)] == [g[0].token_ids for g in a]
 
 
-ZERO3_SCRIPT = r'''
+ZERO3_SCRIPT = r"""
 import json, sys, torch
 from types import SimpleNamespace
 from accelerate import Accelerator
@@ -322,7 +351,7 @@ def maxdiff(ref, out):
             worst = max(worst, (lp - torch.tensor(c.logprobs)).abs().max().item())
     return worst
 
-from align.trainers.offline import make_accelerator
+from align.trainers.kit import make_accelerator
 acc = make_accelerator(1)  # as the trainers build it: a real gloo process group, so each rank knows its index
 assert acc.num_processes == 2
 AcceleratorState().deepspeed_plugin.deepspeed_config.update(
@@ -345,14 +374,15 @@ for step in range(2):
     ref = full_copy(inner)
     stale = maxdiff(ref, engine.generate(prompts, 2, sp))
     engine.update_weights(inner)
-    res["steps"].append(dict(stale=stale, synced=maxdiff(ref, engine.generate(prompts, 2, sp)), adapter=engine._lora is not None))
+    synced = maxdiff(ref, engine.generate(prompts, 2, sp))
+    res["steps"].append(dict(stale=stale, synced=synced, adapter=engine._lora is not None))
 # one file per rank: two ranks printing to one pipe can interleave their lines
 import os
 with open(f"{sys.argv[2]}/result-{os.environ.get('RANK', '0')}.json", "w") as f:
     json.dump(res, f)
-from align.trainers.offline import finish
+from align.trainers.kit import finish
 finish(acc)  # ends the process group cleanly (avoids gloo's exit-time abort under ZeRO-3)
-'''
+"""
 
 
 @pytest.mark.distributed
@@ -372,8 +402,22 @@ def test_weight_sync_under_deepspeed_zero3(vllm_ok, tmp_path, kind):
     script.write_text(ZERO3_SCRIPT)
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([accelerate, "launch", "--config_file", str(REPO_ROOT / "recipes" / "accelerate" / "cpu_zero3.yaml"),
-                           str(script), kind, str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "--config_file",
+            str(REPO_ROOT / "recipes" / "accelerate" / "cpu_zero3.yaml"),
+            str(script),
+            kind,
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result-*.json"))]
     assert proc.returncode == 0 and len(results) == 2, proc.stderr[-3000:]
     for r in results:

@@ -10,16 +10,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from align.agents.play import scores
 from align.config import load_recipe
 from align.errors import UserError
 from align.losses import PairBatch, get_loss
 from align.paths import REPO_ROOT
-from align.trainers.agent import advantages, scores, train
+from align.trainers.agent import advantages, train
 
 RECIPE = REPO_ROOT / "recipes" / "loop" / "tiny.yaml"
-SMALL = ["model.tiny_max_positions=256", "rollout.n=3", "rollout.max_new_tokens=12", "agent.tasks_per_iteration=4",
-         "agent.iterations=3", "agent.epochs_per_iteration=2", "agent.eval_split=null", "train.batch_size=4",
-         "train.lr=1e-3", "logging.progress=false", "logging.plots=false"]
+SMALL = [
+    "model.tiny_max_positions=256",
+    "rollout.n=3",
+    "rollout.max_new_tokens=12",
+    "agent.tasks_per_iteration=4",
+    "agent.iterations=3",
+    "agent.epochs_per_iteration=2",
+    "agent.eval_split=null",
+    "train.batch_size=4",
+    "train.lr=1e-3",
+    "logging.progress=false",
+    "logging.plots=false",
+]
 
 
 @dataclass
@@ -64,7 +75,7 @@ def toy_world(monkeypatch):
 
 def test_leave_one_out_and_grpo_advantages_by_hand():
     assert advantages([1.0, 0.0, 0.5], "loo") == pytest.approx([1 - 0.25, 0 - 0.75, 0.5 - 0.5])
-    std = math.sqrt(((0.5) ** 2 + 0.5 ** 2 + 0) / 2)
+    std = math.sqrt(((0.5) ** 2 + 0.5**2 + 0) / 2)
     assert advantages([1.0, 0.0, 0.5], "grpo") == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0])
 
 
@@ -73,8 +84,14 @@ def test_loop_loss_by_hand_token_and_trajectory():
     lp = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]])
     old = torch.tensor([[math.log(0.4), math.log(0.2), 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    b = PairBatch(chosen_logps=lp.sum(-1), chosen_lengths=mask.sum(-1), token_logps=lp, old_token_logps=old,
-                  token_mask=mask, advantages=torch.tensor([2.0]))
+    b = PairBatch(
+        chosen_logps=lp.sum(-1),
+        chosen_lengths=mask.sum(-1),
+        token_logps=lp,
+        old_token_logps=old,
+        token_mask=mask,
+        advantages=torch.tensor([2.0]),
+    )
     cfg = load_recipe(RECIPE).loss  # clip_eps 0.1
     loss, m = spec.fn(b, cfg)
     # rho = (1.25, 1.0): min(1.25*2, 1.1*2) = 2.2 and 2.0; mean over the 2 model tokens, negated
@@ -87,11 +104,15 @@ def test_loop_loss_by_hand_token_and_trajectory():
 
 
 def test_scores_tgc_sgc():
-    rows = [{"task": "a", "scenario": "s", "success": True, "reward": 1.0, "difficulty": 1},
-            {"task": "b", "scenario": "s", "success": False, "reward": 0.5, "difficulty": 2},
-            {"task": "c", "scenario": "u", "success": True, "reward": 1.0, "difficulty": 1}]
+    rows = [
+        {"task": "a", "scenario": "s", "success": True, "reward": 1.0, "difficulty": 1},
+        {"task": "b", "scenario": "s", "success": False, "reward": 0.5, "difficulty": 2},
+        {"task": "c", "scenario": "u", "success": True, "reward": 1.0, "difficulty": 1},
+    ]
     sc = scores(rows)
-    assert sc["tgc"] == pytest.approx(200 / 3) and sc["sgc"] == 50.0 and sc["tgc_by_difficulty"] == {"1": 100.0, "2": 0.0}
+    assert (
+        sc["tgc"] == pytest.approx(200 / 3) and sc["sgc"] == 50.0 and sc["tgc_by_difficulty"] == {"1": 100.0, "2": 0.0}
+    )
 
 
 def test_loop_trains_masks_environment_tokens_and_resumes_after_a_crash_mid_rollout(tmp_path):
@@ -119,7 +140,10 @@ def test_loop_trains_masks_environment_tokens_and_resumes_after_a_crash_mid_roll
         train(recipe, tmp_path / "part", env_for=crashing)
     assert not (tmp_path / "part" / "summary.json").exists()
     train(recipe, tmp_path / "part", resume=True, env_for=ToyEnv)
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "part" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "part" / "model.safetensors")),
+    )
     for k in a:
         assert torch.equal(a[k], b[k]), k
 

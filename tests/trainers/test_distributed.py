@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from align.paths import REPO_ROOT
@@ -19,8 +18,20 @@ pytestmark = pytest.mark.distributed
 def _launch(config: str, out, *overrides: str) -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate", path=os.path.dirname(os.sys.executable)) or "accelerate"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [accelerate, "launch", "--config_file", str(REPO_ROOT / "recipes" / "accelerate" / config), "-m", "align", "train",
-           str(REPO_ROOT / "recipes" / "dpo" / "tiny.yaml"), "--output-dir", str(out), "logging.progress=false", *overrides]
+    cmd = [
+        accelerate,
+        "launch",
+        "--config_file",
+        str(REPO_ROOT / "recipes" / "accelerate" / config),
+        "-m",
+        "align",
+        "train",
+        str(REPO_ROOT / "recipes" / "dpo" / "tiny.yaml"),
+        "--output-dir",
+        str(out),
+        "logging.progress=false",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 

@@ -43,8 +43,20 @@ def _cmd(config: str, out: Path, *overrides: str, machine: int | None = None, po
     if machine is not None:
         # one process per "machine"; accelerate's default multi-node DeepSpeed launcher is pdsh (ssh to a
         # hostfile): the standard one is torchrun on each node, rendezvousing at main_process_ip:port
-        cmd += ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine), "--main_process_ip",
-                "127.0.0.1", "--main_process_port", str(port), "--deepspeed_multinode_launcher", "standard"]
+        cmd += [
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(machine),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--deepspeed_multinode_launcher",
+            "standard",
+        ]
     return cmd + ["-m", "align", "train", str(TINY), "--output-dir", str(out), "logging.progress=false", *overrides]
 
 
@@ -59,7 +71,10 @@ def _free_port() -> int:
 
 
 def _rows(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_second"} for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k != "tokens_per_second"}
+        for x in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -85,7 +100,9 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
 def _wait_for_checkpoint(out: Path, procs: list[subprocess.Popen], step: int = 4, limit: float = 240) -> None:
     deadline = time.time() + limit
     while not (out / f"checkpoint-{step}" / "trainer_state.json").exists():
-        assert all(p.poll() is None for p in procs) and time.time() < deadline, "the run ended before its first checkpoint"
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, (
+            "the run ended before its first checkpoint"
+        )
         time.sleep(0.02)
 
 
@@ -107,8 +124,18 @@ def test_two_machines_simulated_on_one_host_match_the_single_launch_zero3_run(tm
     assert single.returncode == 0, single.stderr[-3000:]
 
     port, out = _free_port(), tmp_path / "two"
-    procs = [subprocess.Popen(_cmd("cpu_zero3.yaml", out, machine=r, port=port), cwd=tmp_path, env=_env(), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            _cmd("cpu_zero3.yaml", out, machine=r, port=port),
+            cwd=tmp_path,
+            env=_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for r in (0, 1)
+    ]
     try:
         logs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
@@ -123,18 +150,30 @@ def test_two_machines_simulated_on_one_host_match_the_single_launch_zero3_run(tm
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("config, victim", [
-    ("cpu.yaml", 1),
-    pytest.param("cpu.yaml", 0, marks=pytest.mark.slow),  # rank 0 in test-slow (CI time)
-    pytest.param("cpu_zero3.yaml", 1, marks=pytest.mark.slow),  # ~65 s: three ZeRO-3 launches of ~20 s start-up each
-])
+@pytest.mark.parametrize(
+    "config, victim",
+    [
+        ("cpu.yaml", 1),
+        pytest.param("cpu.yaml", 0, marks=pytest.mark.slow),  # rank 0 in test-slow (CI time)
+        pytest.param(
+            "cpu_zero3.yaml", 1, marks=pytest.mark.slow
+        ),  # ~65 s: three ZeRO-3 launches of ~20 s start-up each
+    ],
+)
 def test_one_rank_killed_ends_the_job_quickly_and_resume_matches_an_uninterrupted_run(tmp_path, config, victim):
     full = _run(_cmd(config, tmp_path / "full", *LONGER), tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "part"
-    launcher = subprocess.Popen(_cmd(config, out, *LONGER), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    launcher = subprocess.Popen(
+        _cmd(config, out, *LONGER),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for_checkpoint(out, [launcher])
         os.kill(_rank_pid(launcher, victim), signal.SIGKILL)
@@ -153,12 +192,15 @@ def test_one_rank_killed_ends_the_job_quickly_and_resume_matches_an_uninterrupte
     assert elapsed < 30, elapsed  # observed 1.5-2.6 s (DDP), 1.2-1.8 s (ZeRO-3): no ALIGN_DIST_TIMEOUT needed
     assert not (out / "summary.json").exists(), "the kill came too late to test anything"
     ckpt = runs.latest_checkpoint(out)  # the newest complete checkpoint is intact: state, and every rank's part
-    assert ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text())["step"] == int(ckpt.name.split("-")[1])
+    assert ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text())["step"] == int(
+        ckpt.name.split("-")[1]
+    )
     assert {f"log_window_{r}.json" for r in (0, 1)} <= {p.name for p in ckpt.iterdir()}
     if config == "cpu_zero3.yaml":  # each rank's ZeRO-3 shard of the weights and of the optimizer state
         assert (ckpt / "latest").read_text() == "pytorch_model"
-        assert {f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1) for k in ("model", "optim")} \
-            <= {p.name for p in (ckpt / "pytorch_model").iterdir()}
+        assert {f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1) for k in ("model", "optim")} <= {
+            p.name for p in (ckpt / "pytorch_model").iterdir()
+        }
     print(f"resuming from {ckpt.name}")
 
     resumed = _run(_cmd(config, out, *LONGER) + ["--resume"], tmp_path)
@@ -174,8 +216,15 @@ def test_a_frozen_rank_is_noticed_through_the_process_group_timeout(tmp_path):
     (torch's default: 30 minutes). With ALIGN_DIST_TIMEOUT=10 the peer fails after 10 s and torchrun kills
     the frozen rank after its 30 s SIGTERM grace: observed 42 s from the stop to the launcher's exit."""
     out = tmp_path / "frozen"
-    launcher = subprocess.Popen(_cmd("cpu.yaml", out, *LONGER), cwd=tmp_path, env=_env(ALIGN_DIST_TIMEOUT="10"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    launcher = subprocess.Popen(
+        _cmd("cpu.yaml", out, *LONGER),
+        cwd=tmp_path,
+        env=_env(ALIGN_DIST_TIMEOUT="10"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     victim = None
     try:
         _wait_for_checkpoint(out, [launcher])
@@ -198,7 +247,7 @@ def test_a_frozen_rank_is_noticed_through_the_process_group_timeout(tmp_path):
 
 def test_dist_timeout_from_the_environment(monkeypatch):
     from align.errors import UserError
-    from align.trainers.offline import dist_timeout
+    from align.trainers.kit import dist_timeout
 
     monkeypatch.delenv("ALIGN_DIST_TIMEOUT", raising=False)
     assert dist_timeout() is None

@@ -59,14 +59,24 @@ def test_sigkill_after_first_checkpoint_then_resume_gives_identical_weights(tmp_
     rows_full = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     rows_part = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     drop = ("tokens_per_second",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in rows_full] == [{k: v for k, v in r.items() if k not in drop} for r in rows_part]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows_full] == [
+        {k: v for k, v in r.items() if k not in drop} for r in rows_part
+    ]
 
 
 def test_resume_from_a_checkpoint_between_two_logged_steps_logs_the_same_averages(tmp_path):
     # rows every 3 steps, checkpoints every 2: checkpoint-4 holds step 4, which the row at step 6 averages in
-    # (found by bench/kill_soak.py on the reward trainer: the resumed run logged the mean of steps 5-6 only)
-    recipe = load_recipe(TINY, ["train.logging_steps=3", "train.save_steps=2", "train.keep_checkpoints=10",
-                                "logging.progress=false", "logging.plots=false"])
+    # (found by align/bench/kill_soak.py on the reward trainer: the resumed run logged the mean of steps 5-6 only)
+    recipe = load_recipe(
+        TINY,
+        [
+            "train.logging_steps=3",
+            "train.save_steps=2",
+            "train.keep_checkpoints=10",
+            "logging.progress=false",
+            "logging.plots=false",
+        ],
+    )
     run(recipe, tmp_path / "full")
     crashed_copy(tmp_path / "full", tmp_path / "part", 4)
     run(recipe, tmp_path / "part", resume=True)
@@ -86,19 +96,40 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path):
 
 
 def test_lora_uses_the_disabled_adapter_as_reference(tmp_path):
-    recipe = load_recipe(TINY, ["lora.enabled=true", "lora.r=8", "lora.alpha=16", "train.lr=3.0e-3", "train.epochs=4", "train.save_steps=0", "logging.progress=false"])
+    recipe = load_recipe(
+        TINY,
+        [
+            "lora.enabled=true",
+            "lora.r=8",
+            "lora.alpha=16",
+            "train.lr=3.0e-3",
+            "train.epochs=4",
+            "train.save_steps=0",
+            "logging.progress=false",
+        ],
+    )
     summary = run(recipe, tmp_path / "lora")
     assert summary["reference"] == "model"  # the LoRA base, no copy
     rows = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
     assert sum(r["loss"] for r in rows[-4:]) / 4 < 0.68
-    assert (tmp_path / "lora" / "adapter_config.json").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "lora" / "adapter_config.json").is_file() and (
+        tmp_path / "lora" / "adapter_model.safetensors"
+    ).is_file()
 
 
 def test_reference_free_simpo_and_sft(tmp_path):
-    s = run(load_recipe(TINY, ["loss.name=simpo", "loss.beta=2.0", "train.save_steps=0", "logging.progress=false"]), tmp_path / "simpo")
+    s = run(
+        load_recipe(TINY, ["loss.name=simpo", "loss.beta=2.0", "train.save_steps=0", "logging.progress=false"]),
+        tmp_path / "simpo",
+    )
     assert s["reference"] == "none"
-    sft = run(load_recipe(TINY, ["trainer=sft", "loss.name=sft", "train.epochs=3", "train.save_steps=0", "logging.progress=false"]), tmp_path / "sft")
+    sft = run(
+        load_recipe(
+            TINY, ["trainer=sft", "loss.name=sft", "train.epochs=3", "train.save_steps=0", "logging.progress=false"]
+        ),
+        tmp_path / "sft",
+    )
     rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert sft["reference"] == "none" and rows[-1]["loss"] < rows[0]["loss"] - 0.5
 
@@ -114,7 +145,16 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "nan"
-    res = run_align("train", str(TINY), "-o", str(out), "train.lr=1.0e30", "train.save_steps=1", "train.max_grad_norm=null", "logging.progress=false")
+    res = run_align(
+        "train",
+        str(TINY),
+        "-o",
+        str(out),
+        "train.lr=1.0e30",
+        "train.save_steps=1",
+        "train.max_grad_norm=null",
+        "logging.progress=false",
+    )
     lines = error_lines(res.stderr)
     assert res.returncode == 1 and "non-finite loss at step" in lines[-1]
     assert "Traceback" not in res.stderr
@@ -125,23 +165,37 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint_and_res
     """Checkpoints are written to checkpoint-N.tmp and renamed when complete: a kill while a .tmp folder exists
     (the write in progress) must leave the previous complete checkpoint usable, and the resumed run must end with
     the uninterrupted run's weights."""
-    overrides = ["train.epochs=6", "train.save_steps=1", "train.keep_checkpoints=2", "logging.progress=false", "logging.plots=false"]
+    overrides = [
+        "train.epochs=6",
+        "train.save_steps=1",
+        "train.keep_checkpoints=2",
+        "logging.progress=false",
+        "logging.plots=false",
+    ]
     full = tmp_path / "full"
     assert run_align("train", str(TINY), "-o", str(full), *overrides).returncode == 0
     # the process kills itself inside the third checkpoint's write: its files are in checkpoint-3.tmp, not yet renamed
-    die_in_write = ("import os, signal, sys\n"
-                    "import align.runs as runs\n"
-                    "finish = runs.finish_checkpoint\n"
-                    "def finish_or_die(tmp, final, state, keep):\n"
-                    "    if state['step'] == 3:\n"
-                    "        os.kill(os.getpid(), signal.SIGKILL)\n"
-                    "    return finish(tmp, final, state, keep)\n"
-                    "runs.finish_checkpoint = finish_or_die\n"
-                    "from align.cli import main\n"
-                    "sys.exit(main())\n")  # main() reads sys.argv[1:]: the arguments after -c's script
+    die_in_write = (
+        "import os, signal, sys\n"
+        "import align.runs as runs\n"
+        "finish = runs.finish_checkpoint\n"
+        "def finish_or_die(tmp, final, state, keep):\n"
+        "    if state['step'] == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return finish(tmp, final, state, keep)\n"
+        "runs.finish_checkpoint = finish_or_die\n"
+        "from align.cli import main\n"
+        "sys.exit(main())\n"
+    )  # main() reads sys.argv[1:]: the arguments after -c's script
     part = tmp_path / "part"
-    proc = subprocess.run([sys.executable, "-c", die_in_write, "train", str(TINY), "-o", str(part), *overrides], cwd=REPO_ROOT,
-                          env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", die_in_write, "train", str(TINY), "-o", str(part), *overrides],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (part / "checkpoint-3.tmp").is_dir() and not (part / "checkpoint-3").exists()
     assert not (part / "summary.json").exists()

@@ -15,14 +15,27 @@ from align.trainers import run
 from align.trainers.online import win_rates
 from tests.conftest import crashed_copy, kill_train_when, metrics_rows, run_align
 
-SMALL = ["model.name_or_path=tiny:llama", "model.tiny_hidden_size=64", "model.tiny_layers=2", "model.tiny_heads=2",
-         "model.tiny_intermediate_size=128", "model.tiny_max_positions=64", "online.prompts_per_iteration=12",
-         "rollout.n=4", "rollout.max_new_tokens=6", "online.iterations=2", "train.batch_size=8", "logging.progress=false"]
+SMALL = [
+    "model.name_or_path=tiny:llama",
+    "model.tiny_hidden_size=64",
+    "model.tiny_layers=2",
+    "model.tiny_heads=2",
+    "model.tiny_intermediate_size=128",
+    "model.tiny_max_positions=64",
+    "online.prompts_per_iteration=12",
+    "rollout.n=4",
+    "rollout.max_new_tokens=6",
+    "online.iterations=2",
+    "train.batch_size=8",
+    "logging.progress=false",
+]
 
 
 @pytest.mark.parametrize("loss", ["spo", "inpo", "dpo", "sppo"])
 def test_online_objectives_run_and_log(tmp_path, loss, rm_judge):
-    recipe = load_recipe(REPO_ROOT / "recipes" / "inpo" / "tiny.yaml", SMALL + rm_judge + [f"loss.name={loss}", "loss.beta=0.1"])
+    recipe = load_recipe(
+        REPO_ROOT / "recipes" / "inpo" / "tiny.yaml", SMALL + rm_judge + [f"loss.name={loss}", "loss.beta=0.1"]
+    )
     summary = run(recipe, tmp_path / loss)
     rows = [json.loads(x) for x in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
@@ -54,15 +67,29 @@ def test_checker_judge_on_task_prompts():
 
 def test_kill_mid_iteration_and_resume_gives_identical_weights(tmp_path, rm_judge):
     recipe = str(REPO_ROOT / "recipes" / "spo" / "tiny.yaml")
-    args = SMALL[:-4] + rm_judge + ["online.prompts_per_iteration=48", "rollout.n=6", "rollout.max_new_tokens=8",
-                                    "online.iterations=3", "train.batch_size=8", "logging.progress=false"]
+    args = (
+        SMALL[:-4]
+        + rm_judge
+        + [
+            "online.prompts_per_iteration=48",
+            "rollout.n=6",
+            "rollout.max_new_tokens=8",
+            "online.iterations=3",
+            "train.batch_size=8",
+            "logging.progress=false",
+        ]
+    )
     full = tmp_path / "full"
     assert run_align("train", recipe, "-o", str(full), *args).returncode == 0
     part = tmp_path / "part"
-    kill_train_when(part / "rollouts" / "iter-2.json", recipe, part, *args)  # iteration 2 sampled and judged, now training
+    kill_train_when(
+        part / "rollouts" / "iter-2.json", recipe, part, *args
+    )  # iteration 2 sampled and judged, now training
     res = run_align("train", recipe, "-o", str(part), "--resume", *args)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert all(r["train_rows"] > 0 for r in metrics_rows(full))  # every iteration trained: the comparison is not vacuous
+    assert all(
+        r["train_rows"] > 0 for r in metrics_rows(full)
+    )  # every iteration trained: the comparison is not vacuous
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -71,9 +98,15 @@ def test_kill_mid_iteration_and_resume_gives_identical_weights(tmp_path, rm_judg
 def test_resume_judges_and_counts_what_an_uninterrupted_run_does(tmp_path):
     # the same 12 prompts every iteration, 1-token answers from the top 2: most of iteration 2's triples were judged in
     # iteration 1. Before the memo was saved with the rollouts, a run resumed after iteration 1 judged them again (32
-    # judge calls instead of 9; an LLM judge is paid twice). Found by bench/kill_soak.py --trainer online
-    over = SMALL + ["data.builtin_size=12", "rollout.max_new_tokens=1", "rollout.top_k=2", "online.iterations=3",
-                    "train.keep_checkpoints=10", "logging.plots=false"]
+    # judge calls instead of 9; an LLM judge is paid twice). Found by align/bench/kill_soak.py --trainer online
+    over = SMALL + [
+        "data.builtin_size=12",
+        "rollout.max_new_tokens=1",
+        "rollout.top_k=2",
+        "online.iterations=3",
+        "train.keep_checkpoints=10",
+        "logging.plots=false",
+    ]
     recipe = load_recipe(REPO_ROOT / "recipes" / "spo" / "tiny.yaml", over)
     run(recipe, tmp_path / "full")
     full = metrics_rows(tmp_path / "full")
@@ -81,16 +114,23 @@ def test_resume_judges_and_counts_what_an_uninterrupted_run_does(tmp_path):
     crashed_copy(tmp_path / "full", tmp_path / "part", 1)
     run(recipe, tmp_path / "part", resume=True)
     assert metrics_rows(tmp_path / "part") == full
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "part" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "part" / "model.safetensors")),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_chat_template_prompts_go_through_the_template(tmp_path):
-    recipe = load_recipe(REPO_ROOT / "recipes" / "spo" / "tiny.yaml", SMALL + ["data.chat_template=true", "online.iterations=1"])
+    recipe = load_recipe(
+        REPO_ROOT / "recipes" / "spo" / "tiny.yaml", SMALL + ["data.chat_template=true", "online.iterations=1"]
+    )
     run(recipe, tmp_path / "chat")
     group = json.loads((tmp_path / "chat" / "rollouts" / "iter-1.json").read_text())["groups"][0]
     from align.models import char_tokenizer
 
     tok = char_tokenizer()
-    rendered = tok.apply_chat_template([{"role": "user", "content": group["prompt"]}], add_generation_prompt=True, tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": group["prompt"]}], add_generation_prompt=True, tokenize=False
+    )
     assert tok.decode(group["prompt_ids"]) == rendered and rendered.endswith("<|assistant|>")

@@ -33,16 +33,39 @@ from safetensors.torch import load_file
 from align.paths import REPO_ROOT
 
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-TINY = ["model.name_or_path=tiny:llama", "model.tiny_hidden_size=64", "model.tiny_layers=2", "model.tiny_heads=2",
-        "model.tiny_intermediate_size=128", "model.tiny_max_positions=64", "logging.progress=false", "logging.plots=false"]
-ONLINE = TINY + ["online.prompts_per_iteration=11", "rollout.n=3", "rollout.max_new_tokens=6", "online.iterations=3",
-                 "train.batch_size=4"]
+TINY = [
+    "model.name_or_path=tiny:llama",
+    "model.tiny_hidden_size=64",
+    "model.tiny_layers=2",
+    "model.tiny_heads=2",
+    "model.tiny_intermediate_size=128",
+    "model.tiny_max_positions=64",
+    "logging.progress=false",
+    "logging.plots=false",
+]
+ONLINE = TINY + [
+    "online.prompts_per_iteration=11",
+    "rollout.n=3",
+    "rollout.max_new_tokens=6",
+    "online.iterations=3",
+    "train.batch_size=4",
+]
 
 
 def _cmd(config: str, recipe: str, out: Path, *overrides: str, script: str | None = None) -> list[str]:
     entry = [str(REPO_ROOT / "tests" / "trainers" / script)] if script else ["-m", "align"]
-    return [ACCELERATE, "launch", "--config_file", str(REPO_ROOT / "recipes" / "accelerate" / config), *entry, "train",
-            str(REPO_ROOT / "recipes" / recipe), "--output-dir", str(out), *overrides]
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO_ROOT / "recipes" / "accelerate" / config),
+        *entry,
+        "train",
+        str(REPO_ROOT / "recipes" / recipe),
+        "--output-dir",
+        str(out),
+        *overrides,
+    ]
 
 
 def _env() -> dict:
@@ -50,8 +73,14 @@ def _env() -> dict:
 
 
 def _launch(config: str, recipe: str, out: Path, *overrides: str, script: str | None = None) -> Path:
-    res = subprocess.run(_cmd(config, recipe, out, *overrides, script=script), cwd=REPO_ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=400)
+    res = subprocess.run(
+        _cmd(config, recipe, out, *overrides, script=script),
+        cwd=REPO_ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -100,8 +129,9 @@ def test_spo_zero3_matches_ddp(ddp_spo, tmp_path, rm_judge):
 
 
 def _kill_when_rollouts_of_iteration_2_exist(cmd: list[str], out: Path) -> None:
-    launcher = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    launcher = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 240
         while not (out / "rollouts" / "iter-2.json").exists():  # iteration 2 sampled and judged, now training
@@ -163,8 +193,18 @@ def test_inpo_lora_zero3_matches_ddp(tmp_path, rm_judge):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_agent_zero3_matches_ddp(tmp_path):
-    over = [*TINY, "model.tiny_max_positions=256", "rollout.n=3", "rollout.max_new_tokens=12", "agent.tasks_per_iteration=4",
-            "agent.iterations=2", "agent.epochs_per_iteration=2", "agent.eval_split=dev", "train.batch_size=3", "train.lr=1e-3"]
+    over = [
+        *TINY,
+        "model.tiny_max_positions=256",
+        "rollout.n=3",
+        "rollout.max_new_tokens=12",
+        "agent.tasks_per_iteration=4",
+        "agent.iterations=2",
+        "agent.epochs_per_iteration=2",
+        "agent.eval_split=dev",
+        "train.batch_size=3",
+        "train.lr=1e-3",
+    ]
     z3 = _launch("cpu_zero3.yaml", "loop/tiny.yaml", tmp_path / "z3", *over, script="toy_agent_launch.py")
     ddp = _launch("cpu.yaml", "loop/tiny.yaml", tmp_path / "ddp", *over, script="toy_agent_launch.py")
     assert _max_diff(z3, ddp) < 1e-4  # measured 3.2e-6
@@ -177,7 +217,7 @@ def test_agent_zero3_matches_ddp(tmp_path):
 
 
 def test_rank_minibatches_equal_shares_and_the_single_process_case():
-    from align.trainers.online import rank_minibatches
+    from align.trainers.kit import rank_minibatches
 
     order = list(range(13))
     assert rank_minibatches(order, 4, 1, 0) == [order[0:4], order[4:8], order[8:12], order[12:13]]  # unchanged
@@ -187,7 +227,7 @@ def test_rank_minibatches_equal_shares_and_the_single_process_case():
 
 
 def test_shard_and_gather_in_one_process_is_the_plain_call():
-    from align.trainers.online import shard_and_gather
+    from align.trainers.kit import shard_and_gather
 
     assert shard_and_gather(list("abcde"), 1, 0, lambda xs: [x.upper() for x in xs]) == list("ABCDE")
 
@@ -199,11 +239,23 @@ def test_dry_run_refuses_a_full_reference_copy_under_zero3_but_accepts_lora_and_
     inpo = str(REPO_ROOT / "recipes" / "inpo" / "tiny.yaml")
     assert main(["train", inpo, "--dry-run", "accelerate_config=recipes/accelerate/cpu_zero3.yaml"]) == 2
     assert "ZeRO-3 cannot hold" in capsys.readouterr().err
-    for extra in (["accelerate_config=recipes/accelerate/cpu_zero3.yaml", "lora.enabled=true"],
-                  ["accelerate_config=recipes/accelerate/cpu.yaml"], ["accelerate_config=recipes/accelerate/cpu_zero2.yaml"]):
+    for extra in (
+        ["accelerate_config=recipes/accelerate/cpu_zero3.yaml", "lora.enabled=true"],
+        ["accelerate_config=recipes/accelerate/cpu.yaml"],
+        ["accelerate_config=recipes/accelerate/cpu_zero2.yaml"],
+    ):
         assert main(["train", inpo, "--dry-run", *extra]) == 0, extra
-    assert main(["train", str(REPO_ROOT / "recipes" / "spo" / "tiny.yaml"), "--dry-run",
-                 "accelerate_config=recipes/accelerate/cpu_zero3.yaml"]) == 0  # SPO needs no reference
+    assert (
+        main(
+            [
+                "train",
+                str(REPO_ROOT / "recipes" / "spo" / "tiny.yaml"),
+                "--dry-run",
+                "accelerate_config=recipes/accelerate/cpu_zero3.yaml",
+            ]
+        )
+        == 0
+    )  # SPO needs no reference
 
 
 def test_unsharded_copy_takes_the_trainable_parameters_and_refuses_a_partitioned_model():

@@ -22,8 +22,14 @@ from align.trainers.reward import Embeddings, load_pairs, pair_probabilities
 from tests.conftest import crashed_copy, error_lines, kill_train_when, metrics_rows, run_align
 
 RECIPES = REPO_ROOT / "recipes" / "reward"
-TINY = ["model.name_or_path=tiny:llama", "data.limit=400", "data.max_length=96", "data.max_prompt_length=64",
-        "logging.progress=false", "logging.plots=false"]
+TINY = [
+    "model.name_or_path=tiny:llama",
+    "data.limit=400",
+    "data.max_length=96",
+    "data.max_prompt_length=64",
+    "logging.progress=false",
+    "logging.plots=false",
+]
 
 
 def _summary(out: Path) -> dict:
@@ -33,7 +39,9 @@ def _summary(out: Path) -> dict:
 def test_bt_and_vpl_on_a_tiny_backbone_write_outputs_that_load_back(tmp_path):
     for kind in ("bt", "vpl"):
         out = tmp_path / kind
-        recipe = load_recipe(RECIPES / f"pets-{kind}.yaml", TINY + ["train.max_steps=12", "train.save_steps=5", "train.logging_steps=4"])
+        recipe = load_recipe(
+            RECIPES / f"pets-{kind}.yaml", TINY + ["train.max_steps=12", "train.save_steps=5", "train.logging_steps=4"]
+        )
         s = run(recipe, out)
         assert s["trainer"] == "reward" and s["kind"] == kind and s["steps"] == 12
         for name in ("reward_config.json", "heads.safetensors", "backbone/config.json", "recipe.yaml", "metrics.jsonl"):
@@ -42,11 +50,19 @@ def test_bt_and_vpl_on_a_tiny_backbone_write_outputs_that_load_back(tmp_path):
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12]
         ev = s["final"]
-        assert {"eval/accuracy", "eval/ece", "eval/accuracy/dog", "eval/accuracy/cat", "eval/controversial_accuracy"} <= set(ev)
+        assert {
+            "eval/accuracy",
+            "eval/ece",
+            "eval/accuracy/dog",
+            "eval/accuracy/cat",
+            "eval/controversial_accuracy",
+        } <= set(ev)
         # the saved model gives the same probabilities as the one in memory gave at evaluation
         loaded = RewardModel.load(out)
         pairs = load_pairs(recipe.data.eval, recipe, recipe.train.seed)
-        p = pair_probabilities(loaded, Embeddings(loaded, frozen=False), pairs, recipe.reward.context_pairs, recipe.reward.eval_seed)
+        p = pair_probabilities(
+            loaded, Embeddings(loaded, frozen=False), pairs, recipe.reward.context_pairs, recipe.reward.eval_seed
+        )
         assert abs((p > 0.5).float().mean().item() - ev["eval/accuracy"]) < 1e-6
     judge = make_judge(JudgeConfig(kind="reward_model", path=str(tmp_path / "bt")))
     (prob,) = judge.compare(["What pet should I get?"], ["A cat."], ["A dog."])
@@ -54,8 +70,17 @@ def test_bt_and_vpl_on_a_tiny_backbone_write_outputs_that_load_back(tmp_path):
 
 
 def test_vpl_with_a_trained_lora_backbone_resumes_after_sigkill_with_identical_heads(tmp_path):
-    over = TINY + ["reward.train_backbone=true", "lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.max_steps=16",
-                   "train.save_steps=4", "train.batch_size=4", "reward.context_pairs=2", "reward.query_pairs=2"]
+    over = TINY + [
+        "reward.train_backbone=true",
+        "lora.enabled=true",
+        "lora.r=4",
+        "lora.alpha=8",
+        "train.max_steps=16",
+        "train.save_steps=4",
+        "train.batch_size=4",
+        "reward.context_pairs=2",
+        "reward.query_pairs=2",
+    ]
     recipe = RECIPES / "pets-vpl.yaml"
     full = tmp_path / "full"
     assert run_align("train", str(recipe), "-o", str(full), *over).returncode == 0
@@ -75,22 +100,27 @@ def test_vpl_with_a_trained_lora_backbone_resumes_after_sigkill_with_identical_h
 
 def test_resume_from_a_checkpoint_between_two_logged_steps_logs_the_same_averages(tmp_path):
     # rows every 3 steps, checkpoints every 4: before the fix the row at step 6 of a run resumed from checkpoint-4
-    # averaged steps 5-6 only (found by bench/kill_soak.py --trainer reward)
-    recipe = load_recipe(RECIPES / "pets-vpl.yaml", TINY + ["train.max_steps=12", "train.save_steps=4", "train.logging_steps=3",
-                                                           "train.keep_checkpoints=10"])
+    # averaged steps 5-6 only (found by align/bench/kill_soak.py --trainer reward)
+    recipe = load_recipe(
+        RECIPES / "pets-vpl.yaml",
+        TINY + ["train.max_steps=12", "train.save_steps=4", "train.logging_steps=3", "train.keep_checkpoints=10"],
+    )
     run(recipe, tmp_path / "full")
     crashed_copy(tmp_path / "full", tmp_path / "part", 4)
     run(recipe, tmp_path / "part", resume=True)
     assert metrics_rows(tmp_path / "part") == metrics_rows(tmp_path / "full")
 
 
-@pytest.mark.parametrize("over, needle", [
-    (["reward.kind=vpl", "reward.user_key=annotator"], "missing column 'annotator'"),
-    (["lora.enabled=true"], "reward.train_backbone"),
-    (["reward.encoder_hidden=30", "reward.encoder_heads=4"], "divisible"),
-    (["reward.margin_key=user"], "must be a finite number"),
-    (["model.name_or_path=pkg:no_such_package_here"], "not installed"),
-])
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        (["reward.kind=vpl", "reward.user_key=annotator"], "missing column 'annotator'"),
+        (["lora.enabled=true"], "reward.train_backbone"),
+        (["reward.encoder_hidden=30", "reward.encoder_heads=4"], "divisible"),
+        (["reward.margin_key=user"], "must be a finite number"),
+        (["model.name_or_path=pkg:no_such_package_here"], "not installed"),
+    ],
+)
 def test_bad_reward_input_is_one_line_and_exit_2(tmp_path, over, needle):
     out = tmp_path / "run"
     r = run_align("train", str(RECIPES / "pets-bt.yaml"), "-o", str(out), *TINY, *over)
@@ -113,8 +143,16 @@ def minilm_runs(tmp_path_factory):
     cache: dict = {}
     out = {}
     for kind, steps in (("bt", 60), ("vpl", 150)):
-        recipe = load_recipe(RECIPES / f"pets-{kind}.yaml", [f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}",
-                                                             f"train.max_steps={steps}", "logging.progress=false", "logging.plots=false"])
+        recipe = load_recipe(
+            RECIPES / f"pets-{kind}.yaml",
+            [
+                f"data.train={root / 'train.jsonl'}",
+                f"data.eval={root / 'eval.jsonl'}",
+                f"train.max_steps={steps}",
+                "logging.progress=false",
+                "logging.plots=false",
+            ],
+        )
         from align.trainers.reward import train
 
         out[kind] = (train(recipe, root / kind, cache=cache), root / kind)
@@ -126,7 +164,9 @@ def test_vpl_serves_held_out_users_that_bt_cannot(minilm_runs):
     bt, vpl = runs_["bt"][0]["final"], runs_["vpl"][0]["final"]
     assert vpl["eval/accuracy"] >= 0.95, vpl
     assert vpl["eval/controversial_accuracy"] >= 0.9, vpl
-    assert 0.3 < bt["eval/controversial_accuracy"] < 0.7, bt  # one reward for both users: near chance where they disagree
+    assert 0.3 < bt["eval/controversial_accuracy"] < 0.7, (
+        bt
+    )  # one reward for both users: near chance where they disagree
     assert bt["eval/agreed_accuracy"] >= 0.9, bt
 
 
@@ -146,6 +186,13 @@ def test_vpl_judge_takes_a_user_context_and_flips_its_preference(minilm_runs, tm
         scaled = judge.inner.scaled_rewards(prompt, [dog, cat, "Pets are boring. Get a houseplant or something."])
         assert all(0.0 <= x <= 1.0 for x in scaled) and scaled[2] < min(scaled[:2])
     assert probs["dog"] > 0.8 and probs["cat"] < 0.2, probs
-    bad = run_align("train", str(RECIPES / "pets-bt.yaml"), "--dry-run", "trainer=online", "loss.name=spo", "judge.kind=vpl",
-                    f"judge.path={path}")
+    bad = run_align(
+        "train",
+        str(RECIPES / "pets-bt.yaml"),
+        "--dry-run",
+        "trainer=online",
+        "loss.name=spo",
+        "judge.kind=vpl",
+        f"judge.path={path}",
+    )
     assert bad.returncode == 2 and "judge.context" in error_lines(bad.stderr)[-1]

@@ -1,6 +1,6 @@
-"""``accelerate launch tests/trainers/toy_agent_launch.py train RECIPE ...``: ``align`` with the agent trainer's tasks and
-environments replaced by test_agent.py's toy world (deterministic rewards that differ between episodes, so LOOP
-trains even from a random tiny policy). Not a test module: test_online_distributed.py launches it."""
+"""``accelerate launch tests/trainers/toy_agent_launch.py train RECIPE ...``: ``align`` with the agent trainer's
+tasks and environments replaced by test_agent.py's toy world (deterministic rewards that differ between episodes, so
+LOOP trains even from a random tiny policy). Not a test module: test_online_distributed.py launches it."""
 
 import sys
 from pathlib import Path

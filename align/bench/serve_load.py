@@ -15,7 +15,7 @@ Starts the server in its own process on a tiny local model (or ``--model DIR``),
 and checks every answer is well-formed (status, JSON shape, usage arithmetic). The server's RSS and thread
 count are read from /proc after the warm-up and after the load. Prints one JSON object.
 
-    .venv/bin/python bench/serve_load.py --clients 8 --requests 50
+    .venv/bin/python -m align.bench.serve_load --clients 8 --requests 50
 """
 
 from __future__ import annotations
@@ -36,15 +36,27 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-KINDS = {"completion": 30, "chat": 25, "near_limit": 10, "over_limit": 8, "stream": 5, "bad_json": 5, "cancel": 10, "cancel_mid_body": 5, "stall": 2}
+from align.paths import REPO_ROOT as ROOT
+
+KINDS = {
+    "completion": 30,
+    "chat": 25,
+    "near_limit": 10,
+    "over_limit": 8,
+    "stream": 5,
+    "bad_json": 5,
+    "cancel": 10,
+    "cancel_mid_body": 5,
+    "stall": 2,
+}
 GENERATING = ("completion", "chat", "near_limit")
 WORDS = "the a cat dog sat ran on under big small red blue quickly slowly and then 12 34 + = ?".split()
 
 SERVER = """
 import sys
 from align.serve import serve_main
-serve_main(sys.argv[1], port=int(sys.argv[2]), name="tiny", max_context=int(sys.argv[3]), client_timeout=float(sys.argv[4]))
+serve_main(sys.argv[1], port=int(sys.argv[2]), name="tiny", max_context=int(sys.argv[3]),
+           client_timeout=float(sys.argv[4]))
 """
 
 
@@ -53,7 +65,16 @@ def save_tiny_model(folder: Path, max_positions: int = 256) -> Path:
     from align.models import build_tiny_model, char_tokenizer
 
     tok = char_tokenizer()
-    model = build_tiny_model("llama", hidden_size=64, layers=2, heads=2, intermediate_size=128, max_positions=max_positions, seed=0, tokenizer=tok)
+    model = build_tiny_model(
+        "llama",
+        hidden_size=64,
+        layers=2,
+        heads=2,
+        intermediate_size=128,
+        max_positions=max_positions,
+        seed=0,
+        tokenizer=tok,
+    )
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -65,11 +86,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, max_context: int, client_timeout: float, log=subprocess.DEVNULL) -> tuple[subprocess.Popen, int]:
+def start_server(
+    model_dir: Path, max_context: int, client_timeout: float, log=subprocess.DEVNULL
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model_dir), str(port), str(max_context), str(client_timeout)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(model_dir), str(port), str(max_context), str(client_timeout)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     deadline = time.time() + 120
     while True:
         try:
@@ -161,7 +189,7 @@ class Client:
             if waited > self.client_timeout + 20:
                 return f"the server kept a stalled connection for {waited:.0f} s"
             return "closed by server"
-        except socket.timeout:
+        except TimeoutError:
             return "the server never closed a stalled connection"
         finally:
             s.close()
@@ -173,24 +201,46 @@ class Client:
         try:
             if kind in ("cancel", "cancel_mid_body", "stall"):
                 body = json.dumps({"prompt": self._text(3, 20), "max_tokens": 32}).encode()
-                head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode()
-                outcome = self._raw(head, body, len(body) if kind == "cancel" else len(body) // 2, "stall" if kind == "stall" else "close")
+                head = (
+                    f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                outcome = self._raw(
+                    head,
+                    body,
+                    len(body) if kind == "cancel" else len(body) // 2,
+                    "stall" if kind == "stall" else "close",
+                )
                 if outcome not in ("closed", "closed by server"):
                     problem = outcome
             else:
                 path, want, n, lp = "/v1/completions", 200, 1, None
                 if kind == "completion":
                     n, lp = rng.randint(1, 2), rng.choice([None, 2])
-                    req = {"prompt": self._text(2, 30), "max_tokens": rng.randint(4, 16), "n": n, "seed": rng.randint(0, 10**6), "temperature": 1.0}
+                    req = {
+                        "prompt": self._text(2, 30),
+                        "max_tokens": rng.randint(4, 16),
+                        "n": n,
+                        "seed": rng.randint(0, 10**6),
+                        "temperature": 1.0,
+                    }
                     if lp:
                         req["logprobs"] = lp
                 elif kind == "chat":
                     path, n, lp = "/v1/chat/completions", 1, rng.random() < 0.3
-                    req = {"messages": [{"role": "user", "content": self._text(2, 30)}], "max_tokens": rng.randint(4, 16), "temperature": 0.7,
-                           "logprobs": lp, **({"top_logprobs": 2} if lp else {})}
+                    req = {
+                        "messages": [{"role": "user", "content": self._text(2, 30)}],
+                        "max_tokens": rng.randint(4, 16),
+                        "temperature": 0.7,
+                        "logprobs": lp,
+                        **({"top_logprobs": 2} if lp else {}),
+                    }
                 elif kind == "near_limit":  # the character tokenizer: one token per character, plus BOS
-                    req = {"prompt": self._chars(self.max_context - 1 - rng.randint(1, 12)), "max_tokens": 64, "temperature": 1.0}
+                    req = {
+                        "prompt": self._chars(self.max_context - 1 - rng.randint(1, 12)),
+                        "max_tokens": 64,
+                        "temperature": 1.0,
+                    }
                 elif kind == "over_limit":
                     req, want = {"prompt": self._chars(self.max_context + rng.randint(0, 2000)), "max_tokens": 8}, 400
                 elif kind == "stream":
@@ -215,7 +265,12 @@ def check(kind: str, status: int, data: bytes, want: int, n: int, lp, max_contex
         return f"not JSON: {data[:200]!r}"
     if want != 200:
         err = obj.get("error") if isinstance(obj, dict) else None
-        if not (isinstance(err, dict) and isinstance(err.get("message"), str) and err.get("code") == want and err.get("type")):
+        if not (
+            isinstance(err, dict)
+            and isinstance(err.get("message"), str)
+            and err.get("code") == want
+            and err.get("type")
+        ):
             return f"malformed error body: {obj}"
         expect = {"over_limit": "maximum context length", "stream": "streaming", "bad_json": "JSON"}[kind]
         return None if expect in err["message"] else f"error message without {expect!r}: {err['message']}"
@@ -273,10 +328,18 @@ def run_load(port: int, clients: int, per_client: int, max_context: int, client_
     for r in results:
         counts[r["kind"]] = counts.get(r["kind"], 0) + 1
     pct = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1) if lat else None  # noqa: E731
-    return {"requests": len(results), "kinds": counts, "problems": [r for r in results if r["problem"]], "wall_s": round(wall, 2),
-            "requests_per_s": round(len(results) / wall, 1), "generations_per_s": round(len(lat) / wall, 1),
-            "latency_ms_p50": pct(0.50), "latency_ms_p95": pct(0.95),
-            "latency_ms_mean": round(statistics.mean(lat) * 1000, 1) if lat else None, "reconnects": reconnects}
+    return {
+        "requests": len(results),
+        "kinds": counts,
+        "problems": [r for r in results if r["problem"]],
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(results) / wall, 1),
+        "generations_per_s": round(len(lat) / wall, 1),
+        "latency_ms_p50": pct(0.50),
+        "latency_ms_p95": pct(0.95),
+        "latency_ms_mean": round(statistics.mean(lat) * 1000, 1) if lat else None,
+        "reconnects": reconnects,
+    }
 
 
 def health(port: int) -> bool:
@@ -307,12 +370,32 @@ def main() -> int:
             for i in range(args.rounds):
                 load = run_load(port, args.clients, args.requests, args.max_context, args.client_timeout, seed=i)
                 time.sleep(args.client_timeout + 1)  # idle keep-alive connections time out
-                rounds.append({**load, "after": proc_status(proc.pid), "problems": load["problems"][:5], "problem_count": len(load["problems"])})
+                rounds.append(
+                    {
+                        **load,
+                        "after": proc_status(proc.pid),
+                        "problems": load["problems"][:5],
+                        "problem_count": len(load["problems"]),
+                    }
+                )
             ok = health(port)
         finally:
             stop_server(proc)
-    print(json.dumps({"clients": args.clients, "per_client": args.requests, "warmup_problems": len(warm["problems"]),
-                      "before": before, "rounds": rounds, "health_after": ok}, indent=1), file=result_out, flush=True)
+    print(
+        json.dumps(
+            {
+                "clients": args.clients,
+                "per_client": args.requests,
+                "warmup_problems": len(warm["problems"]),
+                "before": before,
+                "rounds": rounds,
+                "health_after": ok,
+            },
+            indent=1,
+        ),
+        file=result_out,
+        flush=True,
+    )
     return 0 if ok and not warm["problems"] and not any(r["problem_count"] for r in rounds) else 1
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from align.errors import UserError
+from align.errors import RunError, UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", metavar="FILE.png", help="also draw the benchmark's curves (online, agent) into this PNG")
     b.set_defaults(fn=_bench)
+    from align.rollout.vllm_cli import add_parser as add_vllm_serve_parser
+
+    add_vllm_serve_parser(sub)  # align vllm-serve
     from align.evals import add_eval_parser
 
     add_eval_parser(sub)  # align eval alpaca
@@ -191,13 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:
-        from align.trainers.kit import NonFiniteLoss
-
-        if isinstance(e, NonFiniteLoss):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except RunError as e:  # a non-finite loss, a rollout server that stopped answering: one line
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

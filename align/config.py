@@ -227,6 +227,63 @@ class TrainConfig:
 
 
 @dataclass
+class VLLMConfig:
+    mode: Literal["colocate", "server"] = doc(
+        "colocate",
+        "colocate: a vLLM engine inside every training process (vLLM's external_launcher, the rank's own device, "
+        "tensor-parallel groups of consecutive ranks); server: separate `align vllm-serve` processes generate and the "
+        "trainer pushes weights (or LoRA adapters) to them after each update.",
+    )
+    gpu_memory_utilization: float = doc(
+        0.3, "Colocate, GPU: fraction of the device's memory vLLM may take (weights + KV cache), in (0, 1]."
+    )
+    tensor_parallel_size: int = doc(
+        1,
+        "Colocate: GPUs one engine spans; must divide the number of training processes (ranks r*tp .. r*tp+tp-1 "
+        "form a group and share their prompts). Server mode: set it on `align vllm-serve`.",
+    )
+    max_model_len: Optional[int] = doc(
+        None, "Longest prompt + completion vLLM accepts (None: the model's max_position_embeddings)."
+    )
+    max_num_seqs: Optional[int] = doc(None, "Sequences vLLM runs at once (None: rollout.batch_size).")
+    enable_prefix_caching: bool = doc(
+        True, "Reuse the KV blocks of shared prompt prefixes (the K samples of a prompt, multi-turn episodes)."
+    )
+    enforce_eager: Optional[bool] = doc(
+        None, "Skip CUDA graphs (None: on for CPU, off on GPU; graphs cost start-up time and memory, save decode time)."
+    )
+    sleep_level: int = doc(
+        0,
+        "Colocate, GPU: 0 = vLLM keeps its memory; 1 = weights offloaded to host and KV cache freed during the update; "
+        "2 = both freed (weights re-pushed on wake; with LoRA the base is pushed again too). vLLM has no sleep mode "
+        "on CPU: there it changes nothing.",
+    )
+    dtype: str = doc("auto", "vLLM's weight and compute dtype ('auto': the policy's dtype; or bfloat16, float16, ...).")
+    kv_cache_memory_bytes: Optional[int] = doc(
+        None, "KV cache size in bytes (None: 256 MiB on CPU; gpu_memory_utilization decides on GPU)."
+    )
+    server_urls: list = doc(
+        [],
+        "Server mode: base URLs of `align vllm-serve` processes (http://host:port); requests are spread over them.",
+    )
+    server_timeout: float = doc(
+        120.0,
+        "Server mode: seconds a server may take to answer one request (generation, weight push) before the run "
+        "stops with an error naming it.",
+    )
+    weight_transfer: Literal["auto", "folder", "nccl"] = doc(
+        "auto",
+        "Server mode, full weights: 'folder' = rank 0 writes safetensors (one parameter gathered at a time) to a "
+        "folder the server reloads (needs a filesystem both see); 'nccl' = vLLM's NCCL weight transfer (GPU; the "
+        "server started with --weight-transfer nccl); 'auto' = nccl on GPU, folder on CPU. LoRA adapters always go "
+        "as adapter folders.",
+    )
+    weights_dir: Optional[str] = doc(
+        None, "Server mode, 'folder' pushes: where weight and adapter folders are written (None: the system temp dir)."
+    )
+
+
+@dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = doc("hf", "Generation backend of the shared rollout engine.")
     n: int = doc(4, "Samples per prompt.")
@@ -235,6 +292,7 @@ class RolloutConfig:
     top_p: float = doc(1.0, "Nucleus sampling threshold.")
     top_k: int = doc(0, "Top-k sampling (0 = off).")
     batch_size: int = doc(64, "Prompts per generation batch.")
+    vllm: VLLMConfig = field(default_factory=VLLMConfig, metadata={"help": "vLLM settings (rollout.backend: vllm)."})
 
 
 @dataclass
@@ -262,6 +320,14 @@ class JudgeConfig:
     model: Optional[str] = doc(None, "Model name at the endpoint (kind: llm).")
     api_key_env: str = doc(
         "OPENAI_API_KEY", "Environment variable holding the API key (the key itself never goes in a recipe)."
+    )
+    max_concurrency: int = doc(
+        8, "kind llm: requests in flight at once (results are identical to serial calls, whatever the order)."
+    )
+    api: Literal["completions", "chat"] = doc(
+        "completions",
+        "kind llm: /v1/completions with the pairwise prompt, or /v1/chat/completions with it as the user message; "
+        "P comes from the log-probs of the answer token either way.",
     )
 
 
@@ -485,6 +551,9 @@ def validate(recipe: Recipe, where: str) -> None:
         raise UserError(
             f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})"
         )
+    _validate_rollout(recipe, where)
+    if recipe.judge.max_concurrency < 1:
+        raise UserError(f"{where}: judge.max_concurrency must be >= 1, got {recipe.judge.max_concurrency}")
     if recipe.trainer == "reward":
         _validate_reward(recipe, where)
         return
@@ -528,6 +597,50 @@ def validate(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: loss {spec.name!r} needs reference log-probs but train.reference is 'none'")
     if recipe.model.name_or_path.startswith("tiny:") and recipe.model.tiny_hidden_size % recipe.model.tiny_heads:
         raise UserError(f"{where}: model.tiny_hidden_size must be divisible by model.tiny_heads")
+
+
+def _validate_rollout(recipe: Recipe, where: str) -> None:
+    r, v = recipe.rollout, recipe.rollout.vllm
+    if r.backend != "vllm":
+        changed = [f.name for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(VLLMConfig(), f.name)]
+        if changed:
+            raise UserError(
+                f"{where}: rollout.vllm.{changed[0]} is set but rollout.backend is {r.backend!r} (set rollout.backend: "
+                "vllm, or remove the key)"
+            )
+        return
+    if not 0.0 < v.gpu_memory_utilization <= 1.0:
+        raise UserError(
+            f"{where}: rollout.vllm.gpu_memory_utilization must be in (0, 1], got {v.gpu_memory_utilization}"
+        )
+    for key in ("tensor_parallel_size", "max_model_len", "max_num_seqs", "kv_cache_memory_bytes"):
+        value = getattr(v, key)
+        if value is not None and value < 1:
+            raise UserError(f"{where}: rollout.vllm.{key} must be >= 1, got {value}")
+    if v.sleep_level not in (0, 1, 2):
+        raise UserError(f"{where}: rollout.vllm.sleep_level must be 0, 1 or 2, got {v.sleep_level}")
+    if not v.server_timeout > 0:
+        raise UserError(f"{where}: rollout.vllm.server_timeout must be > 0 seconds, got {v.server_timeout}")
+    for url in v.server_urls:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise UserError(f"{where}: rollout.vllm.server_urls: {url!r} is not an http(s):// URL")
+    if v.mode == "server":
+        if not v.server_urls:
+            raise UserError(
+                f"{where}: rollout.vllm.mode 'server' needs rollout.vllm.server_urls (start them with "
+                "`align vllm-serve --model PATH --port N`)"
+            )
+        if v.sleep_level:
+            raise UserError(f"{where}: rollout.vllm.sleep_level applies to colocated engines, not to mode 'server'")
+        if v.tensor_parallel_size != 1:
+            raise UserError(
+                f"{where}: rollout.vllm.tensor_parallel_size is set on the server (`align vllm-serve "
+                "--tensor-parallel-size N`), not in a recipe with mode 'server'"
+            )
+    elif v.server_urls or v.weight_transfer != "auto" or v.weights_dir is not None:
+        raise UserError(
+            f"{where}: rollout.vllm.server_urls / weight_transfer / weights_dir apply to mode 'server', not 'colocate'"
+        )
 
 
 def _validate_reward(recipe: Recipe, where: str) -> None:

@@ -1,10 +1,15 @@
 """The shared rollout engine: one small protocol, backends imported lazily by name.
 
-    engine = make_engine(recipe.rollout, model, tokenizer)
+    engine = make_engine(recipe.rollout, model, tokenizer, source=path, placement=placement_of(accelerator))
     samples = engine.generate(prompts, n=4, sampling=SamplingParams(max_new_tokens=32, temperature=1.0, seed=0))
     samples[i][k].token_ids / .text / .logprobs / .finish_reason      # prompt i, sample k
-    engine.update_weights(model)                                      # after an optimizer step
-    engine.sleep(); engine.wake()                                     # free memory between phases
+    engine.sleep()                                                    # before the update: free the engine's memory
+    engine.update_weights(model)                                      # after it (wakes the weights first)
+    engine.wake()                                                     # generate() wakes the rest itself
+
+Backends: ``hf`` (transformers, the live module), ``vllm`` with ``rollout.vllm.mode`` ``colocate`` (an engine in
+every training process) or ``server`` (``align vllm-serve`` processes over HTTP). ``source`` is the folder or hub id
+the policy was loaded from, so a vLLM engine loads it from there instead of a copy written by every rank.
 
 Prompts are strings (tokenised with the tokenizer's special tokens), message lists (chat template with the
 generation prompt) or token-id lists. ``logprobs`` are the model's log-probabilities of the sampled tokens under
@@ -56,13 +61,44 @@ class RolloutEngine(Protocol):
     def wake(self) -> None: ...
 
 
-BACKENDS = {"hf": "align.rollout.hf:HFEngine", "vllm": "align.rollout.vllm:VLLMEngine"}
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits: its rank among ``world`` training processes, its rank on the machine, its device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: str = "cpu"
 
 
-def make_engine(rollout_cfg, model, tokenizer) -> RolloutEngine:
-    """The backend named by ``rollout_cfg.backend``; its module is imported only here."""
-    module, _, cls = BACKENDS[rollout_cfg.backend].partition(":")
-    return getattr(importlib.import_module(module), cls)(model, tokenizer, batch_size=rollout_cfg.batch_size)
+def placement_of(accelerator) -> Placement:
+    return Placement(
+        accelerator.process_index, accelerator.local_process_index, accelerator.num_processes, str(accelerator.device)
+    )
+
+
+BACKENDS = {
+    "hf": "align.rollout.hf:HFEngine",
+    "vllm": "align.rollout.vllm:VLLMEngine",
+    "vllm-server": "align.rollout.vllm_server:VLLMServerEngine",
+}
+
+
+def make_engine(rollout_cfg, model, tokenizer, *, source: str | None = None, placement: Placement | None = None):
+    """The backend named by ``rollout_cfg.backend`` (and ``rollout_cfg.vllm.mode``); its module is imported only
+    here. ``source``: the folder or hub id ``model`` was loaded from (vLLM starts from it); ``placement``: this
+    process's rank and device (default: one process)."""
+    name = rollout_cfg.backend
+    settings = getattr(rollout_cfg, "vllm", None)
+    if name == "vllm" and settings is not None and settings.mode == "server":
+        name = "vllm-server"
+    module, _, cls = BACKENDS[name].partition(":")
+    engine_cls = getattr(importlib.import_module(module), cls)
+    if name == "hf":
+        return engine_cls(model, tokenizer, batch_size=rollout_cfg.batch_size)
+    return engine_cls(
+        model, tokenizer, batch_size=rollout_cfg.batch_size, settings=settings, source=source, placement=placement
+    )
 
 
 def sampling_from(rollout_cfg, **overrides) -> SamplingParams:

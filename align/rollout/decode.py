@@ -14,7 +14,9 @@ The n samples of a prompt share its prefill (the cache rows are repeated). LoRA 
 per-call weight copies (W + B A scaled), so the adapter state in force when ``generate`` is called (enabled,
 disabled for the reference) is the one decoded with. Anything else (other architectures, ZeRO-3 partitioned
 parameters, dynamic RoPE, sliding windows shorter than the sequence, DoRA, LoRA on embeddings) returns None from
-``llama_decoder`` and the engine falls back to transformers' forward. Tested against that forward in
+``llama_decoder`` and the engine falls back to transformers' forward; so does a model whose fused copy would take
+more than half the device's free memory (``AFFORD``), and ``HFEngine`` redoes a chunk with transformers' forward when
+the lean path fails inside (an out-of-memory error, say). Tested against that forward in
 tests/rollout/test_hf.py (same greedy tokens, log-probs within 1e-4).
 """
 
@@ -68,10 +70,39 @@ def llama_decoder(model) -> LlamaDecoder | None:
         return None
     if not _plain(base.model.embed_tokens) or not _plain(base.lm_head):
         return None
+    free = free_bytes(base.lm_head.weight.device)
+    if free is not None and fused_bytes(base) > AFFORD * free:  # the fused copy would crowd out the KV cache (or OOM)
+        return None
     try:
         return LlamaDecoder(base)
     except _Unsupported:
         return None
+
+
+AFFORD = 0.5
+"""The lean decoder's fused weight copy may take at most this fraction of the device's free memory."""
+
+
+def fused_bytes(base) -> int:
+    """Bytes of the decoder's rearranged copy: every linear layer of the decoder stack and the LM head."""
+    linear = sum(m.weight.numel() for m in base.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    return (linear + base.lm_head.weight.numel()) * base.lm_head.weight.element_size()
+
+
+def free_bytes(device) -> int | None:
+    """Free memory of ``device``: CUDA's free bytes, or the host's MemAvailable for the CPU (None if unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 class _Unsupported(Exception):

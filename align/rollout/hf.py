@@ -47,21 +47,43 @@ class HFEngine:
     ) -> list[list[Completion]]:
         sampling = sampling or SamplingParams()
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        device = next(self.model.parameters()).device
         gen = None
-        if sampling.seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        if sampling.seed is not None:  # the sampling noise is drawn where the logits are, from a seeded generator
+            gen = torch.Generator(device=device).manual_seed(sampling.seed)
         out: list[list[Completion]] = []
         per_chunk = max(1, self.batch_size // n)
         was_training = self.model.training
         self.model.eval()
         try:
-            decoder = llama_decoder(self.model) if self.fast else None  # weights rearranged once per call
+            decoder = self._decoder() if self.fast else None  # weights rearranged once per call
             with gqa_attention(self.model):
                 for s in range(0, len(ids), per_chunk):
-                    out.extend(self._generate_chunk(ids[s : s + per_chunk], n, sampling, gen, decoder))
+                    chunk = ids[s : s + per_chunk]
+                    state = gen.get_state() if gen is not None else None
+                    try:
+                        out.extend(self._generate_chunk(chunk, n, sampling, gen, decoder))
+                    except RuntimeError:  # (out of memory included) the lean path failed: transformers' forward
+                        if decoder is None:
+                            raise
+                        decoder = None
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        if state is not None:
+                            gen.set_state(state)
+                        out.extend(self._generate_chunk(chunk, n, sampling, gen, None))
         finally:
             self.model.train(was_training)
         return out
+
+    def _decoder(self):
+        """The lean decoder over the current weights, or None (not applicable, not affordable, or it failed)."""
+        try:
+            return llama_decoder(self.model)
+        except (RuntimeError, ValueError, TypeError, AttributeError):  # out of memory, an unexpected layout
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
 
     def _generate_chunk(
         self, prompt_ids: list[list[int]], n: int, sp: SamplingParams, gen, decoder
@@ -123,7 +145,7 @@ class HFEngine:
                 # Gumbel-max: argmax(z + G), G = -log(-log U), draws from softmax(z) (uniform draws are cheaper
                 # than multinomial's exponential ones); U comes from the seeded CPU generator
                 z = _filter(logits / sp.temperature if sp.temperature != 1.0 else logits, sp.top_k, sp.top_p)
-                u = torch.rand(z.shape, generator=gen).to(device)
+                u = torch.rand(z.shape, generator=gen, device=device)
                 nxt = (z - u.log_().neg_().log_()).argmax(-1)
             tokens[:, t] = nxt  # (rows already done keep sampling; their tokens past the stop are never returned)
             logps[:, t] = raw.gather(-1, nxt[:, None]).squeeze(-1)

@@ -17,7 +17,8 @@ trajectory-level importance weights = loss.importance trajectory. Resumable per 
 
 Under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3) the online trainer's scheme: rank r plays tasks[r::world]
 with its own seed, the episodes are gathered to every rank in task order and rank 0 writes ``rollouts/iter-N.json``;
-every rank recomputes pi_old for all kept episodes and takes its equal share of each global minibatch; under
+pi_old is recomputed for rows[r::world] on rank r and gathered; every rank takes its equal share of each global
+minibatch; under
 ZeRO-3 the hf engine plays from an unsharded copy of the policy (``align/rollout/zero.py``). The final greedy
 evaluation is sharded the same way.
 """
@@ -39,7 +40,7 @@ from align.data import Example, collate
 from align.logprobs import token_logps
 from align.losses import PairBatch, get_loss
 from align.models import load_policy
-from align.rollout import SamplingParams, make_engine
+from align.rollout import SamplingParams
 from align.rollout.zero import UnshardedCopy, unpartitioned, zero_stage
 from align.trainers import kit
 
@@ -74,6 +75,29 @@ def episode_token_logps(model, rows: list[dict], pad: int, device) -> tuple[torc
     b = _batch(rows, pad, device)
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
     return token_logps(out.logits[:, :-1], b["input_ids"][:, 1:]) * b["mask"], b["mask"]
+
+
+@torch.no_grad()
+def old_logps(model, rows: list[dict], batch_size: int, pad: int, device, world: int, rank: int) -> list:
+    """log pi_old of every row's tokens (CPU tensors, in row order) on every rank: rank r computes rows[r::world] in
+    batches and the results are gathered. Every rank runs the same number of forward passes (ZeRO-3 gathers
+    parameters collectively): a rank with fewer rows repeats a dummy batch."""
+    from accelerate.utils import gather_object
+
+    if not rows:
+        return []
+    mine = list(range(rank, len(rows), world))
+    batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
+    out = {}
+    for b in range(batches):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        lp, _ = episode_token_logps(model, [rows[i] for i in idx] or rows[:1], pad, device)
+        for i, l_ in zip(idx, lp):
+            out[i] = l_[: len(rows[i]["token_ids"]) - 1].cpu()
+    merged = {}
+    for part in gather_object([out]) if world > 1 else [out]:
+        merged.update(part)
+    return [merged[i] for i in range(len(rows))]
 
 
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=None) -> dict:
@@ -116,7 +140,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
 
         return [e for per_task in kit.shard_and_gather(task_list, world, rank, mine) for e in per_task]
 
-    engine = make_engine(recipe.rollout, policy(), tok)
+    engine = kit.rollout_engine(recipe, accelerator, policy(), tok, resumed=start > 0)
     r = recipe.rollout
     suppress = mid_turn_suppressed(tok)
     started = time.time()
@@ -152,14 +176,12 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
                 if abs(adv) >= a.min_advantage and sum(e["mask"]) > 0:
                     rows.append({**e, "adv": adv})
 
-        # ---- 3. pi_old recomputed by the learner, then PPO epochs over minibatches shuffled across tasks
+        # ---- 3. pi_old recomputed by the learner, then PPO epochs over minibatches shuffled across tasks; the
+        # engine's memory is freed meanwhile
+        engine.sleep()
         model.eval()
-        with torch.no_grad():
-            for s in range(0, len(rows), t.batch_size):
-                chunk = rows[s : s + t.batch_size]
-                lp, mask = episode_token_logps(model, chunk, pad, device)
-                for row, l_ in zip(chunk, lp):
-                    row["old"] = l_[: len(row["token_ids"]) - 1].cpu()
+        for row, old in zip(rows, old_logps(model, rows, t.batch_size, pad, device, world, rank)):
+            row["old"] = old
         rng = random.Random(t.seed * 7919 + it)
         window = []
         model.train()
@@ -187,7 +209,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
                 )
                 window.append({"loss": loss.item(), **{k: v.float().mean().item() for k, v in metrics.items()}})
         window = [w for part in gather_object([window]) for w in part]  # every rank's steps
-        engine.update_weights(policy())
+        engine.update_weights(policy())  # (wakes the engine's weights first; generate wakes the rest)
 
         # ---- 4. log, checkpoint
         sc = scores(episodes)

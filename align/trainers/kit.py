@@ -31,12 +31,12 @@ import torch
 
 from align import runs
 from align.config import Recipe
-from align.errors import UserError
+from align.errors import RunError, UserError
 
 RANK_SEED_STRIDE = 1_000_003  # rank r samples with seed + r * stride (rank 0: the single-process seed)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RunError):
     """A non-finite loss with ``train.nan_policy: stop``; the CLI prints it as one line and exits 1."""
 
 
@@ -171,6 +171,34 @@ def checked_step(accelerator, model, optimizer, loss, max_grad_norm: float | Non
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
+
+
+# ------------------------------------------------------------------------------------------- rollout engine
+
+
+def policy_source(model_cfg) -> str | None:
+    """Where the policy's starting weights live, for a vLLM engine to load them itself: a local HF model folder or a
+    hub id (None for ``tiny:`` models, adapter-only folders and pinned revisions: the engine writes its own copy)."""
+    name = model_cfg.name_or_path
+    if name.startswith("tiny:") or model_cfg.revision:
+        return None
+    path = Path(name)
+    if path.exists() or name.startswith((".", "/", "~")):
+        return name if (path / "config.json").is_file() else None
+    return name
+
+
+def rollout_engine(recipe: Recipe, accelerator, policy, tokenizer, resumed: bool):
+    """The recipe's rollout engine over ``policy`` (the module it samples from), placed on this rank; a resumed run
+    pushes the restored weights before the first generation (a collective under ZeRO-3: every rank calls it)."""
+    from align.rollout import make_engine, placement_of
+
+    engine = make_engine(
+        recipe.rollout, policy, tokenizer, source=policy_source(recipe.model), placement=placement_of(accelerator)
+    )
+    if resumed:
+        engine.update_weights(policy)
+    return engine
 
 
 # ------------------------------------------------------------------------------------------- data order

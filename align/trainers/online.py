@@ -44,7 +44,7 @@ from align.judges import make_judge
 from align.logprobs import pair_logps, token_logps
 from align.losses import PairBatch, chosen_nll, get_loss
 from align.models import is_peft, load_policy, reference_context
-from align.rollout import make_engine, sampling_from
+from align.rollout import sampling_from
 from align.rollout.zero import UnshardedCopy, unpartitioned, zero_stage
 from align.trainers import kit
 
@@ -147,7 +147,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     def policy():  # the module the engine samples from (a collective under ZeRO-3: every rank calls it)
         return plain.sync(accelerator.unwrap_model(model)) if plain is not None else accelerator.unwrap_model(model)
 
-    engine = make_engine(recipe.rollout, policy(), tok)
+    engine = kit.rollout_engine(recipe, accelerator, policy(), tok, resumed=start > 0)
     started = time.time()
 
     for it in range(start, o.iterations):
@@ -198,7 +198,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                     rows.append({"prompt_ids": g["prompt_ids"], "w": g["samples"][best], "l": g["samples"][worst]})
         rng = random.Random(t.seed * 7919 + it)
 
-        # ---- 3. updates (this rank's share of each global minibatch)
+        # ---- 3. updates (this rank's share of each global minibatch); the engine's memory is freed meanwhile
+        engine.sleep()
         window = []
         model.train()
         for _ in range(o.epochs_per_iteration):
@@ -212,7 +213,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                 )
                 window.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
         window = [w for part in gather_object([window]) for w in part]  # every rank's steps
-        engine.update_weights(policy())
+        engine.update_weights(policy())  # (wakes the engine's weights first; generate wakes the rest)
 
         # ---- 4. log, checkpoint
         rewards = [s["reward"] for g in groups for s in g["samples"]]

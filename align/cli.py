@@ -197,6 +197,31 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:  # a non-finite loss, a rollout server that stopped answering: one line
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if not _peer_stopped(e):
+            raise
+        # another rank of this launch failed first (its own error line says why): no traceback on this one
+        print(
+            f"error: rank {os.environ.get('RANK', '?')}: another process of this run stopped; see its error above",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _peer_stopped(e: RuntimeError) -> bool:
+    """A collective that failed because another rank of the launch exited (gloo, NCCL)."""
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    text = str(e)
+    return (
+        isinstance(e, getattr(dist, "DistBackendError", ()))
+        or "Connection closed by peer" in text
+        or ("Connection reset by peer" in text)
+    )
 
 
 if __name__ == "__main__":

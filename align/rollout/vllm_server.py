@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import uuid
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,8 +82,8 @@ class Server:
             raise ServerError(f"vLLM server {self.url}: {what or path} answered HTTP {r.status_code} {detail}")
         try:
             return r.json() if r.content else {}
-        except ValueError:
-            raise ServerError(f"vLLM server {self.url}: {what or path} answered non-JSON") from None
+        except ValueError:  # some routes answer plain text ("Success: LoRA adapter ... added")
+            return {"text": r.text}
 
     def close(self) -> None:
         self.http.close()
@@ -118,6 +120,7 @@ class VLLMServerEngine:
         self._dir = Path(tempfile.mkdtemp(prefix="align-vllm-push-", dir=s.weights_dir))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         self._version = 0
+        self._tag = self._shared(uuid.uuid4().hex[:8])  # adapter names unique to this run, the same on every rank
         self._adapter: str | None = None  # the LoRA name generation uses (None: the servers' full weights)
         self._nccl = None
         self.info = [self._check(srv, lora_rank(model) if self.lora else None) for srv in self.servers]
@@ -150,6 +153,17 @@ class VLLMServerEngine:
                 raise ServerError(
                     f"vLLM server {srv.url}: max_lora_rank {lora_cfg.get('max_lora_rank')} < the adapter's rank {rank}"
                 )
+        served = str(model_cfg.get("dtype") or "").removeprefix("torch.")
+        policy = (
+            str(getattr(self._model_config, "dtype", None) or "").removeprefix("torch.") if self._model_config else ""
+        )
+        if served and policy and served != policy and self.placement.rank == 0:
+            print(
+                f"[vllm-server] warning: {srv.url} serves {served}, the policy trains in {policy}: sampled log-probs "
+                f"differ from the learner's (start it with `align vllm-serve --dtype {policy}` to match)",
+                file=sys.stderr,
+                flush=True,
+            )
         parallel = cfg.get("parallel_config") or {}
         return {
             "model": models[0].get("id"),
@@ -244,7 +258,7 @@ class VLLMServerEngine:
     def _sync_lora(self, model) -> None:
         state = adapter_state(model)  # (a collective under ZeRO-3)
         self._version += 1
-        name = f"align-v{self._version}"
+        name = f"align-{self._tag}-v{self._version}"
         if self.placement.rank == 0:
             path = self._dir / name
             model.save_pretrained(str(path), state_dict=state)
@@ -309,6 +323,14 @@ class VLLMServerEngine:
 
     def _each(self, fn) -> None:
         list(self._pool.map(fn, self.servers))
+
+    def _shared(self, value):
+        """Rank 0's ``value`` on every rank."""
+        if self.placement.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            box = [value]
+            torch.distributed.broadcast_object_list(box, src=0)
+            return box[0]
+        return value
 
     def _barrier(self) -> None:
         if self.placement.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

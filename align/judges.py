@@ -21,9 +21,8 @@ import itertools
 import json
 import math
 import os
+import random
 import time
-import urllib.error
-import urllib.request
 from typing import Protocol
 
 from align.errors import UserError
@@ -197,7 +196,14 @@ PAIRWISE_PROMPT = (
 
 
 class LLMJudge:
-    """Pairwise judge over an OpenAI-compatible /v1/completions endpoint (log-probs of '1' vs '2')."""
+    """Pairwise judge over an OpenAI-compatible endpoint: /v1/completions with the pairwise prompt, or
+    /v1/chat/completions with it as the user message (``api``); P from the log-probs of '1' vs '2'.
+
+    Transport: one pooled HTTP client (keep-alive connections, httpx), at most ``max_concurrency`` requests in flight;
+    429/408/409/5xx and connection errors are retried up to ``retries`` times, waiting what the server's Retry-After
+    says (seconds or an HTTP date) or else ``backoff * 2^attempt``, with +-25 % jitter so retrying clients spread out.
+    Each triple's result depends only on the server's answers for it, so concurrent and serial calls give identical
+    results whatever order the answers arrive in."""
 
     def __init__(
         self,
@@ -208,57 +214,116 @@ class LLMJudge:
         retries: int = 4,
         backoff: float = 0.5,
         template: str = PAIRWISE_PROMPT,
+        max_concurrency: int = 8,
+        api: str = "completions",
     ):
         if not base_url:
             raise UserError("judge.base_url: required for an LLM judge")
-        self.url = base_url.rstrip("/") + "/completions"
+        if api not in ("chat", "completions"):
+            raise UserError(f"judge.api: {api!r} is not 'chat' or 'completions'")
+        self.base_url, self.api = base_url.rstrip("/"), api
+        self.url = self.base_url + ("/chat/completions" if api == "chat" else "/completions")
         self.model, self.timeout, self.retries, self.backoff, self.template = model, timeout, retries, backoff, template
+        self.max_concurrency = max(1, int(max_concurrency))
         self._key = os.environ.get(api_key_env, "")  # never logged, never saved
+        self._client = None
+        self._jitter = random.Random()  # timing only: never the global RNG
 
     def __repr__(self) -> str:  # keep the key out of any log that prints the judge
-        return f"LLMJudge(url={self.url!r}, model={self.model!r})"
+        return f"{type(self).__name__}(url={self.url!r}, model={self.model!r})"
+
+    @property
+    def client(self):
+        if self._client is None:
+            import httpx
+
+            n = self.max_concurrency
+            self._client = httpx.Client(
+                timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            )
+        return self._client
+
+    def _wait(self, attempt: int, retry_after: str | None) -> float:
+        delay = self.backoff * 2**attempt
+        if retry_after:
+            try:
+                delay = float(retry_after)
+            except ValueError:
+                from email.utils import parsedate_to_datetime
+
+                try:
+                    delay = parsedate_to_datetime(retry_after).timestamp() - time.time()
+                except (TypeError, ValueError):
+                    pass
+        return max(0.0, delay) * self._jitter.uniform(0.75, 1.25)
 
     def _post(self, body: dict) -> dict:
-        data = json.dumps(body).encode()
+        import httpx
+
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         last = None
         for attempt in range(self.retries + 1):
+            retry_after = None
             try:
-                req = urllib.request.Request(self.url, data=data, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if e.code not in (408, 409, 429) and e.code < 500:
-                    raise RuntimeError(f"LLM judge at {self.url}: {last} (not retried)") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+                r = self.client.post(self.url, json=body, headers=headers)
+                if r.status_code < 400:
+                    return r.json()
+                last = f"HTTP {r.status_code}"
+                if r.status_code not in (408, 409, 429) and r.status_code < 500:
+                    raise RuntimeError(f"LLM judge at {self.url}: {last} (not retried)")
+                retry_after = r.headers.get("Retry-After")
+            except (httpx.TransportError, ValueError) as e:  # connection, timeout, a body that is not JSON
                 last = type(e).__name__
             if attempt < self.retries:
-                time.sleep(self.backoff * 2**attempt)
+                time.sleep(self._wait(attempt, retry_after))
         raise RuntimeError(f"LLM judge at {self.url}: no valid answer after {self.retries + 1} attempts ({last})")
 
-    def _p_first(self, prompt: str, first: str, second: str) -> float:
-        body = {
-            "model": self.model,
-            "prompt": self.template.format(prompt=prompt, first=first, second=second),
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "logprobs": 20,
-        }
-        reply = self._post(body)
+    def map(self, fn, items: list) -> list:
+        """``[fn(x) for x in items]`` with at most ``max_concurrency`` calls in flight, results in order."""
+        if self.max_concurrency == 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+    def _tops_of(self, reply: dict) -> dict:
+        """token -> log-prob at the first generated position, from a completions or a chat reply."""
         try:
-            tops = reply["choices"][0]["logprobs"]["top_logprobs"][0] or {}
+            lp = reply["choices"][0]["logprobs"]
+            if self.api == "chat":
+                return {t["token"]: t["logprob"] for t in lp["content"][0]["top_logprobs"]}
+            return lp["top_logprobs"][0] or {}
         except (KeyError, IndexError, TypeError):
             raise RuntimeError(f"LLM judge at {self.url}: malformed reply (no top log-probs)") from None
+
+    def _p_first(self, prompt: str, first: str, second: str) -> float:
+        text = self.template.format(prompt=prompt, first=first, second=second)
+        if self.api == "chat":
+            body = {
+                "model": self.model,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": True,
+                "top_logprobs": 20,
+            }
+        else:
+            body = {"model": self.model, "prompt": text, "max_tokens": 1, "temperature": 0.0, "logprobs": 20}
+        tops = self._tops_of(self._post(body))
         p1 = sum(math.exp(v) for k, v in tops.items() if k.strip() == "1")
         p2 = sum(math.exp(v) for k, v in tops.items() if k.strip() == "2")
         return 0.5 if p1 + p2 == 0 else p1 / (p1 + p2)
 
     def compare(self, prompts, a, b):
         # both orders: P(a > b) = (P(first=a wins) + P(second=a wins in the swapped order)) / 2
-        return [(self._p_first(p, x, y) + (1 - self._p_first(p, y, x))) / 2 for p, x, y in zip(prompts, a, b)]
+        calls = [(p, x, y) for p, x, y in zip(prompts, a, b)] + [(p, y, x) for p, x, y in zip(prompts, a, b)]
+        firsts = self.map(lambda t: self._p_first(*t), calls)
+        n = len(prompts)
+        return [(firsts[i] + (1 - firsts[n + i])) / 2 for i in range(n)]
 
 
 def make_judge(judge_cfg, tasks=None) -> CachedJudge:
@@ -281,7 +346,13 @@ def make_judge(judge_cfg, tasks=None) -> CachedJudge:
             raise UserError("judge.context: a VPL judge needs the file of the user's labelled pairs")
         inner = AlignRewardJudge(judge_cfg.path, read_context(judge_cfg.context))
     elif judge_cfg.kind == "llm":
-        inner = LLMJudge(judge_cfg.base_url or "", judge_cfg.model or "", judge_cfg.api_key_env)
+        inner = LLMJudge(
+            judge_cfg.base_url or "",
+            judge_cfg.model or "",
+            judge_cfg.api_key_env,
+            max_concurrency=judge_cfg.max_concurrency,
+            api=judge_cfg.api,
+        )
     else:
         raise UserError(f"judge.kind {judge_cfg.kind!r}: an online trainer needs a judge")
     return CachedJudge(inner)
@@ -375,33 +446,20 @@ class WeightedLLMJudge(LLMJudge):
         timeout: float = 60.0,
         retries: int = 4,
         backoff: float = 0.5,
+        max_concurrency: int = 8,
     ):
         super().__init__(
-            base_url, model, api_key_env, timeout=timeout, retries=retries, backoff=backoff, template=template
+            base_url,
+            model,
+            api_key_env,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            template=template,
+            max_concurrency=max_concurrency,
+            api=api,
         )
-        if api not in ("chat", "completions"):
-            raise UserError(f"judge.api: {api!r} is not 'chat' or 'completions'")
-        self.api, self.top_logprobs, self.temperature, self.system, self.tokens = (
-            api,
-            top_logprobs,
-            temperature,
-            system,
-            tokens,
-        )
-        self.url = base_url.rstrip("/") + ("/chat/completions" if api == "chat" else "/completions")
-
-    def __repr__(self) -> str:
-        return f"WeightedLLMJudge(url={self.url!r}, model={self.model!r})"
-
-    def _tops(self, reply: dict) -> dict[str, float]:
-        """token -> log-prob of the first generated position, from a chat or a completions reply."""
-        try:
-            lp = reply["choices"][0]["logprobs"]
-            if self.api == "chat":
-                return {t["token"]: t["logprob"] for t in lp["content"][0]["top_logprobs"]}
-            return dict(lp["top_logprobs"][0] or {})
-        except (KeyError, IndexError, TypeError):
-            raise RuntimeError(f"LLM judge at {self.url}: malformed reply (no top log-probs)") from None
+        self.top_logprobs, self.temperature, self.system, self.tokens = top_logprobs, temperature, system, tokens
 
     def p_first_or_none(self, instruction: str, first: str, second: str) -> float | None:
         """P(the first output is better) from one call; None when neither identifier is among the top log-probs."""
@@ -427,7 +485,7 @@ class WeightedLLMJudge(LLMJudge):
                 "temperature": self.temperature,
                 "logprobs": self.top_logprobs,
             }
-        tops = self._tops(self._post(body))
+        tops = dict(self._tops_of(self._post(body)))
         t1, t2 = self.tokens
         p1 = sum(math.exp(v) for k, v in tops.items() if isinstance(k, str) and k.strip() == t1)
         p2 = sum(math.exp(v) for k, v in tops.items() if isinstance(k, str) and k.strip() == t2)
@@ -436,9 +494,10 @@ class WeightedLLMJudge(LLMJudge):
     def compare_detailed(self, prompts, a, b) -> list[dict]:
         """Per triple: ``p`` = P(a > b) (NaN if neither order was informative), ``p_a_first`` = P(first better) with a
         shown first, ``p_b_first`` = the same with b shown first (None = not informative)."""
+        calls = [(p, x, y) for p, x, y in zip(prompts, a, b)] + [(p, y, x) for p, x, y in zip(prompts, a, b)]
+        firsts = self.map(lambda t: self.p_first_or_none(*t), calls)
         out = []
-        for p, x, y in zip(prompts, a, b):
-            fx, fy = self.p_first_or_none(p, x, y), self.p_first_or_none(p, y, x)
+        for fx, fy in zip(firsts[: len(prompts)], firsts[len(prompts) :]):
             votes = [v for v in (fx, None if fy is None else 1 - fy) if v is not None]
             out.append({"p": sum(votes) / len(votes) if votes else math.nan, "p_a_first": fx, "p_b_first": fy})
         return out
@@ -466,9 +525,6 @@ class LLMChat(LLMJudge):
         super().__init__(base_url, model, api_key_env, timeout=timeout, retries=retries, backoff=backoff)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.max_tokens, self.temperature = max_tokens, temperature
-
-    def __repr__(self) -> str:
-        return f"LLMChat(url={self.url!r}, model={self.model!r})"
 
     def chat(self, messages: list[dict]) -> str:
         body = {

@@ -190,8 +190,12 @@ def test_weighted_judge_without_the_identifiers_is_nan_or_one_order(weighted):
     Weighted.tops = staticmethod(lambda body: {"The": -0.1, "Based": -1.0})
     judge = WeightedLLMJudge(weighted, "m", api="chat")
     assert math.isnan(judge.compare(["q"], ["a"], ["b"])[0])
-    calls = iter([{"m": -0.5, "M": -0.5}, {"x": -0.1}])  # only the first order is informative
-    Weighted.tops = staticmethod(lambda body: next(calls))
+
+    def a_first_only(body):  # only the order with "a" shown first is informative
+        text = body["messages"][1]["content"]
+        return {"m": -0.5, "M": -0.5} if text.index('"""a"""') < text.index('"""b"""') else {"x": -0.1}
+
+    Weighted.tops = staticmethod(a_first_only)
     d = judge.compare_detailed(["q"], ["a"], ["b"])[0]
     assert d["p"] == pytest.approx(0.5) and d["p_b_first"] is None
 
@@ -210,3 +214,81 @@ def test_fill_template_is_one_pass():
     from align.judges import fill_template
 
     assert fill_template("{a}|{b}|{c}", a="{b}", b="x") == "{b}|x|{c}"
+
+
+def test_llm_judge_concurrent_calls_equal_serial_calls_against_a_real_server(tiny_model, tiny_tokenizer):
+    """``judge.max_concurrency`` requests in flight against ``align serve``: the same probabilities as one at a time,
+    whatever order the answers arrive in."""
+    import torch
+
+    with torch.no_grad():  # the answer tokens '1' and '2' always on top, their split moving with the text
+        tiny_model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in tiny_model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        tiny_model.lm_head.weight[:, 0] = -1.0
+        tiny_model.lm_head.weight[tiny_tokenizer.convert_tokens_to_ids("1"), 0] = 0.5
+        tiny_model.lm_head.weight[tiny_tokenizer.convert_tokens_to_ids("2"), 0] = 0.45
+    httpd = start(HFEngine(tiny_model.eval(), tiny_tokenizer), tiny_tokenizer, "tiny")
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        prompts = [f"{a}+{b}=" for a in range(4) for b in range(3)]
+        a = [str(int(p[0]) + int(p[2])) for p in prompts]
+        b = [str(int(p[0]) + int(p[2]) + 1) for p in prompts]
+        serial = LLMJudge(url, "tiny", max_concurrency=1).compare(prompts, a, b)
+        concurrent = LLMJudge(url, "tiny", max_concurrency=8).compare(prompts, a, b)
+        assert serial == concurrent and len(set(serial)) > 1
+    finally:
+        httpd.shutdown()
+
+
+class Slow(BaseHTTPRequestHandler):
+    """Answers after 50 ms and records how many requests were in flight at once; 429 + Retry-After on request."""
+
+    lock = threading.Lock()
+    inflight = peak = 0
+    retry_after: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        import time
+
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if Slow.retry_after:
+            value = Slow.retry_after.pop(0)
+            self.send_response(429)
+            self.send_header("Retry-After", value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        with Slow.lock:
+            Slow.inflight += 1
+            Slow.peak = max(Slow.peak, Slow.inflight)
+        time.sleep(0.05)
+        with Slow.lock:
+            Slow.inflight -= 1
+        data = json.dumps({"choices": [{"logprobs": {"top_logprobs": [{"1": -0.5, "2": -1.0}]}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_llm_judge_bounds_requests_in_flight_and_honours_retry_after():
+    import time
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        Slow.peak = 0
+        LLMJudge(url, "m", max_concurrency=3).compare(["p"] * 10, ["a"] * 10, ["b"] * 10)  # 20 requests
+        assert Slow.peak == 3
+        Slow.retry_after = ["0.4"]  # seconds: the judge waits about that long (+-25 % jitter), not its 10 ms backoff
+        t = time.time()
+        LLMJudge(url, "m", max_concurrency=1, backoff=0.01).compare(["p"], ["a"], ["b"])
+        assert 0.3 <= time.time() - t < 2.0
+    finally:
+        httpd.shutdown()

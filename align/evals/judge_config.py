@@ -10,7 +10,8 @@
     temperature: 1.0                 # llm: alpaca_eval prompt 1.0 (only log-probs are read); graders 0.0
     max_tokens: 2048                 # llm, MT-Bench / Arena-Hard graders: the judgement's length
     timeout: 120                     # llm: seconds per request
-    retries: 4                       # llm: retries with backoff (timeouts, 408/409/429, 5xx)
+    retries: 4                       # llm: retries with backoff (timeouts, 408/409/429, 5xx; Retry-After honoured)
+    max_concurrency: 8               # llm: requests in flight at once
     name: gpt4_turbo                 # annotator name in the outputs (default: the file name)
 
     kind: reward_model               # Bradley-Terry over a scalar reward: P = sigmoid(r(x, a) - r(x, b))
@@ -42,6 +43,7 @@ EXTRA_KEYS = {
     "max_tokens": int,
     "timeout": float,
     "retries": int,
+    "max_concurrency": int,
     "name": str,
 }
 
@@ -60,6 +62,7 @@ class JudgeSpec:
     max_tokens: int | None = None
     timeout: float = 120.0
     retries: int = 4
+    max_concurrency: int = 8
     extra: dict = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -83,7 +86,7 @@ def load_judge_config(path: str | os.PathLike) -> JudgeSpec:
         raise UserError(f"{p}: not a readable YAML judge config: {detail}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping of judge keys (kind, base_url, model, path, ...)")
-    known = {f.name: f for f in fields(JudgeConfig)}
+    known = {f.name: f for f in fields(JudgeConfig) if f.name not in EXTRA_KEYS}  # api, max_concurrency: below
     cfg_kwargs, extra = {}, {}
     for key, value in data.items():
         if key in known:
@@ -140,9 +143,9 @@ def load_judge_config(path: str | os.PathLike) -> JudgeSpec:
         raise UserError(f"{p}: key 'api': {spec.api!r} is not 'chat' or 'completions'")
     if not 1 <= spec.top_logprobs <= 20:
         raise UserError(f"{p}: key 'top_logprobs': {spec.top_logprobs} is not in [1, 20]")
-    for key in ("max_tokens", "retries"):
+    for key in ("max_tokens", "retries", "max_concurrency"):
         v = getattr(spec, key)
-        if v is not None and v < (1 if key == "max_tokens" else 0):
+        if v is not None and v < (0 if key == "retries" else 1):
             raise UserError(f"{p}: key '{key}': {v} is out of range")
     if spec.timeout <= 0:
         raise UserError(f"{p}: key 'timeout': must be positive")
@@ -166,8 +169,16 @@ def build_pairwise_judge(spec: JudgeSpec):
                 temperature=temperature,
                 timeout=spec.timeout,
                 retries=spec.retries,
+                max_concurrency=spec.max_concurrency,
             )
-        return LLMJudge(j.base_url, j.model, j.api_key_env, timeout=spec.timeout, retries=spec.retries)
+        return LLMJudge(
+            j.base_url,
+            j.model,
+            j.api_key_env,
+            timeout=spec.timeout,
+            retries=spec.retries,
+            max_concurrency=spec.max_concurrency,
+        )
     from align.judges import make_judge
 
     return make_judge(j).inner

@@ -49,13 +49,32 @@ def _delta_ids(tokenizer, before: list[dict], after: list[dict], generation_prom
     return tokenizer(new[len(old) :], add_special_tokens=False)["input_ids"]
 
 
+def in_parallel(fn, items: list, workers: int) -> list:
+    """``[fn(x) for x in items]``, up to ``workers`` at a time in threads (environment calls wait on sandbox
+    processes or HTTP servers, not on this process), results in order."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def run_episodes(
-    engine, tokenizer, envs: list[Environment], sampling: SamplingParams, max_turns: int = 4, system: str | None = None
+    engine,
+    tokenizer,
+    envs: list[Environment],
+    sampling: SamplingParams,
+    max_turns: int = 4,
+    system: str | None = None,
+    env_workers: int = 16,
 ) -> list[Episode]:
-    """Play every environment to done (or ``max_turns`` model turns), batching the model's turns across episodes."""
+    """Play every environment to done (or ``max_turns`` model turns), batching the model's turns across episodes;
+    the environments reset and step concurrently (``env_workers`` at a time)."""
     episodes = []
-    for env in envs:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": env.reset()}]
+    firsts = in_parallel(lambda env: env.reset(), envs, env_workers)
+    for first in firsts:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": first}]
         ids = _delta_ids(tokenizer, [], msgs, generation_prompt=True)
         episodes.append(Episode(msgs, ids, [0] * len(ids), [0.0] * len(ids)))
     active = list(range(len(envs)))
@@ -63,8 +82,10 @@ def run_episodes(
         if not active:
             break
         outs = engine.generate([episodes[i].token_ids for i in active], n=1, sampling=sampling)
+        turns = [(envs[i], group[0].text) for i, group in zip(active, outs)]
+        steps = in_parallel(lambda turn: turn[0].step(turn[1]), turns, env_workers)
         still = []
-        for i, group in zip(active, outs):
+        for i, group, (obs, done) in zip(active, outs, steps):
             ep, c = episodes[i], group[0]
             ep.token_ids += c.token_ids
             ep.model_mask += [1] * len(c.token_ids)
@@ -76,7 +97,6 @@ def run_episodes(
             ep.token_ids += closing
             ep.model_mask += [0] * len(closing)
             ep.logprobs += [0.0] * len(closing)
-            obs, done = envs[i].step(c.text)
             ep.messages = before
             if done or obs is None:
                 ep.finished = bool(done)

@@ -49,3 +49,42 @@ def test_turn_limit_stops_unfinished_episodes(tiny_model, tiny_tokenizer):
         max_turns=2,
     )
     assert eps[0].turns == 2 and not eps[0].finished and check_no_drift(tiny_tokenizer, eps[0])
+
+
+class SlowEcho(Echo):
+    """An Echo whose steps wait (like a sandbox running code) and record how many steps ran at once."""
+
+    live = peak = 0
+    lock = None
+
+    def step(self, text):
+        import time
+
+        with SlowEcho.lock:
+            SlowEcho.live += 1
+            SlowEcho.peak = max(SlowEcho.peak, SlowEcho.live)
+        time.sleep(0.05)
+        with SlowEcho.lock:
+            SlowEcho.live -= 1
+        return super().step(text)
+
+
+def test_environments_step_concurrently_with_the_same_episodes(tiny_model, tiny_tokenizer):
+    import threading
+
+    SlowEcho.lock = threading.Lock()
+    engine = HFEngine(tiny_model, tiny_tokenizer)
+    sp = SamplingParams(max_new_tokens=4, temperature=1.0, seed=3, suppress_token_ids=SPECIALS)
+    runs = {}
+    for workers in (1, 8):
+        SlowEcho.peak = 0
+        envs = [SlowEcho(f"{k}+{k}=") for k in range(8)]
+        runs[workers] = (
+            run_episodes(engine, tiny_tokenizer, envs, sp, max_turns=5, env_workers=workers),
+            SlowEcho.peak,
+        )
+    (serial, one_at_a_time), (concurrent, overlapped) = runs[1], runs[8]
+    assert one_at_a_time == 1 and overlapped > 1
+    assert [(e.token_ids, e.model_mask, e.logprobs) for e in serial] == [
+        (e.token_ids, e.model_mask, e.logprobs) for e in concurrent
+    ]

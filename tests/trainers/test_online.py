@@ -134,3 +134,40 @@ def test_chat_template_prompts_go_through_the_template(tmp_path):
         [{"role": "user", "content": group["prompt"]}], add_generation_prompt=True, tokenize=False
     )
     assert tok.decode(group["prompt_ids"]) == rendered and rendered.endswith("<|assistant|>")
+
+
+class Recording:
+    """A rollout engine that records the calls a trainer makes (sleep before the update, update_weights after it)."""
+
+    def __init__(self, inner, calls):
+        self.inner, self.calls, self.tokenizer = inner, calls, inner.tokenizer
+
+    def generate(self, *a, **k):
+        self.calls.append("generate")
+        return self.inner.generate(*a, **k)
+
+    def sleep(self):
+        self.calls.append("sleep")
+
+    def wake(self):
+        self.calls.append("wake")
+
+    def update_weights(self, model):
+        self.calls.append("update_weights")
+        self.inner.update_weights(model)
+
+
+def test_engine_sleeps_before_each_update_and_syncs_after(tmp_path, rm_judge, monkeypatch):
+    import align.rollout
+
+    calls: list[str] = []
+    real = align.rollout.make_engine
+    monkeypatch.setattr(align.rollout, "make_engine", lambda *a, **k: Recording(real(*a, **k), calls))
+    recipe = load_recipe(REPO_ROOT / "recipes" / "spo" / "tiny.yaml", SMALL + rm_judge + ["online.iterations=2"])
+    run(recipe, tmp_path / "full")
+    assert calls == ["generate", "sleep", "update_weights"] * 2
+    # resumed from checkpoint-1: the restored weights reach the engine before it generates again
+    calls.clear()
+    crashed_copy(tmp_path / "full", tmp_path / "part", step=1)
+    run(recipe, tmp_path / "part", resume=True)
+    assert calls == ["update_weights", "generate", "sleep", "update_weights"]

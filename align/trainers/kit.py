@@ -201,6 +201,25 @@ def rollout_engine(recipe: Recipe, accelerator, policy, tokenizer, resumed: bool
     return engine
 
 
+def average_gradients(params: list) -> None:
+    """Data parallel without a DDP wrapper (models whose methods other than ``forward`` are trained): every rank's
+    gradients replaced by their mean over the ranks, in one all-reduce. A parameter without a gradient counts 0."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
 # ------------------------------------------------------------------------------------------- data order
 
 

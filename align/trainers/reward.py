@@ -11,7 +11,10 @@ Data flow, top to bottom:
     -> evaluation (accuracy, calibration, per user type, controversial subset; VPL: z = mu of fresh context pairs of
        the same user for every query pair) -> saved model (loads back as a judge) + summary.json.
 
-Single process. Batches are a pure function of (seed, step), so a resumed run replays exactly the same steps.
+Data parallel under ``accelerate launch`` (one process is the world = 1 case): every rank holds the whole model on
+its device; rank r takes the r-th share of each step's batch_size x world pairs (VPL: users), the gradients are
+averaged over the ranks before clipping, rank 0 logs, evaluates and saves. Batches are a pure function of
+(seed, step), so a resumed run replays exactly the same steps.
 """
 
 from __future__ import annotations
@@ -207,8 +210,8 @@ def pair_probabilities(
             pos = {j: k for k, j in enumerate(flat)}
             cw, cl = emb(_texts(p, flat, "w")), emb(_texts(p, flat, "l"))
             ci = torch.tensor([[pos.get(j, 0) for j in r] for r in c.tolist()])
-            z, _ = model.posterior(cw[ci], cl[ci], c >= 0)
-        out.append(torch.sigmoid(model.reward(ew, z) - model.reward(el, z)))
+            z, _ = model.posterior(cw[ci], cl[ci], (c >= 0).to(cw.device))
+        out.append(torch.sigmoid(model.reward(ew, z) - model.reward(el, z)).float().cpu())
     return torch.cat(out)
 
 
@@ -240,38 +243,58 @@ def evaluate(model: RewardModel, emb: Embeddings, p: Pairs, n_ctx: int, seed: in
 
 
 def _save_checkpoint(
-    output_dir: Path, step: int, recipe: Recipe, model, optimizer, scheduler, window: list[dict]
+    accelerator, output_dir: Path, step: int, recipe: Recipe, model, optimizer, scheduler, window: list[dict]
 ) -> None:
+    """checkpoint-<step>/: the trainable parameters, optimizer and scheduler (the same on every rank: written once),
+    and every rank's unlogged metrics; via checkpoint-<step>.tmp, renamed when complete."""
     tmp, final = output_dir / f"checkpoint-{step}.tmp", output_dir / f"checkpoint-{step}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(
-        {"trainable": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-        tmp / "state.pt",
-    )
-    runs.save_window(tmp, 0, window)
-    runs.finish_checkpoint(
-        tmp, final, {"step": step, "recipe_fingerprint": runs.recipe_fingerprint(recipe)}, recipe.train.keep_checkpoints
-    )
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save(
+            {"trainable": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            tmp / "state.pt",
+        )
+    accelerator.wait_for_everyone()
+    runs.save_window(tmp, accelerator.process_index, window)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        runs.finish_checkpoint(
+            tmp,
+            final,
+            {"step": step, "recipe_fingerprint": runs.recipe_fingerprint(recipe)},
+            recipe.train.keep_checkpoints,
+        )
+    accelerator.wait_for_everyone()
 
 
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: dict | None = None) -> dict:
-    """Run a reward recipe (trainer 'reward') into ``output_dir``; returns the summary. ``cache`` shares frozen
-    embeddings between runs on the same backbone."""
+    """Run a reward recipe (trainer 'reward') into ``output_dir``; returns the summary (rank 0; {} on the others).
+    ``cache`` shares frozen embeddings between runs on the same backbone."""
+    from align.rollout.zero import unpartitioned
+
     t, rc = recipe.train, recipe.reward
     output_dir = Path(output_dir)
     runs.prepare_output_dir(output_dir, resume)
+    accelerator = kit.make_accelerator(1)
+    world, rank, main, device = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.is_main_process,
+        accelerator.device,
+    )
 
     # ---- data and model (every input check before anything is written)
     train_p, eval_p = split_pairs(recipe)
     vpl = rc.kind == "vpl"
     users = train_p.by_user() if vpl else {}
     keys = sorted((u for u, v in users.items() if len(v) >= 2), key=str)
-    per_step = t.batch_size * (rc.query_pairs if vpl else 1)
+    per_step = t.batch_size * world * (rc.query_pairs if vpl else 1)
     per_epoch = max(1, math.ceil(len(train_p) / per_step))
     total = t.max_steps or per_epoch * t.epochs
     torch.manual_seed(t.seed)
-    model = build(recipe.model, rc, recipe.data.max_length, t.seed)
+    with unpartitioned(accelerator):  # every rank holds the whole (small) reward model: data parallel
+        model = build(recipe.model, rc, recipe.data.max_length, t.seed)
     if recipe.lora.enabled:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
@@ -288,57 +311,67 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
         )
     elif not rc.train_backbone:
         model.backbone.requires_grad_(False)
-    emb = Embeddings(model, frozen=not rc.train_backbone, cache=cache, progress=recipe.logging.progress)
+    model.to(device)
+    emb = Embeddings(model, frozen=not rc.train_backbone, cache=cache, progress=recipe.logging.progress and main)
     all_pairs = [train_p] + ([eval_p] if eval_p is not None else [])
     emb.warm([x for p in all_pairs for w in "wl" for x in _texts(p, list(range(len(p))), w)])
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = kit.make_scheduler(optimizer, total, t.schedule, t.warmup_steps)
     start, window = 0, []
     ckpt = runs.latest_checkpoint(output_dir) if resume else None
     if ckpt is not None:
         state = runs.read_state(ckpt, recipe)
-        saved = torch.load(ckpt / "state.pt")
+        saved = torch.load(ckpt / "state.pt", map_location=device)
         model.load_state_dict(saved["trainable"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        start, window = state["step"], runs.load_window(ckpt, 0)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_recipe(output_dir, recipe)
-    log = runs.MetricsLog(output_dir / "metrics.jsonl", start)
-    progress = runs.Progress(total, f"reward:{rc.kind}", enabled=recipe.logging.progress)
+        start, window = state["step"], runs.load_window(ckpt, rank)
+    log, progress = kit.open_run(accelerator, output_dir, recipe, start, total, f"reward:{rc.kind}")
 
-    # ---- the loop
+    # ---- the loop (rank r takes the r-th share of each step's batch_size x world pairs or users)
     started = time.time()
     margins = torch.tensor(train_p.margin) if train_p.margin else None
     for step in range(start, total):
-        torch.manual_seed(t.seed * 1_000_003 + step)  # dropout in a trainable backbone: same on resume
+        # dropout in a trainable backbone, VPL's z noise: a function of (seed, step, rank), the same on resume
+        torch.manual_seed(t.seed * 1_000_003 + step + rank * kit.RANK_SEED_STRIDE)
         model.train()
         if vpl:
             g = torch.Generator().manual_seed(t.seed * 7919 + step)
-            ctx, qry = vpl_batch(users, keys, t.batch_size, rc.context_pairs, rc.query_pairs, g)
+            ctx, qry = vpl_batch(users, keys, t.batch_size * world, rc.context_pairs, rc.query_pairs, g)
+            ctx, qry = (
+                ctx[rank * t.batch_size : (rank + 1) * t.batch_size],
+                qry[rank * t.batch_size : (rank + 1) * t.batch_size],
+            )
             flat = sorted({j for j in torch.cat([ctx.flatten(), qry.flatten()]).tolist() if j >= 0})
             pos = torch.zeros(len(train_p), dtype=torch.long)
             pos[flat] = torch.arange(len(flat))
             ew, el = emb(_texts(train_p, flat, "w")), emb(_texts(train_p, flat, "l"))
+            cmask = (ctx >= 0).to(device)
             mu, logvar = model.posterior(
-                _gather(ew, pos[ctx.clamp(min=0)]), _gather(el, pos[ctx.clamp(min=0)]), ctx >= 0
+                _gather(ew, pos[ctx.clamp(min=0)].to(device)), _gather(el, pos[ctx.clamp(min=0)].to(device)), cmask
             )
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-            qi = pos[qry.clamp(min=0)]
+            qi = pos[qry.clamp(min=0)].to(device)
             beta = rc.kl_beta * (min(1.0, (step + 1) / rc.kl_anneal_steps) if rc.kl_anneal_steps else 1.0)
-            per, metrics = vpl_elbo(model.reward(ew[qi], z), model.reward(el[qi], z), mu, logvar, beta, mask=qry >= 0)
+            per, metrics = vpl_elbo(
+                model.reward(ew[qi], z), model.reward(el[qi], z), mu, logvar, beta, mask=(qry >= 0).to(device)
+            )
             metrics["kl_beta"] = torch.tensor(beta)
         else:
             epoch, k = divmod(step, per_epoch)
             order = kit.data_order(len(train_p), t.seed, epoch)
-            idx = order[k * t.batch_size : (k + 1) * t.batch_size] or order[: t.batch_size]
+            block = order[k * t.batch_size * world : (k + 1) * t.batch_size * world] or order[: t.batch_size * world]
+            idx = block[rank * t.batch_size : (rank + 1) * t.batch_size] or block[: t.batch_size]
             rw, rl = model.reward(emb(_texts(train_p, idx, "w"))), model.reward(emb(_texts(train_p, idx, "l")))
-            per, metrics = bradley_terry(rw, rl, margins[idx] if margins is not None else None, rc.label_smoothing)
+            m = margins[idx].to(device) if margins is not None else None
+            per, metrics = bradley_terry(rw, rl, m, rc.label_smoothing)
         loss = per.mean()
-        if not torch.isfinite(loss):
+        bad = float(not torch.isfinite(loss))
+        if world > 1:
+            bad = accelerator.reduce(torch.tensor(bad, device=device), "sum").item()
+        if bad:
             if t.nan_policy == "stop":
                 raise kit.NonFiniteLoss(
                     f"non-finite loss at step {step + 1}; the last good checkpoint is kept in {output_dir}"
@@ -347,52 +380,53 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
             scheduler.step()
             continue
         loss.backward()
+        if world > 1:
+            kit.average_gradients(trainable)
         grad_norm = None
         if t.max_grad_norm is not None:
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-            )
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         window.append({"loss": loss.item(), **{k: v.float().mean().item() for k, v in metrics.items()}})
         done = step + 1
         if done % t.logging_steps == 0 or done == total:
-            row = {
-                "step": done,
-                "epoch": round(done / per_epoch, 4),
-                "lr": scheduler.get_last_lr()[0],
-                **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
-            }
+            means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            if world > 1:
+                means = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in means.items()}
+            row = {"step": done, "epoch": round(done / per_epoch, 4), "lr": scheduler.get_last_lr()[0], **means}
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
             window = []
-            log.log(row)
-            progress.update(done, f"loss {row['loss']:.4f} acc {row['accuracy']:.3f}")
+            if main:
+                log.log(row)
+                progress.update(done, f"loss {row['loss']:.4f} acc {row['accuracy']:.3f}")
         if t.save_steps and done % t.save_steps == 0 and done < total:
-            _save_checkpoint(output_dir, done, recipe, model, optimizer, scheduler, window)
+            _save_checkpoint(accelerator, output_dir, done, recipe, model, optimizer, scheduler, window)
 
-    # ---- evaluation and outputs
+    # ---- evaluation and outputs (rank 0; the model is the same on every rank)
     wall = time.time() - started
-    final = dict(log.rows[-1]) if log.rows else {}
-    if eval_p is not None:
-        ev = evaluate(model, emb, eval_p, rc.context_pairs, rc.eval_seed)
-        final.update({f"eval/{k}": v for k, v in ev.items()})
-        log.log({"step": total, **{f"eval/{k}": v for k, v in ev.items()}})
-    model.eval()
-    model.save(output_dir)
-    summary = {
-        "trainer": "reward",
-        "kind": rc.kind,
-        "steps": total,
-        "pairs": len(train_p),
-        "users": len(keys) if vpl else None,
-        "eval_pairs": len(eval_p) if eval_p is not None else 0,
-        "backbone": "trained" if rc.train_backbone else "frozen",
-        "wall_seconds": round(wall, 3),
-        "final": final,
-    }
-    if recipe.logging.plots:
-        runs.write_plots(output_dir, [r for r in log.rows if "loss" in r])
-    runs.write_summary(output_dir, summary)
+    summary = {}
+    if main:
+        final = dict(log.rows[-1]) if log.rows else {}
+        if eval_p is not None:
+            ev = evaluate(model, emb, eval_p, rc.context_pairs, rc.eval_seed)
+            final.update({f"eval/{k}": v for k, v in ev.items()})
+            log.log({"step": total, **{f"eval/{k}": v for k, v in ev.items()}})
+        model.eval()
+        model.to("cpu").save(output_dir)
+        summary = {
+            "trainer": "reward",
+            "kind": rc.kind,
+            "steps": total,
+            "pairs": len(train_p),
+            "users": len(keys) if vpl else None,
+            "eval_pairs": len(eval_p) if eval_p is not None else 0,
+            "backbone": "trained" if rc.train_backbone else "frozen",
+            "processes": world,
+            "wall_seconds": round(wall, 3),
+            "final": final,
+        }
+        kit.write_outputs(output_dir, recipe, [r for r in log.rows if "loss" in r], summary)
+    kit.finish(accelerator)
     return summary

@@ -196,3 +196,51 @@ def test_vpl_judge_takes_a_user_context_and_flips_its_preference(minilm_runs, tm
         f"judge.path={path}",
     )
     assert bad.returncode == 2 and "judge.context" in error_lines(bad.stderr)[-1]
+
+
+@pytest.mark.distributed
+def test_two_processes_train_the_same_bt_model_as_one_with_the_whole_batch(tmp_path):
+    """``accelerate launch`` with 2 CPU processes (DDP over gloo): each rank takes half of every step's pairs and the
+    gradients are averaged, so 2 x batch_size 8 trains the model that one process with batch_size 16 trains."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    over = [*TINY, "train.max_steps=12", "train.logging_steps=4"]
+    run(load_recipe(RECIPES / "pets-bt.yaml", [*over, "train.batch_size=16"]), tmp_path / "one")
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    res = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "--config_file",
+            str(REPO_ROOT / "recipes/accelerate/cpu.yaml"),
+            "-m",
+            "align",
+            "train",
+            str(RECIPES / "pets-bt.yaml"),
+            "-o",
+            str(tmp_path / "two"),
+            *over,
+            "train.batch_size=8",
+        ],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _summary(tmp_path / "two")["processes"] == 2
+    a, b = (
+        load_file(str(tmp_path / "one" / "heads.safetensors")),
+        load_file(str(tmp_path / "two" / "heads.safetensors")),
+    )
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    one, two = metrics_rows(tmp_path / "one"), metrics_rows(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for r1, r2 in zip(one, two):
+        assert all(abs(r1[k] - r2[k]) < 1e-4 for k in r1 if isinstance(r1[k], float) and k != "grad_norm")

@@ -102,9 +102,14 @@ class AlignRewardJudge:
     def __init__(self, path: str, context_pairs: list[tuple[str, str, str]] | None = None, batch_size: int = 64):
         import torch
 
+        from align.models import inference_device
         from align.reward_model import RewardModel
 
-        self.model, self.batch_size, self.torch = RewardModel.load(path), batch_size, torch
+        self.model, self.batch_size, self.torch = (
+            RewardModel.load(path).to(inference_device()).eval(),
+            batch_size,
+            torch,
+        )
         self.z = None
         if self.model.cfg["kind"] == "vpl":
             if not context_pairs:
@@ -113,7 +118,7 @@ class AlignRewardJudge:
                 ew = self.model.embed([p + c for p, c, _ in context_pairs])
                 el = self.model.embed([p + r for p, _, r in context_pairs])
                 self.z, _ = self.model.posterior(
-                    ew[None], el[None], torch.ones(1, len(context_pairs), dtype=torch.bool)
+                    ew[None], el[None], torch.ones(1, len(context_pairs), dtype=torch.bool, device=ew.device)
                 )
 
     def rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -164,7 +169,9 @@ class RewardModelJudge:
         self.tok = AutoTokenizer.from_pretrained(path)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        from align.models import for_inference
+
+        self.model = for_inference(AutoModelForSequenceClassification.from_pretrained(path))
         if self.model.config.num_labels != 1:
             raise UserError(f"judge.path: {path!r} has {self.model.config.num_labels} labels; a reward model has 1")
         self.model.config.pad_token_id = self.tok.pad_token_id
@@ -179,7 +186,7 @@ class RewardModelJudge:
                     return_tensors="pt",
                     padding=True,
                     truncation=True,
-                )
+                ).to(self.model.device)
                 out += self.model(**enc).logits[:, 0].float().tolist()
         return out
 

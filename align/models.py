@@ -210,3 +210,21 @@ def load_pretrained(path: str | Path):
 
     logging.disable_progress_bar()
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def inference_device() -> str:
+    """Where a model that only generates or scores goes: this process's CUDA device when there is one, else cpu."""
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def for_inference(model, dtype: str = "auto"):
+    """``model`` in eval mode on ``inference_device()``. ``dtype`` 'auto': bfloat16 on a GPU that has it when the
+    weights are float32, else unchanged (float32 on CPU); or a dtype name."""
+    device = inference_device()
+    if dtype == "auto":
+        fp32 = next(model.parameters()).dtype == torch.float32
+        target = torch.bfloat16 if device != "cpu" and fp32 and torch.cuda.is_bf16_supported() else None
+    else:
+        target = _dtype(dtype)
+    model = model.to(device) if target is None else model.to(device=device, dtype=target)
+    return model.eval()

@@ -1,13 +1,14 @@
 """``align serve``: an OpenAI-compatible HTTP server over any rollout backend, on 127.0.0.1.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (n samples, stop, seed,
-temperature/top_p/top_k, max_tokens, log-probs with top alternatives; no streaming). It is what local LLM
-judges and agents talk to. Requests are served by a thread pool; generation is serialised through one lock
-(the engine batches within a request). Bad requests get HTTP 400 with an OpenAI-style error body; a failure
-inside the engine gets HTTP 500 (same body, type "server_error") and the server keeps serving. With
-``max_context`` set, a prompt that leaves no room for one generated token is refused (400) and ``max_tokens``
-is cut to what fits (finish reason "length"), as vLLM does. A connection that sits idle or stalls mid-request
-for ``client_timeout`` seconds is closed, so stalled clients cannot pile up threads.
+temperature/top_p/top_k, max_tokens, log-probs with top alternatives; no streaming). It is what local LLM judges and
+agents talk to. Requests are served by a thread pool; one thread runs the engine and coalesces the requests that
+arrive together into batches (``Batcher``: same sampling settings, unseeded or greedy). With ``--backend vllm`` the
+process becomes vLLM's own OpenAI server (``align vllm-serve``: continuous batching). Bad requests get HTTP 400 with
+an OpenAI-style error body; a failure inside the engine gets HTTP 500 (same body, type "server_error") and the
+server keeps serving. With ``max_context`` set, a prompt that leaves no room for one generated token is refused
+(400) and ``max_tokens`` is cut to what fits (finish reason "length"), as vLLM does. A connection that sits idle or
+stalls mid-request for ``client_timeout`` seconds is closed, so stalled clients cannot pile up threads.
 """
 
 from __future__ import annotations
@@ -77,9 +78,79 @@ def _sampling(body: dict, chat: bool) -> tuple[SamplingParams, int, int | None]:
     return sp, num("n", 1, int, 1, 128), logprobs
 
 
+class Batcher:
+    """One thread runs the engine; requests that arrive while it is busy (or within ``window`` seconds of each
+    other) and can share a call are coalesced into one ``generate``: same n and sampling settings, and no seed or
+    greedy (a seeded sampled request runs alone, so its samples do not depend on what else was queued).
+    ``calls`` counts engine calls, ``requests`` the requests served."""
+
+    def __init__(self, engine, window: float = 0.005, max_prompts: int = 256):
+        import queue
+
+        self.engine, self.window, self.max_prompts = engine, window, max_prompts
+        self.queue: queue.Queue = queue.Queue()
+        self.calls = self.requests = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def generate(self, prompts: list, n: int, sampling: SamplingParams):
+        item = {"prompts": prompts, "n": n, "sp": sampling, "done": threading.Event()}
+        self.queue.put(item)
+        item["done"].wait()
+        if "error" in item:
+            raise item["error"]
+        return item["result"]
+
+    @staticmethod
+    def _key(item):
+        sp = item["sp"]
+        if sp.seed is not None and sp.temperature > 0:
+            return None  # runs alone
+        return (item["n"], dataclasses.replace(sp, seed=None if sp.temperature > 0 else sp.seed).__repr__())
+
+    def _run(self):
+        import queue
+
+        while True:
+            batch = [self.queue.get()]
+            deadline = time.monotonic() + self.window
+            while True:
+                try:
+                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            groups: dict = {}
+            for item in batch:
+                key = self._key(item)
+                groups.setdefault(key if key is not None else id(item), []).append(item)
+            for items in groups.values():
+                while items:
+                    take, size = [], 0
+                    while items and (not take or size + len(items[0]["prompts"]) <= self.max_prompts):
+                        size += len(items[0]["prompts"])
+                        take.append(items.pop(0))
+                    self._serve(take)
+
+    def _serve(self, items: list) -> None:
+        prompts = [p for it in items for p in it["prompts"]]
+        try:
+            out = self.engine.generate(prompts, n=items[0]["n"], sampling=items[0]["sp"])
+            self.calls += 1
+            self.requests += len(items)
+            k = 0
+            for it in items:
+                it["result"] = out[k : k + len(it["prompts"])]
+                k += len(it["prompts"])
+        except Exception as e:  # noqa: BLE001 - reported to each request (HTTP 500), the server keeps serving
+            for it in items:
+                it["error"] = e
+        for it in items:
+            it["done"].set()
+
+
 class Server:
     def __init__(self, engine, tokenizer, model_name: str, max_context: int | None = None):
-        self.engine, self.tok, self.name, self.lock = engine, tokenizer, model_name, threading.Lock()
+        self.engine, self.tok, self.name = engine, tokenizer, model_name
+        self.batcher = Batcher(engine)
         self.max_context = max_context
 
     def _fit(self, prompts: list, sp: SamplingParams) -> SamplingParams:
@@ -107,8 +178,7 @@ class Server:
             raise BadRequest("'prompt' must be a string or a list of strings")
         sp, n, logprobs = _sampling(body, chat=False)
         sp = self._fit(prompts, sp)
-        with self.lock:
-            groups = self.engine.generate(prompts, n=n, sampling=sp)
+        groups = self.batcher.generate(prompts, n, sp)
         choices, used = [], 0
         for group in groups:
             for c in group:
@@ -153,8 +223,7 @@ class Server:
         sp, n, logprobs = _sampling(body, chat=True)
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
         sp = self._fit([msgs], sp)
-        with self.lock:
-            group = self.engine.generate([msgs], n=n, sampling=sp)[0]
+        group = self.batcher.generate([msgs], n, sp)[0]
         choices, used = [], 0
         for c in group:
             used += len(c.token_ids)
@@ -308,11 +377,37 @@ def serve_main(
 ) -> None:
     """Load a model folder and serve it until interrupted (``max_context``, ``client_timeout``: see ``start``)."""
     from align.config import ModelConfig, RolloutConfig
-    from align.models import load_policy
+    from align.models import for_inference, load_policy
     from align.rollout import make_engine
 
+    if backend == "vllm":  # vLLM's own OpenAI server (continuous batching): this process becomes it
+        from argparse import Namespace
+
+        from align.rollout.vllm_cli import serve_main as vllm_serve_main
+
+        vllm_serve_main(
+            Namespace(
+                model=model_path,
+                host=host,
+                port=port,
+                served_model_name=name,
+                dtype="auto",
+                tensor_parallel_size=1,
+                gpu_memory_utilization=None,
+                kv_cache_memory_bytes=None,
+                max_model_len=max_context,
+                max_num_seqs=256,
+                enforce_eager=False,
+                enable_lora=False,
+                max_lora_rank=16,
+                max_loras=2,
+                weight_transfer="folder",
+                vllm_args=[],
+            )
+        )
+        return
     model, tok = load_policy(ModelConfig(name_or_path=model_path, attn_implementation=None))
-    model.eval()
+    model = for_inference(model)
     engine = make_engine(RolloutConfig(backend=backend), model, tok)
     httpd = start(engine, tok, name or model_path, host, port, max_context=max_context, client_timeout=client_timeout)
     print(

@@ -129,3 +129,44 @@ def test_cli_serve_process(tmp_path, tiny_model, tiny_tokenizer):
                 proc.wait()
             log.close()
     assert proc.returncode == 0  # ended by SIGTERM within 30 s, not killed
+
+
+def test_concurrent_requests_are_coalesced_into_batches(tiny_model, tiny_tokenizer):
+    """Requests that arrive together with the same settings share engine calls; each gets the answer it would get
+    alone (greedy), and a seeded sampled request still gets its seed's samples."""
+    import threading
+
+    from align.rollout import SamplingParams
+
+    class Counting(HFEngine):
+        calls = 0
+
+        def generate(self, *a, **k):
+            Counting.calls += 1
+            return super().generate(*a, **k)
+
+    httpd = start(Counting(tiny_model, tiny_tokenizer), tiny_tokenizer, "tiny")
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        prompts = [f"{k}+{k}=" for k in range(12)]
+        answers = [None] * len(prompts)
+
+        def ask(i):
+            answers[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=6, temperature=0.0)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert Counting.calls < len(prompts)  # coalesced
+        alone = HFEngine(tiny_model, tiny_tokenizer).generate(prompts, n=1, sampling=SamplingParams(6, 0.0))
+        assert [a.choices[0].text for a in answers] == [g[0].text for g in alone]
+        seeded = client.completions.create(model="tiny", prompt="1+1=", max_tokens=6, temperature=1.0, seed=5, n=2)
+        direct = HFEngine(tiny_model, tiny_tokenizer).generate(
+            ["1+1="], n=2, sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=5)
+        )
+        assert [c.text for c in seeded.choices] == [c.text for c in direct[0]]
+    finally:
+        httpd.shutdown()

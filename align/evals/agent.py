@@ -101,7 +101,9 @@ def evaluate_agent(
                 break  # a torn last line from a kill: that task is rerun
     todo = [t for t in tasks if t.id not in done]
     print(f"[eval agent] {len(tasks)} tasks, {len(done)} already done, {len(todo)} to run", file=sys.stderr, flush=True)
-    engine = make_engine(RolloutConfig(backend=backend, batch_size=64), model.eval(), tok)
+    from align.models import for_inference
+
+    engine = make_engine(RolloutConfig(backend=backend, batch_size=64), for_inference(model), tok)
     sampling = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, suppress_token_ids=mid_turn_suppressed(tok)
     )

@@ -171,9 +171,11 @@ class Generator:
         from align.rollout import make_engine
 
         self.model_path, self.seed = model, seed
+        from align.models import for_inference
+
         policy, tok = load_policy(ModelConfig(name_or_path=model, dtype="auto", attn_implementation=None), seed=seed)
         self.tok = tok
-        self.engine = make_engine(RolloutConfig(backend=backend, batch_size=batch_size), policy.eval(), tok)
+        self.engine = make_engine(RolloutConfig(backend=backend, batch_size=batch_size), for_inference(policy), tok)
         self.chat = bool(getattr(tok, "chat_template", None))
         specials = (tok.pad_token_id, tok.bos_token_id, tok.unk_token_id)
         self.suppress = sorted({i for i in specials if i is not None and i != tok.eos_token_id})

@@ -148,9 +148,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
     for it in range(start, a.iterations):
         # ---- 1. rollouts (reused when resuming mid-iteration)
         path = output_dir / "rollouts" / f"iter-{it + 1}.json"
-        if path.exists():
-            episodes = json.loads(path.read_text())["episodes"]
-        else:
+        episodes = kit.from_main(  # rank 0 decides: machines need not share a filesystem
+            accelerator, lambda p=path: json.loads(p.read_text())["episodes"] if p.exists() else None
+        )
+        if episodes is None:
             rng = random.Random(t.seed * 1000 + it)
             batch_tasks = rng.sample(tasks, min(a.tasks_per_iteration, len(tasks)))
             sampling = SamplingParams(

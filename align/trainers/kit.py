@@ -265,55 +265,102 @@ def shard_and_gather(items: list, world: int, rank: int, work) -> list:
 # ------------------------------------------------------------------------------------------- run folder
 
 
+def from_main(accelerator, fn):
+    """``fn()`` evaluated on rank 0 and its (picklable) result given to every rank: decisions that read the output
+    folder (what is checkpointed, what is already sampled) are taken once, so ranks on machines that do not share
+    a filesystem cannot disagree."""
+    value = fn() if accelerator.is_main_process else None
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def restore(accelerator, output_dir: Path, recipe: Recipe, resume: bool) -> tuple[int, Path | None]:
-    """When resuming: the newest complete checkpoint's step, after loading its state (model, optimizer, scheduler,
-    RNGs) into ``accelerator``; else (0, None)."""
-    ckpt = runs.latest_checkpoint(output_dir) if resume else None
-    if ckpt is None:
+    """When resuming: the newest complete checkpoint's step (chosen on rank 0), after every rank loaded its state
+    (model, optimizer, scheduler, RNGs) from its own ``output_dir/checkpoint-<step>``; else (0, None)."""
+    name = from_main(accelerator, lambda: getattr(runs.latest_checkpoint(output_dir) if resume else None, "name", None))
+    if name is None:
         return 0, None
+    ckpt = output_dir / name
+    if not (ckpt / runs.STATE_FILE).is_file():
+        raise UserError(f"{ckpt}: rank {accelerator.process_index} has no copy of the checkpoint rank 0 resumes from")
     state = runs.read_state(ckpt, recipe)
     accelerator.load_state(str(ckpt))
     return state["step"], ckpt
+
+
+def node_local_storage(accelerator, output_dir: Path) -> bool:
+    """Whether the machines of this launch write to filesystems of their own (True) or share one (False): rank 0
+    leaves a marker in ``output_dir`` and every machine's first process looks for it. Without a shared filesystem
+    each machine keeps a whole checkpoint (accelerate's ``save_on_each_node``) so that its ranks can resume."""
+    if accelerator.num_processes == 1:
+        return False
+    import uuid
+
+    token = from_main(accelerator, lambda: uuid.uuid4().hex)
+    marker = output_dir / f".align-fs-{token}"
+    if accelerator.is_main_process:
+        marker.touch()
+    accelerator.wait_for_everyone()
+    from accelerate.utils import gather_object
+
+    unseen = gather_object([accelerator.is_local_main_process and not marker.exists()])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    return any(unseen)
 
 
 def open_run(
     accelerator, output_dir: Path, recipe: Recipe, start: int, total: int, label: str, subdirs: tuple[str, ...] = ()
 ):
     """The output folder (with ``subdirs``) and recipe.yaml, written by the main process once every input check has
-    passed; the metrics log (kept up to ``start`` when resuming) and the progress line. Returns (log, progress);
-    ``log`` is None on the other processes."""
+    passed; the metrics log (kept up to ``start`` when resuming) and the progress line. Machines without a shared
+    filesystem (``node_local_storage``) each keep whole checkpoints from then on. Returns (log, progress); ``log``
+    is None on the other processes."""
     main = accelerator.is_main_process
-    if main:
+    if accelerator.is_local_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+    if main:
         for d in subdirs:
             (output_dir / d).mkdir(exist_ok=True)
         runs.write_recipe(output_dir, recipe)
     accelerator.wait_for_everyone()
+    if node_local_storage(accelerator, output_dir):
+        accelerator.project_configuration.save_on_each_node = True
     log = runs.MetricsLog(output_dir / "metrics.jsonl", start) if main else None
     return log, runs.Progress(total, label, enabled=main and recipe.logging.progress)
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, recipe: Recipe, ref_table=None, extra=None) -> None:
     """checkpoint-<step>/ via a .tmp folder renamed when complete, so a crash never leaves a half checkpoint.
-    ``extra(folder)``, called on every process, writes more of that process's state into it."""
+    ``extra(folder)``, called on every process, writes more of that process's state into it. Without a shared
+    filesystem every machine's first process completes its own copy."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
+    per_node = accelerator.project_configuration.save_on_each_node
+    writer = accelerator.is_local_main_process if per_node else accelerator.is_main_process
+    if writer and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if extra is not None:
         extra(tmp)
     accelerator.wait_for_everyone()
+    state = {"step": step, "recipe_fingerprint": runs.recipe_fingerprint(recipe)}
     if accelerator.is_main_process:
         if ref_table is not None:
             torch.save(ref_table, tmp / "ref_logps.pt")
-        runs.finish_checkpoint(
-            tmp,
-            final,
-            {"step": step, "recipe_fingerprint": runs.recipe_fingerprint(recipe)},
-            recipe.train.keep_checkpoints,
-        )
+        runs.finish_checkpoint(tmp, final, state, recipe.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    if writer and not accelerator.is_main_process and tmp.exists():  # this machine's own copy
+        if ref_table is not None:
+            torch.save(ref_table, tmp / "ref_logps.pt")
+        runs.finish_checkpoint(tmp, final, state, recipe.train.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 

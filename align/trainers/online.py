@@ -85,6 +85,12 @@ def rollout_iteration(engine, judge, prompts: list[str], recipe: Recipe, seed: i
     return out
 
 
+def saved_rollouts(output_dir: Path, iteration: int) -> dict | None:
+    """What an earlier attempt saved of an iteration's samples and judgements (rank 0 reads it; see kit.from_main)."""
+    path = output_dir / "rollouts" / f"iter-{iteration}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _token_batch(rows: list[tuple[list[int], list[int], list[float]]], pad: int, device) -> dict:
     """Right-padded [prompt + response] rows with the response mask and the sampling log-probs aligned to labels."""
     batch = collate([Example(i, p, r, None) for i, (p, r, _) in enumerate(rows)], pad)
@@ -139,9 +145,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     log, progress = kit.open_run(
         accelerator, output_dir, recipe, start, o.iterations, f"online:{spec.name}", subdirs=("rollouts",)
     )
-    for i in range(1, start + 1):  # resumed: the judge's memo as the earlier iterations left it
-        saved = output_dir / "rollouts" / f"iter-{i}.json"
-        judge.remember(json.loads(saved.read_text()).get("judged") if saved.exists() else None, rank)
+    for i in range(1, start + 1):  # resumed: the judge's memo as the earlier iterations left it (read on rank 0)
+        judge.remember(
+            kit.from_main(accelerator, lambda i=i: (saved_rollouts(output_dir, i) or {}).get("judged")), rank
+        )
     device, pad = accelerator.device, tok.pad_token_id
 
     def policy():  # the module the engine samples from (a collective under ZeRO-3: every rank calls it)
@@ -153,8 +160,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     for it in range(start, o.iterations):
         # ---- 1. rollouts + judge (reused when resuming mid-iteration)
         path = output_dir / "rollouts" / f"iter-{it + 1}.json"
-        if path.exists():  # (a run with several processes: rank 0 wrote it before any rank could get here again)
-            data = json.loads(path.read_text())
+        data = kit.from_main(accelerator, lambda it=it: saved_rollouts(output_dir, it + 1))  # rank 0 decides
+        if data is not None:
             judge.remember(data.get("judged"), rank)
         else:
             rng = random.Random(t.seed * 1000 + it)

@@ -68,6 +68,47 @@ def check_accelerate_config(path: str) -> str:
     return f"{dt} x{n}" + (" (CPU)" if cfg.get("use_cpu") else "")
 
 
+def accelerate_processes(recipe: Recipe, recipe_path: str) -> int:
+    """num_processes of the recipe's accelerate config (1 without one)."""
+    if not recipe.accelerate_config:
+        return 1
+    path = Path(recipe.accelerate_config)
+    if not path.is_file() and not path.is_absolute():
+        path = Path(recipe_path).resolve().parent.parent / "accelerate" / path.name
+    try:
+        return int((yaml.safe_load(path.read_text()) or {}).get("num_processes", 1))
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        return 1
+
+
+def rollout_layout(recipe: Recipe, processes: int, where: str) -> str:
+    """What the rollout engine will be on ``processes`` training processes (checked, nothing started)."""
+    r = recipe.rollout
+    if r.backend != "vllm":
+        return f"hf (transformers) on every rank, {r.n} samples per prompt"
+    v = r.vllm
+    if v.mode == "server":
+        push = "LoRA adapters" if recipe.lora.enabled else f"full weights ({v.weight_transfer} transfer)"
+        return (
+            f"vllm server mode: {len(v.server_urls)} server(s) {', '.join(v.server_urls)} (not contacted in a dry "
+            f"run); rank 0 pushes {push} after each update, timeout {v.server_timeout:g} s"
+        )
+    tp = v.tensor_parallel_size
+    if processes % tp:
+        raise UserError(
+            f"{where}: rollout.vllm.tensor_parallel_size {tp} does not divide the {processes} processes "
+            "of the accelerate config"
+        )
+    groups = [list(range(g, g + tp)) for g in range(0, processes, tp)]
+    executor = "external_launcher" if processes > 1 or tp > 1 else "in-process single worker"
+    return (
+        f"vllm colocate: {len(groups)} engine(s) over {processes} process(es), tensor parallel {tp} "
+        f"(rank groups {groups if len(groups) <= 8 else str(groups[:8])[:-1] + ', ...]'}), {executor}; "
+        f"gpu_memory_utilization {v.gpu_memory_utilization}, sleep level {v.sleep_level}, prefix caching "
+        f"{'on' if v.enable_prefix_caching else 'off'}, max_num_seqs {v.max_num_seqs or r.batch_size}"
+    )
+
+
 def dry_run(recipe: Recipe, recipe_path: str) -> str:
     from align.data import normalise, read_rows, tokenize_rows
     from align.losses import get_loss
@@ -127,6 +168,7 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
         if recipe.rollout.n < 2:
             raise UserError(f"{recipe_path}: rollout.n must be >= 2 for self-play")
         lines.append(f"judge    {j.kind}" + (f" at {j.base_url} ({j.model})" if j.kind == "llm" else ""))
+        lines.append(f"rollout  {rollout_layout(recipe, accelerate_processes(recipe, recipe_path), recipe_path)}")
     if recipe.accelerate_config:
         cfg_path = recipe.accelerate_config
         if not Path(cfg_path).is_file():
@@ -202,6 +244,7 @@ def _dry_run_agent(recipe: Recipe, recipe_path: str) -> str:
         )
     else:
         lines.append(f"world    appworld at {a.appworld_url} (reached when training starts)")
+    lines.append(f"rollout  {rollout_layout(recipe, accelerate_processes(recipe, recipe_path), recipe_path)}")
     if recipe.accelerate_config:
         lines.append(f"launch   {recipe.accelerate_config}: {check_accelerate_config(recipe.accelerate_config)}")
     lines.append("dry run ok: nothing was loaded or written")

@@ -10,6 +10,15 @@ number of tokens. Throughput = generated tokens per second of wall time.
     vllm                  our vLLM backend, when vllm is installed (else null, with the reason)
 ``weight_sync_fraction``: time of ``engine.update_weights(model)`` over one online step (generate K=4 samples for
 the batch's prompts + one DPO-shaped forward/backward/optimizer step + the sync) for the backend used.
+
+With vLLM installed, against a real ``align vllm-serve`` process on the head_dim-64 model (fp32):
+    vllm_server   ``full_sync_seconds`` (full weights: rank 0 streams a safetensors folder, the server reloads it),
+                  ``lora_sync_seconds`` (a LoRA r8 adapter loaded under a new name), ``weight_sync_fraction`` (the
+                  full sync over one online step through the server), ``greedy_matches_after_sync`` (greedy tokens
+                  after each push equal the trainer's own model's)
+    judge         an LLM judge (the pairwise prompt, log-probs of '1' vs '2', both orders) against the same server:
+                  ``serial_calls_per_s`` (one request at a time), ``concurrent_calls_per_s`` (``judge.max_concurrency``
+                  16), ``speedup``, and ``identical`` (the two gave the same probabilities)
 """
 
 from __future__ import annotations
@@ -127,6 +136,122 @@ def _online_step_fraction(engine, model, tok, prompts, new: int) -> dict:
     }
 
 
+def _server_rows(model, tok, prompts, new: int, tmp: Path) -> tuple[dict, dict]:
+    """(vllm_server, judge) measured against one real ``align vllm-serve`` process on ``model``."""
+    import copy
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    from align.config import VLLMConfig
+    from align.judges import LLMJudge
+    from align.rollout import SamplingParams
+    from align.rollout.hf import HFEngine
+    from align.rollout.vllm_server import VLLMServerEngine
+
+    folder = tmp / "served"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "align",
+            "vllm-serve",
+            "--model",
+            str(folder),
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--max-num-seqs",
+            "256",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"align vllm-serve did not start (see {tmp / 'server.log'})") from None
+                time.sleep(0.5)
+        settings = VLLMConfig(mode="server", server_urls=[url])
+        greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
+
+        def matches(engine, reference) -> bool:
+            got = engine.generate(prompts[:16], n=1, sampling=greedy)
+            want = HFEngine(reference, tok).generate(prompts[:16], n=1, sampling=greedy)
+            return [g[0].token_ids for g in got] == [w[0].token_ids for w in want]
+
+        full = VLLMServerEngine(model, tok, batch_size=len(prompts), settings=settings)
+        full.generate(prompts[:4], n=1, sampling=SamplingParams(max_new_tokens=4))  # warm-up
+        step = _online_step_fraction(full, model, tok, prompts, new)  # ends with the full push of the trained model
+        ok_full = matches(full, model)
+        from types import SimpleNamespace
+
+        from align.models import add_lora
+
+        peft = add_lora(copy.deepcopy(model), SimpleNamespace(r=8, alpha=16, dropout=0.0, target_modules="all-linear"))
+        lora = VLLMServerEngine(peft, tok, batch_size=len(prompts), settings=settings)
+        with torch.no_grad():
+            for n_, p in peft.named_parameters():
+                if "lora_B" in n_:
+                    p.normal_(0.0, 0.05)
+        t0 = time.perf_counter()
+        lora.update_weights(peft)
+        lora_s = time.perf_counter() - t0
+        ok_lora = matches(lora, peft.eval())
+        server = {
+            "full_sync_seconds": step["sync_seconds"],
+            "lora_sync_seconds": lora_s,
+            **step,
+            "greedy_matches_after_sync": bool(ok_full and ok_lora),
+        }
+        full.update_weights(model)  # the judge below scores with the trained model (any model will do)
+        triples = [(tok.decode(p), f"{k} is the answer", f"{k + 1} is it") for k, p in enumerate(prompts[:48])]
+        args = [list(x) for x in zip(*triples)]
+        rates, probs = {}, {}
+        for name, workers in (("serial", 1), ("concurrent", 16)):
+            judge = LLMJudge(url + "/v1", str(folder), max_concurrency=workers)
+            judge.compare(*[a[:2] for a in args])  # warm-up (connections)
+            t0 = time.perf_counter()
+            probs[name] = judge.compare(*args)
+            rates[name] = 2 * len(triples) / (time.perf_counter() - t0)  # two calls (both orders) per triple
+        judged = {
+            "serial_calls_per_s": rates["serial"],
+            "concurrent_calls_per_s": rates["concurrent"],
+            "speedup": rates["concurrent"] / rates["serial"],
+            "max_concurrency": 16,
+            "calls": 2 * len(triples),
+            "identical": probs["serial"] == probs["concurrent"],
+        }
+        return server, judged
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
 def _vllm_available() -> str | None:
     try:
         import vllm  # noqa: F401
@@ -183,9 +308,12 @@ def run(extra: list[str]) -> dict:
             result["tiny_head_dim64"]["vllm"] = _engine_rate(v, prompts, o["new"])
             result["vllm_vs_hf"] = result["tiny_head_dim64"]["vllm"] / result["tiny_head_dim64"]["hf"]
             result["online_step_vllm"] = _online_step_fraction(v, tiny, tok, prompts, o["new"])
+            _say("vllm server: weight pushes and the LLM judge")
+            result["vllm_server"], result["judge"] = _server_rows(tiny, tok, prompts, o["new"], tmp)
         else:
             result["vllm_vs_hf"] = None
             result["vllm_skipped"] = why
+            result["vllm_server"] = result["judge"] = {"skipped": why}
         _say("one online step with the hf engine")
         result["online_step_hf"] = _online_step_fraction(
             HFEngine(tiny, tok, batch_size=256), tiny, tok, prompts, o["new"]

@@ -201,3 +201,60 @@ def test_server_that_stops_answering_ends_the_run_with_one_line(policy, server, 
         assert not (out / "summary.json").exists()
     finally:
         proxy.close()
+
+
+TP_SCRIPT = r"""
+import json, os, sys
+from align.config import VLLMConfig
+from align.rollout import SamplingParams, placement_of
+from align.rollout.hf import HFEngine
+from align.rollout.vllm import VLLMEngine
+from align.trainers.kit import finish, make_accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+acc = make_accelerator(1)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+engine = VLLMEngine(model, tok, settings=VLLMConfig(tensor_parallel_size=2), source=sys.argv[1],
+                    placement=placement_of(acc))
+mine = [["12+34=", "sort 312="], ["max 1 2 3=", "x", "count aab="]][acc.process_index]  # different lengths
+greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+got = engine.generate(mine, n=2, sampling=greedy)
+want = HFEngine(model, tok).generate(mine, n=2, sampling=greedy)
+sampled = engine.generate(mine, n=2, sampling=SamplingParams(max_new_tokens=6, seed=3 + acc.process_index))
+res = {"prompts": [g[0].prompt_ids for g in got], "mine": [tok(p)["input_ids"] for p in mine],
+       "greedy": [[c.token_ids for c in g] for g in got], "hf": [[c.token_ids for c in g] for g in want],
+       "sampled": [[c.token_ids for c in g] for g in sampled], "args": {k: v for k, v in engine.engine_args.items()
+       if isinstance(v, (int, str, dict))}}
+with open(os.path.join(sys.argv[2], f"tp-{acc.process_index}.json"), "w") as f:
+    json.dump(res, f)
+finish(acc)
+"""
+
+
+def test_tensor_parallel_group_shares_prompts_and_returns_each_rank_its_own(policy, tmp_path):
+    """tensor_parallel_size 2 over 2 ranks: one engine; each rank's prompts (different counts) go into one batch and
+    each rank gets back exactly its own completions, greedy tokens equal to transformers'."""
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT)
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO_ROOT / "recipes" / "accelerate" / "cpu.yaml"),
+        str(script),
+        str(policy),
+        str(tmp_path),
+    ]
+    res = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"tp-{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert (
+            r["args"]["tensor_parallel_size"] == 2 and r["args"]["distributed_executor_backend"] == "external_launcher"
+        )
+        assert r["prompts"] == r["mine"] and r["greedy"] == r["hf"]
+    assert ranks[0]["args"]["seed"] == ranks[1]["args"]["seed"]  # one engine: the same vLLM seed
+    assert len(ranks[0]["sampled"]) == 2 and len(ranks[1]["sampled"]) == 3

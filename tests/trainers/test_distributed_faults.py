@@ -335,7 +335,7 @@ AGENT_TWO = [
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("trainer", ["online", "agent"])
+@pytest.mark.parametrize("trainer", ["online", pytest.param("agent", marks=pytest.mark.slow)])  # agent: CI time
 def test_two_machines_without_a_shared_filesystem_resume_mid_iteration(tmp_path, trainer, rm_judge):
     """Two simulated machines, each writing only its own output folder: each keeps whole checkpoints, and a run
     that stopped after sampling iteration 2 (its rollouts on machine 0 only) resumes on both machines to the weights

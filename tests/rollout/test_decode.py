@@ -88,3 +88,27 @@ def test_lean_decoder_declines_what_it_does_not_model():
         PROMPTS[:2], n=2, sampling=SamplingParams(max_new_tokens=4, temperature=1.0, seed=0)
     )
     assert all(len(c.token_ids) == len(c.logprobs) > 0 for g in out for c in g)
+
+
+def test_the_lean_decoder_steps_aside_when_its_copy_does_not_fit_or_it_fails(monkeypatch):
+    """A fused copy larger than half the free memory is not built; a failure inside the lean path (an out-of-memory
+    error, say) redoes the chunk with transformers' forward, from the same random state: the same samples."""
+    import align.rollout.decode as decode
+
+    tok = char_tokenizer()
+    model = build_tiny_model("llama", hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=0, tokenizer=tok)
+    assert decode.fused_bytes(model) > 0 and decode.free_bytes("cpu") > decode.fused_bytes(model)
+    assert llama_decoder(model) is not None
+    monkeypatch.setattr(decode, "free_bytes", lambda device: decode.fused_bytes(model))  # copy > half of what is free
+    assert llama_decoder(model) is None
+    monkeypatch.undo()
+
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=4)
+    ref = HFEngine(model, tok, fast=False).generate(PROMPTS, n=2, sampling=sp)
+
+    def broken(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(decode.LlamaDecoder, "step", broken)
+    out = HFEngine(model, tok, fast=True).generate(PROMPTS, n=2, sampling=sp)
+    assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in ref]

@@ -105,11 +105,10 @@ class AlignRewardJudge:
         from align.models import inference_device
         from align.reward_model import RewardModel
 
-        self.model, self.batch_size, self.torch = (
-            RewardModel.load(path).to(inference_device()).eval(),
-            batch_size,
-            torch,
-        )
+        model = RewardModel.load(path).to(inference_device()).eval()
+        if model.backbone.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            model.backbone.to(torch.bfloat16)  # the heads stay fp32 (embeddings are pooled in fp32)
+        self.model, self.batch_size, self.torch = model, batch_size, torch
         self.z = None
         if self.model.cfg["kind"] == "vpl":
             if not context_pairs:

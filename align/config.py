@@ -91,6 +91,12 @@ class DataConfig:
     )
     limit: Optional[int] = doc(None, "Use only the first N rows.")
     chat_template: bool = doc(False, "Render plain prompts through the tokenizer's chat template as one user turn.")
+    packing: bool = doc(
+        True,
+        "Sequence-sum losses (offline pairs and SFT, online pair objectives): pack each micro-batch's sequences into "
+        "padding-free rows (position ids restart per sequence; exact for llama, mistral, qwen2/3 and gemma models, "
+        "whose attention masks follow the position ids; other models are padded).",
+    )
     builtin_size: int = doc(512, "Rows generated for 'builtin:tasks'.")
     builtin_families: list = doc([], "Task families for 'builtin:tasks' (empty = all).")
     builtin_sloppy: float = doc(

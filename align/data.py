@@ -331,6 +331,86 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def pack(seqs: list[list[int]], masks: list[list[int]], pad_id: int, row_len: int | None = None) -> dict:
+    """Padding-free rows: the sequences placed into rows of at most ``row_len`` tokens (default: the longest
+    sequence), longest first, each into the first row with room (first-fit decreasing). Per token: ``position_ids``
+    restarting at 0 for every sequence, ``seq_id`` (which sequence, in the order given), ``completion_mask``. The row
+    ends are filled with pad tokens that form sequences of their own (position ids restart, completion mask 0), so
+    they attend to nothing real. No ``attention_mask``: transformers derives the block-diagonal causal mask from the
+    position ids (SDPA, eager) or uses the varlen kernel (flash-attention)."""
+    row_len = row_len or max(len(x) for x in seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if len(seqs[i]) <= free:
+                rows[r].append(i)
+                room[r] -= len(seqs[i])
+                break
+        else:
+            rows.append([i])
+            room.append(row_len - len(seqs[i]))
+    width = max(row_len - free for free in room)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position = torch.zeros(shape, dtype=torch.long)
+    seq_id = torch.full(shape, len(seqs), dtype=torch.long)  # pad tokens: a sequence id past the real ones
+    completion = torch.zeros(shape, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in sorted(members):  # a row's sequences in their original order
+            n = len(seqs[i])
+            input_ids[r, at : at + n] = torch.tensor(seqs[i])
+            position[r, at : at + n] = torch.arange(n)
+            seq_id[r, at : at + n] = i
+            completion[r, at : at + n] = torch.tensor(masks[i])
+            at += n
+        position[r, at:] = torch.arange(width - at)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position,
+        "seq_id": seq_id,
+        "completion_mask": completion,
+        "n_seq": torch.tensor(len(seqs)),
+    }
+
+
+PACKABLE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"}
+"""Model types whose attention derives the block-diagonal mask of packed rows from the position ids."""
+
+
+def collator(model, data_cfg, pad_id: int):
+    """``collate_packed`` when ``data.packing`` is on and the model's attention supports packed rows, else ``collate``
+    (both as ``fn(examples) -> batch``)."""
+    base = model
+    while hasattr(base, "module") and isinstance(base.module, torch.nn.Module):
+        base = base.module
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    kind = getattr(getattr(base, "config", None), "model_type", None)
+    if getattr(data_cfg, "packing", False) and kind in PACKABLE:
+        return lambda exs: collate_packed(exs, pad_id)
+    return lambda exs: collate(exs, pad_id)
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-padding tokens of a padded or packed batch."""
+    if "seq_id" in batch:
+        return int((batch["seq_id"] < batch["n_seq"]).sum())
+    return int(batch["attention_mask"].sum())
+
+
+def collate_packed(examples: list[Example], pad_id: int, row_len: int | None = None) -> dict[str, torch.Tensor]:
+    """``collate`` without padding: the same 2B (or B) sequences in the same order, packed into rows (``pack``);
+    ``sequence_logps`` gives back one sum per sequence, so the losses see the same tensors as with ``collate``."""
+    seqs = [e.prompt_ids + e.chosen_ids for e in examples]
+    masks = [[0] * len(e.prompt_ids) + [1] * len(e.chosen_ids) for e in examples]
+    if examples[0].rejected_ids is not None:
+        seqs += [e.prompt_ids + e.rejected_ids for e in examples]
+        masks += [[0] * len(e.prompt_ids) + [1] * len(e.rejected_ids) for e in examples]
+    return {**pack(seqs, masks, pad_id, row_len), "idx": torch.tensor([e.idx for e in examples])}
+
+
 def load_prompts(d, seed: int = 0) -> list[str]:
     """The prompts of ``d.train`` (a DataConfig) for the online trainer: the built-in tasks' or stories' training
     prompts, or the ``d.prompt_key`` column of a file or dataset."""

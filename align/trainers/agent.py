@@ -37,7 +37,7 @@ from align import runs
 from align.agents.play import load_tasks, make_env, mid_turn_suppressed, play, scores
 from align.config import Recipe
 from align.data import Example, collate
-from align.logprobs import token_logps
+from align.logprobs import token_logps_of
 from align.losses import PairBatch, get_loss
 from align.models import load_policy
 from align.rollout import SamplingParams
@@ -73,8 +73,8 @@ def _batch(rows: list[dict], pad: int, device) -> dict:
 def episode_token_logps(model, rows: list[dict], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each episode's tokens (labels shifted) and the mask of the model's own tokens."""
     b = _batch(rows, pad, device)
-    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-    return token_logps(out.logits[:, :-1], b["input_ids"][:, 1:]) * b["mask"], b["mask"]
+    lp = token_logps_of(model, b["input_ids"], b["attention_mask"], b["mask"])  # the model's tokens only
+    return lp * b["mask"], b["mask"]
 
 
 @torch.no_grad()

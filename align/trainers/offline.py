@@ -20,7 +20,7 @@ import torch
 
 from align import runs
 from align.config import Recipe
-from align.data import Example, collate, load_examples
+from align.data import Example, collator, load_examples, real_tokens
 from align.errors import UserError
 from align.logprobs import pair_logps
 from align.losses import PairBatch, chosen_nll, get_loss
@@ -30,9 +30,7 @@ from align.trainers import kit
 
 
 @torch.no_grad()
-def precompute_reference(
-    accelerator, model, examples: list[Example], batch_size: int, pad_id: int, paired: bool
-) -> torch.Tensor:
+def precompute_reference(accelerator, model, examples: list[Example], batch_size: int, collate, paired: bool):
     """Reference log-probs of every example under the initial policy, [n, 2] (chosen, rejected), on every rank.
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -45,7 +43,7 @@ def precompute_reference(
     rows_i, rows_v = [], []
     for s in range(0, len(mine), batch_size):
         idx = mine[s : s + batch_size]
-        batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+        batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx]).items()}
         with reference_context(accelerator.unwrap_model(model)):
             c, _, r, _ = pair_logps(model, batch, paired)
         rows_i.append(torch.tensor(idx))
@@ -99,7 +97,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     model, optimizer, scheduler = kit.prepare_optimization(accelerator, model, t, total_steps, t.grad_accum)
     if ref_model is not None:
         ref_model = ref_model.to(accelerator.device)
-    pad_id = tok.pad_token_id
+    collate = collator(model, recipe.data, tok.pad_token_id)  # padding-free rows where the model supports them
     start_step, ckpt = kit.restore(accelerator, output_dir, recipe, resume)
     ref_table, window = None, []
     if ckpt is not None:
@@ -110,7 +108,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         if (ckpt / "ref_logps.pt").exists():
             ref_table = torch.load(ckpt / "ref_logps.pt")
     if reference == "precompute" and ref_table is None:
-        ref_table = precompute_reference(accelerator, model, examples, t.batch_size, pad_id, paired)
+        ref_table = precompute_reference(accelerator, model, examples, t.batch_size, collate, paired)
     log, progress = kit.open_run(
         accelerator, output_dir, recipe, start_step, total_steps, f"{recipe.trainer}:{spec.name}"
     )
@@ -121,8 +119,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     step = start_step
     for micro in range(start_step * t.grad_accum, total_micro):
         exs = kit.micro_batch(examples, micro, per_epoch, t.batch_size, world, rank, t.seed)
-        batch = {k: v.to(accelerator.device) for k, v in collate(exs, pad_id).items()}
-        tokens += int(batch["attention_mask"].sum())
+        batch = {k: v.to(accelerator.device) for k, v in collate(exs).items()}
+        tokens += real_tokens(batch)
         with accelerator.accumulate(model):
             c, cl, r, rl = pair_logps(model, batch, paired)
             pb = PairBatch(chosen_logps=c, chosen_lengths=cl, rejected_logps=r, rejected_lengths=rl)

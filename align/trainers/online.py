@@ -38,10 +38,10 @@ import torch
 
 from align import runs
 from align.config import Recipe
-from align.data import Example, collate, load_prompts
+from align.data import Example, collate, collator, load_prompts
 from align.errors import UserError
 from align.judges import make_judge
-from align.logprobs import pair_logps, token_logps
+from align.logprobs import pair_logps, token_logps_of
 from align.losses import PairBatch, chosen_nll, get_loss
 from align.models import is_peft, load_policy, reference_context
 from align.rollout import sampling_from
@@ -150,6 +150,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             kit.from_main(accelerator, lambda i=i: (saved_rollouts(output_dir, i) or {}).get("judged")), rank
         )
     device, pad = accelerator.device, tok.pad_token_id
+    pairs = collator(model, recipe.data, pad)  # pair objectives: padding-free rows where the model supports them
 
     def policy():  # the module the engine samples from (a collective under ZeRO-3: every rank calls it)
         return plain.sync(accelerator.unwrap_model(model)) if plain is not None else accelerator.unwrap_model(model)
@@ -214,7 +215,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             rng.shuffle(order)
             for share in kit.rank_minibatches(order, t.batch_size, world, rank):
                 chunk = [rows[i] for i in share]
-                loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device)
+                loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, pairs)
                 loss, _ = kit.checked_step(
                     accelerator, model, optimizer, loss, t.max_grad_norm, t.nan_policy, f"iteration {it + 1}"
                 )
@@ -275,12 +276,11 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     return summary
 
 
-def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device):
+def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, pairs):
     if spec.per_token:
         batch = _token_batch([(r["prompt_ids"], r["ids"], r["logprobs"]) for r in chunk], pad, device)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         mask = batch["completion_mask"][:, 1:]
-        lp = token_logps(out.logits[:, :-1], batch["input_ids"][:, 1:]) * mask
+        lp = token_logps_of(model, batch["input_ids"], batch["attention_mask"], mask) * mask
         pb = PairBatch(
             chosen_logps=lp.sum(-1),
             chosen_lengths=mask.sum(-1).float(),
@@ -291,7 +291,7 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device):
         )
     else:
         exs = [Example(i, r["prompt_ids"], r["w"]["token_ids"], r["l"]["token_ids"]) for i, r in enumerate(chunk)]
-        batch = {k: v.to(device) for k, v in collate(exs, pad).items()}
+        batch = {k: v.to(device) for k, v in pairs(exs).items()}
         c, cl, rj, rl = pair_logps(model, batch, paired=True)
         pb = PairBatch(chosen_logps=c, chosen_lengths=cl, rejected_logps=rj, rejected_lengths=rl)
         with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):

@@ -1,0 +1,106 @@
+"""Chunked log-probs and packed rows against the full-logits, padded path: values and gradients within 1e-5 (fp32),
+for untied and tied embeddings, LoRA on the LM head, logit soft-capping and a sampling temperature."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from align.data import Example, collate, collate_packed
+from align.logprobs import full_token_logps, sequence_logps, token_logps_of
+from align.models import build_tiny_model, char_tokenizer
+
+TOK = char_tokenizer()
+
+
+def _model(arch="llama", tie=False, seed=0):
+    return build_tiny_model(
+        arch, hidden_size=64, layers=2, heads=2, intermediate_size=128, seed=seed, tokenizer=TOK, tie_embeddings=tie
+    )
+
+
+def _batch(rows=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    exs = []
+    for i in range(rows):
+        p = torch.randint(5, 90, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+        c = torch.randint(5, 90, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(5, 90, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        exs.append(Example(i, p, c, r))
+    return exs
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare(model, fn_a, fn_b, tol=1e-5):
+    a_model, b_model = model, copy.deepcopy(model)
+    a = fn_a(a_model)
+    b = fn_b(b_model)
+    assert a.shape == b.shape and (a - b).abs().max().item() < tol
+    (a * torch.linspace(0.5, 1.5, a.numel()).view_as(a)).sum().backward()
+    (b * torch.linspace(0.5, 1.5, b.numel()).view_as(b)).sum().backward()
+    ga, gb = _grads(a_model), _grads(b_model)
+    assert ga.keys() == gb.keys() and ga
+    worst = max((ga[k] - gb[k]).abs().max().item() for k in ga)
+    assert worst < tol, worst
+
+
+@pytest.mark.parametrize("arch, tie, temperature", [("llama", False, 1.0), ("qwen2", True, 1.0), ("llama", False, 0.7)])
+def test_chunked_equals_full_logits_values_and_gradients(arch, tie, temperature):
+    model = _model(arch, tie)
+    b = collate(_batch(), TOK.pad_token_id)
+    mask = b["completion_mask"][:, 1:].bool()
+
+    def full(m):
+        return full_token_logps(m, b["input_ids"], b["attention_mask"], temperature=temperature) * mask
+
+    def chunked(m):  # chunks of 5 tokens: several chunks, one ragged
+        return token_logps_of(m, b["input_ids"], b["attention_mask"], mask, temperature=temperature, chunk=5)
+
+    _compare(model, full, chunked)
+
+
+def test_chunked_with_lora_on_the_lm_head_and_softcapping():
+    from peft import LoraConfig, get_peft_model
+
+    model = _model()
+    model.config.final_logit_softcapping = 3.0  # Gemma-2 style: logits = cap * tanh(logits / cap)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    b = collate(_batch(), TOK.pad_token_id)
+    mask = b["completion_mask"][:, 1:].bool()
+
+    def full(m):
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        logits = torch.tanh(logits / 3.0) * 3.0
+        return torch.gather(logits.log_softmax(-1), -1, b["input_ids"][:, 1:, None])[..., 0] * mask
+
+    _compare(peft, full, lambda m: token_logps_of(m, b["input_ids"], b["attention_mask"], mask, chunk=7))
+
+
+def test_packed_rows_equal_padded_rows_per_sequence():
+    exs = _batch(rows=7, seed=3)
+    padded, packed = collate(exs, TOK.pad_token_id), collate_packed(exs, TOK.pad_token_id)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    real = int((packed["seq_id"] < packed["n_seq"]).sum())
+    assert real == int(padded["attention_mask"].sum())  # every token once, nothing else but row-end padding
+    _compare(
+        _model(), lambda m: torch.stack(sequence_logps(m, padded)), lambda m: torch.stack(sequence_logps(m, packed))
+    )
+
+
+def test_only_masked_positions_reach_the_lm_head():
+    model = _model()
+    b = collate(_batch(), TOK.pad_token_id)
+    mask = b["completion_mask"][:, 1:].bool()
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0] if inp[0].dim() == 2 else 0))
+    token_logps_of(model, b["input_ids"], b["attention_mask"], mask, chunk=4)
+    assert sum(seen) == int(mask.sum()) and max(seen) <= 4  # chunks of the response positions only

@@ -6,10 +6,10 @@ The full ``[batch, seq, vocab]`` logits tensor, upcast to fp32, is what stops lo
     1. the model runs with ``output_hidden_states=True`` and ``logits_to_keep=1`` (the LM head on one position only);
     2. only the positions whose next token is scored (``mask``, e.g. the response tokens) are kept: prompt tokens
        never reach the LM head;
-    3. their hidden states go through the LM head ``CHUNK`` tokens at a time: logits (soft-capped and divided by the
-       temperature where the model or the caller says so), logsumexp and gather, under activation checkpointing, so
-       the backward pass recomputes one chunk's logits at a time. Peak memory is O(chunk x vocab), not
-       O(tokens x vocab).
+    3. their hidden states go through the LM head in chunks (``CHUNK`` tokens, fewer for large vocabularies): logits
+       (soft-capped and divided by the temperature where the model or the caller says so), logsumexp and gather,
+       under activation checkpointing, so the backward pass recomputes one chunk's logits at a time. Peak memory is
+       O(chunk x vocab), not O(tokens x vocab).
 
 The LM head is called as a module, so tied embeddings, a LoRA adapter on ``lm_head`` and DeepSpeed ZeRO-3's parameter
 gathering all work unchanged. Models whose forward has no ``logits_to_keep`` fall back to the full-logits path
@@ -28,7 +28,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 CHUNK = 1024
-"""Tokens per LM-head chunk: the logits of one chunk (CHUNK x vocab, fp32) is the largest tensor this module makes."""
+"""Most tokens per LM-head chunk."""
+CHUNK_ELEMENTS = 1 << 25
+"""Most logits per chunk (32M: 128 MB in fp32): with a 152k vocabulary a chunk is 220 tokens. The logits of one chunk
+(and their gradient in the backward pass) are the largest tensors this module makes."""
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,6 +99,7 @@ def token_logps_of(
     softcap = getattr(base.config, "final_logit_softcapping", None)
     where = mask.nonzero(as_tuple=True)
     h, labels = hidden[where], input_ids[:, 1:][where]
+    chunk = min(chunk, max(16, CHUNK_ELEMENTS // max(1, head.weight.shape[0])))
     parts = []
     for s in range(0, h.shape[0], chunk):
         args = (head, softcap, temperature, h[s : s + chunk], labels[s : s + chunk])

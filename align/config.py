@@ -46,6 +46,11 @@ class ModelConfig:
         "sdpa", "Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2')."
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in the backward pass to save memory.")
+    disable_dropout: bool = doc(
+        True,
+        "Set every dropout of the policy to 0 (TRL's default): the losses compare log-probs under two networks and "
+        "dropout noise would enter those ratios. false keeps the model's dropout; the adapter's is lora.dropout.",
+    )
     trust_remote_code: bool = doc(False, "Allow model code from the hub (off by default).")
     revision: Optional[str] = doc(None, "Hub revision (branch, tag or commit) when name_or_path is a hub id.")
 

@@ -408,7 +408,10 @@ def collate_packed(examples: list[Example], pad_id: int, row_len: int | None = N
     if examples[0].rejected_ids is not None:
         seqs += [e.prompt_ids + e.rejected_ids for e in examples]
         masks += [[0] * len(e.prompt_ids) + [1] * len(e.rejected_ids) for e in examples]
-    return {**pack(seqs, masks, pad_id, row_len), "idx": torch.tensor([e.idx for e in examples])}
+    packed = pack(seqs, masks, pad_id, row_len)
+    if packed["input_ids"].shape[0] == len(seqs):  # one sequence per row: nothing saved, and padded rows keep
+        return collate(examples, pad_id)  # the plain causal mask (memory-efficient attention kernels)
+    return {**packed, "idx": torch.tensor([e.idx for e in examples])}
 
 
 def load_prompts(d, seed: int = 0) -> list[str]:

@@ -29,9 +29,9 @@ from torch.utils.checkpoint import checkpoint
 
 CHUNK = 1024
 """Most tokens per LM-head chunk."""
-CHUNK_ELEMENTS = 1 << 25
-"""Most logits per chunk (32M: 128 MB in fp32): with a 152k vocabulary a chunk is 220 tokens. The logits of one chunk
-(and their gradient in the backward pass) are the largest tensors this module makes."""
+CHUNK_ELEMENTS = 1 << 23
+"""Most logits per chunk (8M: 32 MB in fp32): with a 152k vocabulary a chunk is 55 tokens, with 30k 274. The logits of
+one chunk (and their gradient in the backward pass) are the largest tensors this module makes."""
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -161,9 +161,29 @@ def load_policy(model_cfg, lora_cfg=None, seed: int = 0):
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if getattr(model_cfg, "disable_dropout", False):
+        disable_dropout(model)
     if lora_cfg is not None and lora_cfg.enabled:
         model = add_lora(model, lora_cfg)
     return model, tok
+
+
+def disable_dropout(model) -> int:
+    """Every dropout of ``model`` set to p = 0 (as TRL's ``disable_dropout``: preference and policy-gradient losses
+    compare log-probs of the same text under two networks, and dropout noise enters those ratios); returns how many
+    modules were changed. Call it before adding a LoRA adapter, whose dropout is ``lora.dropout``."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p = 0.0
+            n += 1
+        elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout:
+            module.attention_dropout = 0.0  # functional attention dropout (transformers' attention modules)
+            n += 1
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)  # functional dropout read from the config (e.g. SDPA's dropout_p)
+    return n
 
 
 def add_lora(model, lora_cfg):

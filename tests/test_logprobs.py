@@ -104,3 +104,35 @@ def test_only_masked_positions_reach_the_lm_head():
     model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0] if inp[0].dim() == 2 else 0))
     token_logps_of(model, b["input_ids"], b["attention_mask"], mask, chunk=4)
     assert sum(seen) == int(mask.sum()) and max(seen) <= 4  # chunks of the response positions only
+
+
+def test_dropout_is_off_by_default_and_can_be_kept():
+    from align.config import LoraConfig, ModelConfig
+    from align.models import load_policy
+
+    def dropouts(model):
+        return [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] + [
+            m.attention_dropout for m in model.modules() if isinstance(getattr(m, "attention_dropout", None), float)
+        ]
+
+    cfg = dict(name_or_path="tiny:llama", tiny_hidden_size=64, tiny_layers=1, tiny_heads=2, tiny_intermediate_size=64)
+    lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.1)
+    model, _ = load_policy(ModelConfig(**cfg), lora)
+    attn = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert attn and all(m.attention_dropout == 0.0 for m in attn)
+    assert sorted(set(dropouts(model))) == [0.0, 0.1]  # the adapter keeps lora.dropout
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with_dropout = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            attention_dropout=0.2,
+        )
+    )
+    from align.models import disable_dropout
+
+    assert disable_dropout(with_dropout) >= 1 and set(dropouts(with_dropout)) == {0.0}

@@ -14,8 +14,9 @@ reference model, fp32, the same rows, batch and steps for both trainers:
     hh            the shared HH-RLHF harmless pairs (prompt = the dialogue up to the last assistant turn), tokenised by
                   the WordPiece tokenizer of the offline MiniLM package (30,522 tokens); rows of at most ``hh_len``
                   tokens (no truncation on either side); a Llama-shaped model with that vocabulary
-    large_vocab   the same model shape with Qwen2's 151,936-token vocabulary, rows of 1,024 tokens (768 of prompt:
-                  HH dialogues joined; 256 of response), ``lv_steps`` steps of ``lv_batch`` pairs
+    large_vocab   the same model shape with Qwen2's 151,936-token vocabulary, tied input and output embeddings as in
+                  Qwen2-0.5B/1.5B, rows of ~1,010 tokens (760 of prompt: HH dialogues joined; 250 of response),
+                  ``lv_steps`` steps of ``lv_batch`` pairs
 TRL runs with what it does best here: its fused LM head (log-probs of the completion positions in tiles, always on
 in 1.16) and padding; ``padding_free`` is disabled in TRL 1.16 (it warns and pads). Ours: packed rows, chunked
 log-probs of the response positions.

@@ -20,12 +20,30 @@ def test_bench_dpo_json_contract():
         "heads=2",
         "rows=32",
         "steps=2",
-        timeout=600,
+        "hh_rows=16",
+        "hh_steps=2",
+        "hh_batch=4",
+        "hh_hidden=64",
+        "hh_layers=1",
+        "lv_batch=1",
+        "lv_steps=1",
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)  # exactly one JSON document, nothing else on stdout
     assert {"speedup_vs_trl", "lora_memory_ratio", "ours_tokens_per_second", "trl_tokens_per_second"} <= set(out)
     assert out["speedup_vs_trl"] > 0 and out["lora_memory_ratio"] > 0
+    if "skipped" not in out["hh"]:  # needs the shared HH-RLHF pairs
+        assert {
+            "ours_tokens_per_s",
+            "trl_tokens_per_s",
+            "speedup_vs_trl",
+            "padding_fraction_trl",
+            "ours_peak_mb",
+            "trl_peak_mb",
+            "ours_fraction_of_peak",
+        } <= set(out["hh"]) and out["hh"]["rows"] == 16
+        assert {"ours_peak_mb", "trl_peak_mb", "memory_ratio", "speedup_vs_trl"} <= set(out["large_vocab"])
 
 
 def test_bench_unknown_option_is_a_user_error():

@@ -275,6 +275,37 @@ def _worker(mode: str, model_dir: str, data: str, out: str, o: dict) -> dict:
     }
 
 
+def _matmul_peak_gflops() -> float:
+    """This machine's fp32 matmul rate (2048 x 2048, the threads of this process): the FLOP limit to compare with."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    t0, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def _model_flops_per_token(model_dir: Path, data: Path) -> float:
+    """Model FLOPs per real token of one DPO step with a reference forward: 8 x body parameters per token (policy
+    forward + backward = 6, reference forward = 2) + 8 x hidden x vocabulary per response token (the LM head)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    h, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    body = layers * (2 * h * h + 2 * h * kv + 3 * h * f)
+    prompt = resp = 0
+    for line in data.read_text().splitlines():
+        r = json.loads(line)
+        prompt += 2 * len(tok(r["prompt"])["input_ids"])
+        resp += sum(len(tok(r[k], add_special_tokens=False)["input_ids"]) + 1 for k in ("chosen", "rejected"))
+    return (8 * body * (prompt + resp) + 8 * h * cfg.vocab_size * resp) / (prompt + resp)
+
+
 def _run_worker(mode: str, model_dir: Path, data: Path, out: Path, o: dict) -> dict:
     print(f"[bench dpo] {mode} ...", file=sys.stderr, flush=True)
     env = dict(
@@ -324,6 +355,9 @@ def run(extra: list[str]) -> dict:
             }
             if kind == "hh":
                 row.pop("memory_ratio")
+                peak = _matmul_peak_gflops()
+                achieved = ours["tokens_per_second"] * _model_flops_per_token(mdir, pairs) / 1e9
+                row.update(peak_matmul_gflops=peak, ours_gflops=achieved, ours_fraction_of_peak=achieved / peak)
             else:
                 row = {
                     k: row[k]

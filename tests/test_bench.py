@@ -20,6 +20,29 @@ def test_bench_dpo_json_contract():
         "heads=2",
         "rows=32",
         "steps=2",
+        "hh=0",
+        "large_vocab=0",
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)  # exactly one JSON document, nothing else on stdout
+    assert {"speedup_vs_trl", "lora_memory_ratio", "ours_tokens_per_second", "trl_tokens_per_second"} <= set(out)
+    assert out["speedup_vs_trl"] > 0 and out["lora_memory_ratio"] > 0
+    assert out["hh"] == {"skipped": "hh=0"} and out["large_vocab"] == {"skipped": "large_vocab=0"}
+
+
+@pytest.mark.slow
+def test_bench_dpo_hh_and_large_vocab_contract(shared_data):
+    res = run_align(
+        "bench",
+        "dpo",
+        "--json",
+        "hidden=64",
+        "layers=2",
+        "intermediate=128",
+        "heads=2",
+        "rows=32",
+        "steps=2",
         "hh_rows=16",
         "hh_steps=2",
         "hh_batch=4",
@@ -30,20 +53,17 @@ def test_bench_dpo_json_contract():
         timeout=900,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    out = json.loads(res.stdout)  # exactly one JSON document, nothing else on stdout
-    assert {"speedup_vs_trl", "lora_memory_ratio", "ours_tokens_per_second", "trl_tokens_per_second"} <= set(out)
-    assert out["speedup_vs_trl"] > 0 and out["lora_memory_ratio"] > 0
-    if "skipped" not in out["hh"]:  # needs the shared HH-RLHF pairs
-        assert {
-            "ours_tokens_per_s",
-            "trl_tokens_per_s",
-            "speedup_vs_trl",
-            "padding_fraction_trl",
-            "ours_peak_mb",
-            "trl_peak_mb",
-            "ours_fraction_of_peak",
-        } <= set(out["hh"]) and out["hh"]["rows"] == 16
-        assert {"ours_peak_mb", "trl_peak_mb", "memory_ratio", "speedup_vs_trl"} <= set(out["large_vocab"])
+    out = json.loads(res.stdout)
+    assert {
+        "ours_tokens_per_s",
+        "trl_tokens_per_s",
+        "speedup_vs_trl",
+        "padding_fraction_trl",
+        "ours_peak_mb",
+        "trl_peak_mb",
+        "ours_fraction_of_peak",
+    } <= set(out["hh"]) and out["hh"]["rows"] == 16
+    assert {"ours_peak_mb", "trl_peak_mb", "memory_ratio", "speedup_vs_trl"} <= set(out["large_vocab"])
 
 
 def test_bench_unknown_option_is_a_user_error():

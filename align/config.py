@@ -503,14 +503,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         _set_dotted(tree, key, value, str(path))
     recipe = _build(Recipe, tree, str(path))
     recipe = _with_relative_paths(recipe, path)
-    validate(recipe, str(path))
+    validate(recipe, str(path), tree)
     return recipe
 
 
 def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
     """Build and validate a recipe from a nested dict (used by the demo, benchmarks and tests)."""
     recipe = _build(Recipe, tree, source)
-    validate(recipe, source)
+    validate(recipe, source, tree)
     return recipe
 
 
@@ -523,8 +523,67 @@ def _with_relative_paths(recipe: Recipe, path: Path) -> Recipe:
     return recipe
 
 
-def validate(recipe: Recipe, where: str) -> None:
-    """Value checks beyond types: ranges and conflicting options."""
+NOT_READ = {
+    "preference": ("reward", "agent", "rollout", "online", "judge"),
+    "sft": ("reward", "agent", "rollout", "online", "judge"),
+    "online": ("reward", "agent"),
+    "agent": ("reward", "online", "judge", "data", "eval"),
+    "reward": ("loss", "agent", "rollout", "online", "judge", "eval"),
+}
+"""Recipe sections each trainer never reads: setting a key in one is an error, not a no-op."""
+NOT_READ_TRAIN = {
+    "online": {
+        "epochs": "an online run is online.iterations long",
+        "max_steps": "an online run is online.iterations long",
+        "grad_accum": "each minibatch of train.batch_size rows per process is one optimizer step",
+        "warmup_steps": "the learning rate is constant: the iterations are the schedule",
+        "save_steps": "a checkpoint follows every iteration",
+        "logging_steps": "a metrics row follows every iteration",
+        "reference": "the reference is the LoRA base or a frozen copy of the initial policy",
+    },
+    "reward": {
+        "grad_accum": "each step is one batch of pairs (users) per process",
+        "reference": "a reward model has no reference policy",
+    },
+}
+NOT_READ_TRAIN["agent"] = {
+    **NOT_READ_TRAIN["online"],
+    "epochs": "an agent run is agent.iterations long",
+    "max_steps": "an agent run is agent.iterations long",
+}
+
+
+def _check_read(recipe: Recipe, tree: dict, where: str) -> None:
+    """Every key the recipe sets is one its trainer reads; a model is named."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or "name_or_path" not in model:
+        raise UserError(
+            f"{where}: the recipe names no model (set model.name_or_path: a folder, a hub id or tiny:llama)"
+        )
+    for section in NOT_READ.get(recipe.trainer, ()):
+        value = tree.get(section)
+        if isinstance(value, dict) and value:
+            key = next(iter(value))
+            raise UserError(f"{where}: key '{section}.{key}' is not read by trainer {recipe.trainer!r}")
+    for key, why in NOT_READ_TRAIN.get(recipe.trainer, {}).items():
+        if key in (tree.get("train") or {}):
+            raise UserError(f"{where}: key 'train.{key}' is not read by trainer {recipe.trainer!r} ({why})")
+    if (
+        recipe.trainer in ("online", "agent")
+        and recipe.train.schedule != "constant"
+        and "schedule" in (tree.get("train") or {})
+    ):
+        raise UserError(
+            f"{where}: train.schedule {recipe.train.schedule!r} is not read by trainer {recipe.trainer!r} (its "
+            "learning rate is constant: the iterations are the schedule; set constant or remove the key)"
+        )
+
+
+def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
+    """Value checks beyond types: ranges and conflicting options; with ``tree`` (the keys the recipe sets), also that
+    the chosen trainer reads every one of them."""
+    if tree is not None:
+        _check_read(recipe, tree, where)
     t, d = recipe.train, recipe.data
     positive = {
         "train.batch_size": t.batch_size,

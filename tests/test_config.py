@@ -19,7 +19,11 @@ TOP_LEVEL = {key.split(".")[0] for key, _, _ in describe_fields()}
 DOTTED_KEYS = sorted(key for key, _, _ in describe_fields())
 
 
-def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+def write(tmp_path: Path, text: str, name: str = "recipe.yaml", model: bool = True) -> Path:
+    """A recipe file; ``model`` adds ``model.name_or_path: tiny:llama`` when the text names no model section (every
+    recipe must name its model)."""
+    if model and text.strip() and not text.lstrip().startswith(("{", "[", "-")) and "model:" not in text:
+        text = "model:\n  name_or_path: tiny:llama\n" + text
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
@@ -49,9 +53,10 @@ def test_every_shipped_recipe_loads(path):
     assert recipe.description.strip(), f"{path} has no description for `align recipes`"
 
 
-def test_empty_file_is_the_default_recipe(tmp_path):
-    recipe = load_recipe(write(tmp_path, ""))
-    assert recipe == Recipe()
+def test_an_empty_recipe_or_one_without_a_model_is_an_error(tmp_path):
+    for text in ("", "{}\n", "trainer: sft\nmodel:\n  dtype: float32\n"):
+        assert "names no model" in user_error(write(tmp_path, text, model=False))
+    assert load_recipe(write(tmp_path, "model:\n  name_or_path: tiny:llama\n")) == Recipe()
 
 
 # ------------------------------------------------------------------------------------------------ unknown keys
@@ -237,7 +242,7 @@ def test_huge_int_for_a_float_is_a_user_error(tmp_path):
 
 def test_zero_tiny_heads_is_a_user_error(tmp_path):
     # validate() computes tiny_hidden_size % tiny_heads: ZeroDivisionError for 0
-    msg = user_error(write(tmp_path, "model:\n  tiny_heads: 0\n"))
+    msg = user_error(write(tmp_path, "model:\n  name_or_path: tiny:llama\n  tiny_heads: 0\n"))
     assert "model.tiny_heads" in msg
 
 
@@ -339,3 +344,25 @@ def test_property_overrides_give_recipe_or_user_error(pairs):
             assert str(e).strip()
         else:
             assert isinstance(recipe, Recipe)
+
+
+def test_keys_the_trainer_does_not_read_are_errors(tmp_path):
+    """A key of a section the chosen trainer never reads, or a train key it ignores, stops the run with one line
+    naming the key and the trainer."""
+    from align.paths import REPO_ROOT
+
+    dpo, spo = REPO_ROOT / "recipes" / "dpo" / "tiny.yaml", REPO_ROOT / "recipes" / "spo" / "tiny.yaml"
+    for recipe, override, key in [
+        (dpo, "agent.iterations=5", "agent.iterations"),
+        (dpo, "rollout.n=8", "rollout.n"),
+        (dpo, "judge.kind=llm", "judge.kind"),
+        (spo, "train.save_steps=10", "train.save_steps"),
+        (spo, "train.warmup_steps=10", "train.warmup_steps"),
+        (spo, "train.schedule=cosine", "train.schedule"),
+        (REPO_ROOT / "recipes" / "loop" / "tiny.yaml", "data.train=x.jsonl", "data.train"),
+        (REPO_ROOT / "recipes" / "reward" / "pets-bt.yaml", "loss.beta=0.2", "loss.beta"),
+    ]:
+        msg = user_error(recipe, [override])
+        assert f"'{key}'" in msg or f"{key} " in msg, msg
+        assert "not read by trainer" in msg
+    assert load_recipe(spo, ["train.schedule=constant"]).train.schedule == "constant"  # what it does: fine

@@ -232,6 +232,12 @@ class TrainConfig:
     save_steps: int = doc(0, "Write a checkpoint every N optimizer steps (0 = only at the end).")
     keep_checkpoints: int = doc(2, "Checkpoints to keep (oldest removed).")
     logging_steps: int = doc(1, "Log metrics every N optimizer steps.")
+    eval_steps: int = doc(
+        0,
+        "Evaluate every N optimizer steps (iterations for the online and agent trainers) and at the end: offline, the "
+        "loss and its metrics on data.eval; online, the judge's score of greedy answers to held-out prompts; agent, "
+        "TGC/SGC on agent.eval_split. 0: at the end only (when there is something to evaluate).",
+    )
     nan_policy: Literal["stop", "skip"] = doc(
         "stop", "On a non-finite loss: stop with the step named (last checkpoint kept) or skip the step."
     )
@@ -344,14 +350,22 @@ class JudgeConfig:
 
 @dataclass
 class EvalConfig:
-    size: int = doc(200, "Held-out prompts for accuracy / win rate.")
-    max_new_tokens: int = doc(32, "Maximum tokens generated per evaluation answer.")
+    size: int = doc(200, "Held-out rows (offline) or prompts (online) evaluated, at most.")
+    max_new_tokens: int = doc(32, "Maximum tokens generated per evaluation answer (and per written sample).")
+    samples: int = doc(4, "Greedy completions of the first held-out prompts written per evaluation (eval_samples/).")
 
 
 @dataclass
 class LoggingConfig:
     plots: bool = doc(True, "Write plots/*.png of every logged metric at the end of the run.")
     progress: bool = doc(True, "Show a progress line on stderr.")
+    report_to: list = doc(
+        [],
+        "Live trackers that receive every metrics row at its step, and the resolved recipe as configuration: "
+        "tensorboard (<output>/tensorboard), trackio (local), wandb (offline with WANDB_MODE=offline), mlflow "
+        "(<output>/mlruns); [] or [none] = metrics.jsonl only.",
+    )
+    run_name: Optional[str] = doc(None, "Name of the run in the trackers (default: the output folder's name).")
 
 
 @dataclass
@@ -527,7 +541,7 @@ NOT_READ = {
     "preference": ("reward", "agent", "rollout", "online", "judge"),
     "sft": ("reward", "agent", "rollout", "online", "judge"),
     "online": ("reward", "agent"),
-    "agent": ("reward", "online", "judge", "data", "eval"),
+    "agent": ("reward", "online", "judge", "data"),
     "reward": ("loss", "agent", "rollout", "online", "judge", "eval"),
 }
 """Recipe sections each trainer never reads: setting a key in one is an error, not a no-op."""
@@ -568,6 +582,13 @@ def _check_read(recipe: Recipe, tree: dict, where: str) -> None:
     for key, why in NOT_READ_TRAIN.get(recipe.trainer, {}).items():
         if key in (tree.get("train") or {}):
             raise UserError(f"{where}: key 'train.{key}' is not read by trainer {recipe.trainer!r} ({why})")
+    if recipe.trainer == "agent":
+        for key in ("size", "max_new_tokens"):
+            if key in (tree.get("eval") or {}):
+                raise UserError(
+                    f"{where}: key 'eval.{key}' is not read by trainer 'agent' (it evaluates every agent.eval_split "
+                    "task with rollout.max_new_tokens per turn)"
+                )
     if (
         recipe.trainer in ("online", "agent")
         and recipe.train.schedule != "constant"
@@ -622,6 +643,9 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
             f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})"
         )
     _validate_rollout(recipe, where)
+    from align.tracking import check_trackers
+
+    check_trackers(recipe.logging.report_to)
     if recipe.judge.max_concurrency < 1:
         raise UserError(f"{where}: judge.max_concurrency must be >= 1, got {recipe.judge.max_concurrency}")
     if recipe.trainer == "reward":

@@ -50,12 +50,15 @@ def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False) -> list[d
                 f"data: unknown built-in dataset {source!r} (known: "
                 f"{', '.join('builtin:' + b for b in userdata.BUILTINS)})"
             )
-        if name != "tasks":
+        if not name.startswith("tasks"):
             return userdata.builtin_rows(name, data_cfg, seed)
         from align import tasks
 
+        split = name.partition(":")[2] or "train"
+        if split not in ("train", "test"):
+            raise UserError(f"data: {source!r}: the built-in tasks have splits train and test")
         try:
-            ts = tasks.make_tasks(data_cfg.builtin_size, seed=seed, split="train", families=data_cfg.builtin_families)
+            ts = tasks.make_tasks(data_cfg.builtin_size, seed=seed, split=split, families=data_cfg.builtin_families)
         except ValueError as e:
             raise UserError(f"data.builtin_families: {e}") from None
         return tasks.sft_rows(ts, data_cfg.builtin_sloppy, seed) if sft else tasks.preference_rows(ts, seed=seed)

@@ -25,7 +25,14 @@ from align.errors import UserError
 
 STATE_FILE = "trainer_state.json"
 # keys that may change between a run and its resumption without changing the result
-RESUMABLE_KEYS = {("train", "save_steps"), ("train", "keep_checkpoints"), ("logging", "progress"), ("logging", "plots")}
+RESUMABLE_KEYS = {
+    ("train", "save_steps"),
+    ("train", "keep_checkpoints"),
+    ("logging", "progress"),
+    ("logging", "plots"),
+    ("logging", "report_to"),
+    ("logging", "run_name"),
+}
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
@@ -119,10 +126,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-    """metrics.jsonl writer; on resume, keeps only the lines up to the checkpoint's step."""
+    """metrics.jsonl writer; on resume, keeps only the lines up to the checkpoint's step. ``trackers``
+    (``align.tracking.Trackers``) receive every row too."""
 
-    def __init__(self, path: Path, resume_step: int = 0):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int = 0, trackers=None):
+        self.path, self.trackers = path, trackers
         self.rows: list[dict] = []
         if resume_step and path.exists():
             self.rows = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
@@ -132,6 +140,13 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.finish()
+            self.trackers = None
 
 
 class Progress:

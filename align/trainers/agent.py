@@ -141,6 +141,26 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         return [e for per_task in kit.shard_and_gather(task_list, world, rank, mine) for e in per_task]
 
     engine = kit.rollout_engine(recipe, accelerator, policy(), tok, resumed=start > 0)
+
+    def evaluate(at: int) -> list[dict]:
+        """Greedy episodes of every agent.eval_split task (sharded over the ranks); rank 0 logs eval/tgc, eval/sgc
+        and eval/reward at ``at`` and writes the first eval.samples episodes' turns."""
+        accelerator.unwrap_model(model).eval()
+        greedy = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0, suppress_token_ids=suppress)
+        ev = play_sharded(eval_tasks, 1, greedy)
+        accelerator.unwrap_model(model).train()
+        if main:
+            sc = scores(ev)
+            log.log({"step": at, "eval/tgc": sc["tgc"], "eval/sgc": sc["sgc"], "eval/reward": sc["reward"]})
+            samples = [
+                {"task": e["task"], "turns": e["text"], "reward": e["reward"]} for e in ev[: recipe.eval.samples]
+            ]
+            (output_dir / "eval_samples").mkdir(exist_ok=True)
+            runs.atomic_write(
+                output_dir / "eval_samples" / f"iteration-{at}.jsonl", "".join(json.dumps(x) + "\n" for x in samples)
+            )
+        return ev
+
     r = recipe.rollout
     suppress = mid_turn_suppressed(tok)
     started = time.time()
@@ -229,16 +249,14 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         if main:
             log.log(row)
         progress.update(it + 1, f"reward {row['reward/mean']:.3f} kept {len(rows)}/{len(episodes)}")
+        if eval_tasks and t.eval_steps and (it + 1) % t.eval_steps == 0 and it + 1 < a.iterations:
+            evaluate(it + 1)
         if it + 1 < a.iterations:
             kit.save_checkpoint(accelerator, output_dir, it + 1, recipe)
 
     wall = time.time() - started
     kit.save_final_model(accelerator, model, tok, output_dir)
-    ev = None
-    if eval_tasks:
-        accelerator.unwrap_model(model).eval()
-        greedy = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0, suppress_token_ids=suppress)
-        ev = play_sharded(eval_tasks, 1, greedy)
+    ev = evaluate(a.iterations) if eval_tasks else None
     summary = {}
     if main:
         summary = {
@@ -249,10 +267,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
             "processes": world,
             "wall_seconds": round(wall, 3),
             "peak_memory_mb": kit.peak_memory_mb(),
-            "final": log.rows[-1] if log.rows else {},
+            "final": ([r for r in log.rows if "iteration" in r] or [{}])[-1],
         }
         if ev is not None:
             summary["eval"] = {"split": a.eval_split, **scores(ev)}
-        kit.write_outputs(output_dir, recipe, log.rows, summary)
+        kit.write_outputs(output_dir, recipe, log, summary)
     kit.finish(accelerator)
     return summary

@@ -10,7 +10,7 @@
         loss, grad_norm = checked_step(accelerator, model, optimizer, loss, max_grad_norm, nan_policy, where)
         save_checkpoint(accelerator, output_dir, step, recipe)
     save_final_model(accelerator, model, tokenizer, output_dir)
-    write_outputs(output_dir, recipe, log.rows, summary)            # main process: plots, summary.json
+    write_outputs(output_dir, recipe, log, summary)                 # main process: trackers closed, plots, summary
     finish(accelerator)
 
 Sampling work is split across ranks with ``shard_and_gather`` (rank r takes items[r::world], results come back
@@ -332,7 +332,18 @@ def open_run(
     accelerator.wait_for_everyone()
     if node_local_storage(accelerator, output_dir):
         accelerator.project_configuration.save_on_each_node = True
-    log = runs.MetricsLog(output_dir / "metrics.jsonl", start) if main else None
+    log = None
+    if main:
+        trackers = None
+        if recipe.logging.report_to:
+            from align.config import to_dict
+            from align.tracking import Trackers, check_trackers, flat_config
+
+            names = check_trackers(recipe.logging.report_to)
+            if names:
+                name = recipe.logging.run_name or output_dir.resolve().name
+                trackers = Trackers(names, output_dir, name, flat_config(to_dict(recipe)), resume_step=start)
+        log = runs.MetricsLog(output_dir / "metrics.jsonl", start, trackers)
     return log, runs.Progress(total, label, enabled=main and recipe.logging.progress)
 
 
@@ -379,9 +390,10 @@ def save_final_model(accelerator, model, tokenizer, output_dir: Path) -> None:
     )
 
 
-def write_outputs(output_dir: Path, recipe: Recipe, rows: list[dict], summary: dict) -> None:
-    """The end of a run on the main process: plots/*.png of the logged rows (unless ``logging.plots`` is off) and
-    summary.json, written last."""
+def write_outputs(output_dir: Path, recipe: Recipe, log, summary: dict, rows: list[dict] | None = None) -> None:
+    """The end of a run on the main process: the trackers closed, plots/*.png of the logged rows (``rows``, default
+    all of ``log``'s; unless ``logging.plots`` is off) and summary.json, written last."""
+    log.close()
     if recipe.logging.plots:
-        runs.write_plots(output_dir, rows)
+        runs.write_plots(output_dir, log.rows if rows is None else rows)
     runs.write_summary(output_dir, summary)

@@ -85,6 +85,44 @@ def rollout_iteration(engine, judge, prompts: list[str], recipe: Recipe, seed: i
     return out
 
 
+def held_out_prompts(recipe: Recipe) -> list[str]:
+    """Prompts to evaluate on (at most eval.size): data.eval's, else the test split of a built-in training set."""
+    import dataclasses
+
+    d = recipe.data
+    if d.eval:
+        prompts = load_prompts(dataclasses.replace(d, train=d.eval, limit=None), seed=recipe.train.seed)
+    elif d.train.startswith("builtin:stories"):
+        from align.stories import story_prompts
+
+        prompts = story_prompts(recipe.eval.size, seed=recipe.train.seed, split="test")
+    elif d.train.startswith("builtin:tasks") or d.train == "builtin:tasks":
+        from align import tasks as T
+
+        prompts = [
+            t.prompt
+            for t in T.make_tasks(
+                recipe.eval.size, seed=recipe.train.seed + 1, split="test", families=d.builtin_families
+            )
+        ]
+    else:
+        prompts = []
+    return prompts[: recipe.eval.size]
+
+
+def eval_scores(recipe: Recipe, judge, prompts: list[str], answers: list[str], reference: list | None) -> list:
+    """Per prompt: 1/0 for the checker, the goal score for stories, else P(answer > the initial answer)."""
+    if recipe.judge.kind == "checker":
+        from align import tasks as T
+
+        return [float(T.parse_prompt(p).check(a)) for p, a in zip(prompts, answers)]
+    if recipe.judge.kind == "story":
+        from align.stories import story_score
+
+        return [story_score(a, recipe.judge.goal) for a in answers]
+    return judge.compare(prompts, answers, reference)
+
+
 def saved_rollouts(output_dir: Path, iteration: int) -> dict | None:
     """What an earlier attempt saved of an iteration's samples and judgements (rank 0 reads it; see kit.from_main)."""
     path = output_dir / "rollouts" / f"iter-{iteration}.json"
@@ -157,6 +195,67 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
 
     engine = kit.rollout_engine(recipe, accelerator, policy(), tok, resumed=start > 0)
     started = time.time()
+    held_out = held_out_prompts(recipe) if recipe.data.eval or t.eval_steps else []  # evaluation is opt-in
+    last_eval: dict = {}
+
+    def evaluate(at: int) -> dict:
+        """The judge's score of greedy answers to the held-out prompts (each rank answers and judges its share):
+        checker accuracy, story goal score, or else the win rate against the initial policy's greedy answers
+        (written once to eval_reference.json, read back on resume). Rank 0 logs it and writes the samples."""
+        greedy = sampling_from(recipe.rollout, temperature=0.0, max_new_tokens=recipe.eval.max_new_tokens)
+        inputs = [[{"role": "user", "content": p}] for p in held_out] if recipe.data.chat_template else held_out
+        answers = kit.shard_and_gather(
+            list(range(len(held_out))),
+            world,
+            rank,
+            lambda mine: [g[0].text for g in engine.generate([inputs[i] for i in mine], n=1, sampling=greedy)],
+        )
+        ref_path = output_dir / "eval_reference.json"
+        reference = kit.from_main(accelerator, lambda: json.loads(ref_path.read_text()) if ref_path.exists() else None)
+        if reference is None:  # the first evaluation: the policy before any update answered these (see below)
+            reference = initial_answers
+        scores = kit.shard_and_gather(
+            list(range(len(held_out))),
+            world,
+            rank,
+            lambda mine: eval_scores(
+                recipe,
+                judge,
+                [held_out[i] for i in mine],
+                [answers[i] for i in mine],
+                None if reference is None else [reference[i] for i in mine],
+            ),
+        )
+        name = {"checker": "eval/accuracy", "story": "eval/goal_score"}.get(
+            recipe.judge.kind, "eval/win_rate_vs_initial"
+        )
+        result = {name: sum(scores) / len(scores)}
+        if main:
+            log.log({"step": at, **result})
+            samples = [{"prompt": p, "completion": a} for p, a in list(zip(held_out, answers))[: recipe.eval.samples]]
+            (output_dir / "eval_samples").mkdir(exist_ok=True)
+            runs.atomic_write(
+                output_dir / "eval_samples" / f"iteration-{at}.jsonl", "".join(json.dumps(x) + "\n" for x in samples)
+            )
+        return result
+
+    initial_answers = None
+    if held_out and recipe.judge.kind not in ("checker", "story"):
+        ref_path = output_dir / "eval_reference.json"
+        initial_answers = kit.from_main(
+            accelerator, lambda: json.loads(ref_path.read_text()) if ref_path.exists() else None
+        )
+        if initial_answers is None:  # answered before the first update (a run resumed later reads them back)
+            greedy = sampling_from(recipe.rollout, temperature=0.0, max_new_tokens=recipe.eval.max_new_tokens)
+            inputs = [[{"role": "user", "content": p}] for p in held_out] if recipe.data.chat_template else held_out
+            initial_answers = kit.shard_and_gather(
+                list(range(len(held_out))),
+                world,
+                rank,
+                lambda mine: [g[0].text for g in engine.generate([inputs[i] for i in mine], n=1, sampling=greedy)],
+            )
+            if main:
+                runs.atomic_write(ref_path, json.dumps(initial_answers))
 
     for it in range(start, o.iterations):
         # ---- 1. rollouts + judge (reused when resuming mid-iteration)
@@ -254,6 +353,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         if main:
             log.log(row)
         progress.update(it + 1, f"reward spread {row['reward/spread']:.3f} loss {row.get('loss', float('nan')):.4f}")
+        if held_out and ((t.eval_steps and (it + 1) % t.eval_steps == 0) or it + 1 == o.iterations):
+            last_eval = evaluate(it + 1)
         if it + 1 < o.iterations:
             kit.save_checkpoint(accelerator, output_dir, it + 1, recipe)
 
@@ -269,9 +370,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             "wall_seconds": round(wall, 3),
             "judge_calls": sum(r.get("judge_calls", 0) for r in log.rows),
             "peak_memory_mb": kit.peak_memory_mb(),
-            "final": log.rows[-1] if log.rows else {},
+            "final": {**([r for r in log.rows if "iteration" in r] or [{}])[-1], **last_eval},
         }
-        kit.write_outputs(output_dir, recipe, log.rows, summary)
+        kit.write_outputs(output_dir, recipe, log, summary)
     kit.finish(accelerator)
     return summary
 

@@ -427,6 +427,6 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
             "wall_seconds": round(wall, 3),
             "final": final,
         }
-        kit.write_outputs(output_dir, recipe, [r for r in log.rows if "loss" in r], summary)
+        kit.write_outputs(output_dir, recipe, log, summary, rows=[r for r in log.rows if "loss" in r])
     kit.finish(accelerator)
     return summary

@@ -2,3 +2,11 @@
 rollout engine."""
 
 __version__ = "0.1.0"
+
+
+def train(recipe, **kwargs):
+    """``align.train(recipe, output_dir=..., train_dataset=None, eval_dataset=None, model=None, tokenizer=None)``:
+    see ``align.api.train``."""
+    from align.api import train as _train
+
+    return _train(recipe, **kwargs)

@@ -496,6 +496,22 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML, apply ``key=value`` overrides, validate and return it (UserError on any problem)."""
     path = Path(path)
+    tree = read_tree(path)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, str(path))
+    return recipe_from_tree(tree, path)
+
+
+def recipe_from_tree(tree: dict, path: str | Path) -> Recipe:
+    """Build and validate a recipe read from ``path`` (relative data paths resolve against its folder)."""
+    recipe = _build(Recipe, tree, str(path))
+    recipe = _with_relative_paths(recipe, Path(path))
+    validate(recipe, str(path), tree)
+    return recipe
+
+
+def read_tree(path: Path) -> dict:
+    """The nested mapping a recipe YAML file holds (UserError for a missing, unreadable or non-mapping file)."""
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
@@ -513,12 +529,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         tree = {}
     if not isinstance(tree, dict):
         raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, str(path))
-    recipe = _build(Recipe, tree, str(path))
-    recipe = _with_relative_paths(recipe, path)
-    validate(recipe, str(path), tree)
-    return recipe
+    return tree
 
 
 def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
@@ -769,8 +780,17 @@ ONLINE_LOSSES = ("spo", "inpo", "dpo", "sppo", "ipo")
 
 
 def to_dict(recipe: Recipe) -> dict:
-    """The resolved recipe as plain data (what is saved as recipe.yaml)."""
-    return dataclasses.asdict(recipe)
+    """The resolved recipe as plain data (what is saved as recipe.yaml): every key its trainer reads, with the
+    defaults filled in, and none it does not (so the saved recipe loads back under the same strict checks)."""
+    tree = dataclasses.asdict(recipe)
+    for section in NOT_READ.get(recipe.trainer, ()):
+        tree.pop(section, None)
+    for key in NOT_READ_TRAIN.get(recipe.trainer, {}):
+        tree["train"].pop(key, None)
+    if recipe.trainer == "agent":
+        for key in ("size", "max_new_tokens"):
+            tree["eval"].pop(key, None)
+    return tree
 
 
 def dump_yaml(recipe: Recipe) -> str:

@@ -109,6 +109,12 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
 
 def check_model_path(name_or_path: str) -> None:
     """Fail early for a local path that does not hold a model (hub ids are left to the loader)."""
+    if name_or_path.startswith("memory:"):
+        from align.api import MEMORY
+
+        if "model" not in MEMORY:
+            raise UserError("model.name_or_path: memory:model exists only inside align.train(model=..., tokenizer=...)")
+        return
     if name_or_path.startswith("tiny:"):
         arch = name_or_path[5:]
         if arch not in TINY_ARCHS:
@@ -130,8 +136,17 @@ def load_policy(model_cfg, lora_cfg=None, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     check_model_path(model_cfg.name_or_path)
-    tok = load_tokenizer(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
-    if model_cfg.name_or_path.startswith("tiny:"):
+    if model_cfg.name_or_path.startswith("memory:"):  # a model object handed to align.train()
+        from align.api import MEMORY
+
+        model, tok = MEMORY["model"]
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    else:
+        tok = load_tokenizer(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
+    if model_cfg.name_or_path.startswith("memory:"):
+        pass  # loaded above
+    elif model_cfg.name_or_path.startswith("tiny:"):
         model = build_tiny_model(
             model_cfg.name_or_path[5:],
             hidden_size=model_cfg.tiny_hidden_size,

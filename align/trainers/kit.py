@@ -178,9 +178,10 @@ def checked_step(accelerator, model, optimizer, loss, max_grad_norm: float | Non
 
 def policy_source(model_cfg) -> str | None:
     """Where the policy's starting weights live, for a vLLM engine to load them itself: a local HF model folder or a
-    hub id (None for ``tiny:`` models, adapter-only folders and pinned revisions: the engine writes its own copy)."""
+    hub id (None for ``tiny:`` and in-memory models, adapter-only folders and pinned revisions: the engine writes its
+    own copy)."""
     name = model_cfg.name_or_path
-    if name.startswith("tiny:") or model_cfg.revision:
+    if name.startswith(("tiny:", "memory:")) or model_cfg.revision:
         return None
     path = Path(name)
     if path.exists() or name.startswith((".", "/", "~")):

@@ -188,10 +188,8 @@ def test_vpl_judge_takes_a_user_context_and_flips_its_preference(minilm_runs, tm
     assert probs["dog"] > 0.8 and probs["cat"] < 0.2, probs
     bad = run_align(
         "train",
-        str(RECIPES / "pets-bt.yaml"),
+        str(REPO_ROOT / "recipes" / "inpo" / "tiny.yaml"),
         "--dry-run",
-        "trainer=online",
-        "loss.name=spo",
         "judge.kind=vpl",
         f"judge.path={path}",
     )

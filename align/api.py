@@ -13,7 +13,8 @@
 
 In-memory objects are registered under ``memory:train_dataset``, ``memory:eval_dataset`` and ``memory:model`` for
 the duration of the call (the run's recipe.yaml names them so); the rows go through the same checks as a file's. A
-model object is trained in place (as TRL's trainers do); the reference, where the objective has one, is a frozen copy of it.
+model object is trained in place (as TRL's trainers do); the reference, where the objective has one,
+is a frozen copy of it.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ def _recipes(args) -> int:
 
         for name, spec in sorted(LOSSES.items()):
             print(f"{name:10s} {'ref ' if spec.needs_reference else '    '}{spec.summary}")
+            print(f"{'':15s}{spec.paper}")
         return 0
     root = Path(args.dir) if args.dir else RECIPES_DIR
     for path in sorted(root.rglob("*.yaml")):
@@ -81,6 +82,17 @@ def _serve(args) -> int:
     serve_main(
         args.model, backend=args.backend, host=args.host, port=args.port, name=args.name, max_context=args.max_context
     )
+    return 0
+
+
+def _push(args) -> int:
+    from align.card import push, upload_plan
+
+    if args.dry_run:
+        for name in upload_plan(Path(args.run_dir), args.checkpoints):
+            print(name)
+        return 0
+    print(push(Path(args.run_dir), args.repo_id, private=args.private, checkpoints=args.checkpoints))
     return 0
 
 
@@ -154,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse prompts with no room for a token (400) and cut max_tokens to fit (default: no limit)",
     )
     s.set_defaults(fn=_serve)
+
+    u = sub.add_parser(
+        "push", help="upload a finished run folder (model, card, metrics, plots) to the Hugging Face hub"
+    )
+    u.add_argument("run_dir", help="the folder `align train` wrote")
+    u.add_argument("repo_id", help="owner/name of the model repository (created if missing)")
+    u.add_argument("--private", action="store_true", help="create the repository private")
+    u.add_argument("--checkpoints", action="store_true", help="also upload checkpoint-N/ folders (optimizer state)")
+    u.add_argument("--dry-run", action="store_true", help="print the files that would be uploaded; send nothing")
+    u.set_defaults(fn=_push)
 
     d = sub.add_parser("demo", help="the quickstart: SFT -> self-judged pairs -> DPO -> evaluation, on CPU in minutes")
     d.add_argument("--output-dir", default="runs/quickstart")

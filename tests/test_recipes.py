@@ -41,7 +41,12 @@ def test_recipes_listing(capsys):
     out = capsys.readouterr().out
     assert "dpo/tiny.yaml" in out and "INVALID" not in out
     assert main(["recipes", "--explain"]) == 0
-    assert "train.lr" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for key in ("train.lr", "train.eval_steps", "eval.samples", "logging.report_to", "logging.run_name"):
+        assert f"\n{key} " in out, key  # every key, new ones included, with its default and help
+    assert main(["recipes", "--losses"]) == 0
+    out = capsys.readouterr().out
+    assert "arXiv:2305.18290" in out and "arXiv:2407.00617" in out  # each loss with its paper
 
 
 def test_dry_run_checks_the_online_judge(capsys, monkeypatch):

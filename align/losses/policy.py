@@ -13,6 +13,7 @@ from align.losses.registry import PairBatch, register_loss
     needs_rejected=False,
     per_token=True,
     summary="SPO: clipped policy gradient on the self-play win-rate reward, leave-one-out baseline",
+    paper="Swamy et al. 2024, A Minimaximalist Approach to RLHF (arXiv:2401.04056)",
 )
 def spo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """SPO, Swamy et al. 2024 (Algorithm 1), with an RLOO/PPO-style update (Ahmadian et al. 2024; Schulman 2017, Eq. 7):
@@ -41,6 +42,7 @@ def spo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     needs_rejected=False,
     per_token=True,
     summary="LOOP: per-token clipped PPO on leave-one-out advantages over multi-turn episodes, env tokens masked",
+    paper="Chen et al. 2025, RL for Long-Horizon Interactive LLM Agents (arXiv:2502.01600)",
 )
 def loop(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """LOOP, Chen et al. 2025 ("Reinforcement Learning for Long-Horizon Interactive LLM Agents"), Sec. 3:

@@ -28,7 +28,12 @@ def _reward_metrics(chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict[st
     }
 
 
-@register_loss("dpo", needs_reference=True, summary="DPO (sigmoid): -log sigmoid(beta h)")
+@register_loss(
+    "dpo",
+    needs_reference=True,
+    summary="DPO (sigmoid): -log sigmoid(beta h)",
+    paper="Rafailov et al. 2023, Direct Preference Optimization (arXiv:2305.18290)",
+)
 def dpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """DPO, Rafailov et al. 2023, Eq. 7: L = -log sigmoid(beta * h)."""
     cr, rr = _ratios(b)
@@ -36,7 +41,12 @@ def dpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     return loss, _reward_metrics(cfg.beta * cr, cfg.beta * rr)
 
 
-@register_loss("cdpo", needs_reference=True, summary="conservative DPO: labels flipped with probability eps")
+@register_loss(
+    "cdpo",
+    needs_reference=True,
+    summary="conservative DPO: labels flipped with probability eps",
+    paper="Mitchell 2023, A note on DPO with noisy preferences and relationship to IPO (ericmitchell.ai/cdpo.pdf)",
+)
 def cdpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """cDPO, Mitchell 2023 ("A note on DPO with noisy preferences"): the DPO loss against a label that is wrong
     with probability eps: L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)."""
@@ -47,7 +57,12 @@ def cdpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     return loss, _reward_metrics(cfg.beta * cr, cfg.beta * rr)
 
 
-@register_loss("robust", needs_reference=True, summary="robust DPO: unbiased loss under label noise eps")
+@register_loss(
+    "robust",
+    needs_reference=True,
+    summary="robust DPO: unbiased loss under label noise eps",
+    paper="Chowdhury et al. 2024, Provably Robust DPO (arXiv:2403.00409)",
+)
 def robust(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """Robust DPO, Chowdhury et al. 2024, Eq. 9: the unbiased estimator of the clean loss under flip rate eps,
     L = [(1 - eps) (-log sigmoid(beta h)) - eps (-log sigmoid(-beta h))] / (1 - 2 eps)."""
@@ -58,7 +73,15 @@ def robust(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     return loss, _reward_metrics(cfg.beta * cr, cfg.beta * rr)
 
 
-@register_loss("ipo", needs_reference=True, summary="IPO: (h - 1/(2 tau))^2, tau = beta")
+@register_loss(
+    "ipo",
+    needs_reference=True,
+    summary="IPO: (h - 1/(2 tau))^2, tau = beta",
+    paper=(
+        "Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences "
+        "(arXiv:2310.12036)"
+    ),
+)
 def ipo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """IPO, Azar et al. 2023, Eq. 17: L = (h - 1/(2 tau))^2 with tau = loss.beta and h on summed log-probs."""
     cr, rr = _ratios(b)
@@ -66,7 +89,15 @@ def ipo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     return loss, _reward_metrics(cfg.beta * cr, cfg.beta * rr)
 
 
-@register_loss("ipo_norm", needs_reference=True, summary="IPO on per-token average log-ratios (TRL's form)")
+@register_loss(
+    "ipo_norm",
+    needs_reference=True,
+    summary="IPO on per-token average log-ratios (TRL's form)",
+    paper=(
+        "Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences "
+        "(arXiv:2310.12036)"
+    ),
+)
 def ipo_norm(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """IPO, Azar et al. 2023, Eq. 17, with each log-ratio divided by its response length (the form TRL uses,
     confirmed by the IPO authors): L = (cr/|y_w| - rr/|y_l| - 1/(2 tau))^2."""
@@ -76,7 +107,12 @@ def ipo_norm(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     return loss, _reward_metrics(cfg.beta * cr, cfg.beta * rr)
 
 
-@register_loss("hinge", needs_reference=True, summary="SLiC-style hinge: max(0, 1 - beta h)")
+@register_loss(
+    "hinge",
+    needs_reference=True,
+    summary="SLiC-style hinge: max(0, 1 - beta h)",
+    paper="Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback (arXiv:2305.10425)",
+)
 def hinge(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """Hinge loss on the DPO margin (SLiC-HF, Zhao et al. 2023; RSO, Liu et al. 2023): L = max(0, 1 - beta h)."""
     cr, rr = _ratios(b)
@@ -84,7 +120,12 @@ def hinge(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     return loss, _reward_metrics(cfg.beta * cr, cfg.beta * rr)
 
 
-@register_loss("simpo", needs_reference=False, summary="SimPO: length-normalised, reference-free, margin gamma")
+@register_loss(
+    "simpo",
+    needs_reference=False,
+    summary="SimPO: length-normalised, reference-free, margin gamma",
+    paper="Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward (arXiv:2405.14734)",
+)
 def simpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """SimPO, Meng et al. 2024, Eq. 6:
     L = -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma)."""
@@ -98,6 +139,7 @@ def simpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     "sppo",
     needs_reference=True,
     summary="SPPO regression: (log pi/pi_t (y) - (P(y > pi_t) - 1/2)/beta)^2 on both responses",
+    paper="Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment (arXiv:2405.00675)",
 )
 def sppo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """SPPO, Wu et al. 2024, Eq. 4.7 (Algorithm 1):
@@ -115,7 +157,11 @@ def sppo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
 
 
 @register_loss(
-    "inpo", needs_reference=True, needs_anchor=True, summary="INPO: (h_t - 1/(2 eta))^2 against pi_ref and pi_t"
+    "inpo",
+    needs_reference=True,
+    needs_anchor=True,
+    summary="INPO: (h_t - 1/(2 eta))^2 against pi_ref and pi_t",
+    paper="Zhang et al. 2024, Iterative Nash Policy Optimization (arXiv:2407.00617)",
 )
 def inpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """INPO, Zhang et al. 2024, Eq. 9 / Algorithm 1:
@@ -139,6 +185,7 @@ def inpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     needs_reference=False,
     needs_rejected=False,
     summary="supervised fine-tuning: mean NLL of the response tokens",
+    paper="supervised fine-tuning (maximum likelihood)",
 )
 def sft(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """Supervised fine-tuning: per-token negative log-likelihood of the response, L = -log pi(y|x) / |y|.

@@ -49,6 +49,7 @@ class LossSpec:
     needs_anchor: bool = False
     per_token: bool = False  # needs token_logps / old_token_logps / token_mask / advantages
     summary: str = ""
+    paper: str = ""  # the citation (authors, year, title, arXiv id): model cards and `align recipes --losses` show it
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -62,6 +63,7 @@ def register_loss(
     needs_anchor: bool = False,
     per_token: bool = False,
     summary: str = "",
+    paper: str = "",
 ):
     """Decorator: add a loss function to the registry under ``name``."""
 
@@ -76,6 +78,7 @@ def register_loss(
             needs_anchor,
             per_token,
             summary or (fn.__doc__ or "").strip().splitlines()[0],
+            paper,
         )
         return fn
 

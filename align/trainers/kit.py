@@ -10,7 +10,7 @@
         loss, grad_norm = checked_step(accelerator, model, optimizer, loss, max_grad_norm, nan_policy, where)
         save_checkpoint(accelerator, output_dir, step, recipe)
     save_final_model(accelerator, model, tokenizer, output_dir)
-    write_outputs(output_dir, recipe, log, summary)                 # main process: trackers closed, plots, summary
+    write_outputs(output_dir, recipe, log, summary)                 # main: trackers closed, plots, model card, summary
     finish(accelerator)
 
 Sampling work is split across ranks with ``shard_and_gather`` (rank r takes items[r::world], results come back
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from align import runs
+from align.card import write_card
 from align.config import Recipe
 from align.errors import RunError, UserError
 
@@ -393,8 +394,9 @@ def save_final_model(accelerator, model, tokenizer, output_dir: Path) -> None:
 
 def write_outputs(output_dir: Path, recipe: Recipe, log, summary: dict, rows: list[dict] | None = None) -> None:
     """The end of a run on the main process: the trackers closed, plots/*.png of the logged rows (``rows``, default
-    all of ``log``'s; unless ``logging.plots`` is off) and summary.json, written last."""
+    all of ``log``'s; unless ``logging.plots`` is off), the README.md model card and summary.json, written last."""
     log.close()
     if recipe.logging.plots:
         runs.write_plots(output_dir, log.rows if rows is None else rows)
+    write_card(output_dir, recipe, summary)
     runs.write_summary(output_dir, summary)

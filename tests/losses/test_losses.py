@@ -86,7 +86,8 @@ def test_docstring_cites_its_equation(name):
     assert "L =" in doc, f"{name}: docstring should state the loss as 'L = ...'"
     if name != "sft":  # SFT is plain maximum likelihood: no paper to cite
         assert re.search(r"(et al\.|[A-Z][a-z]+) \d{4}", doc), f"{name}: docstring should cite a paper (author year)"
-    assert LOSSES[name].summary
+        assert re.search(r"\d{4}, .+\((arXiv:\d{4}\.\d{5}|\S+\.pdf)\)$", LOSSES[name].paper), LOSSES[name].paper
+    assert LOSSES[name].summary and LOSSES[name].paper  # model cards cite it
 
 
 def test_double_registration_is_rejected():

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from align.config import load_recipe
 from align.judges import CachedJudge, CheckerJudge
+from align.losses import LOSSES
 from align.paths import REPO_ROOT
 from align.trainers import run
 from align.trainers.online import win_rates
@@ -45,6 +46,8 @@ def test_online_objectives_run_and_log(tmp_path, loss, rm_judge):
     groups = json.loads((tmp_path / loss / "rollouts" / "iter-1.json").read_text())["groups"]
     assert len(groups) == 12 and all(len(g["samples"]) == 4 for g in groups)
     assert (tmp_path / loss / "model.safetensors").is_file()
+    card = (tmp_path / loss / "README.md").read_text()  # the model card names the objective and its paper
+    assert f"{loss} (online self-play)" in card and LOSSES[loss].paper in card
 
 
 def test_win_rates_and_cached_judge():

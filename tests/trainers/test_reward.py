@@ -46,6 +46,9 @@ def test_bt_and_vpl_on_a_tiny_backbone_write_outputs_that_load_back(tmp_path):
         assert s["trainer"] == "reward" and s["kind"] == kind and s["steps"] == 12
         for name in ("reward_config.json", "heads.safetensors", "backbone/config.json", "recipe.yaml", "metrics.jsonl"):
             assert (out / name).is_file(), name
+        card = (out / "README.md").read_text()
+        assert f"{kind.upper()} reward model" in card and {"bt": "Bradley", "vpl": "Poddar"}[kind] in card
+        assert "| eval/accuracy |" in card
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12]

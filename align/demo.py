@@ -122,6 +122,9 @@ def table(results: dict) -> str:
 
 
 def _plot(out: Path, results: dict) -> None:
+    from align.extras import require
+
+    require("matplotlib", "the demo's chart")
     import matplotlib
 
     matplotlib.use("Agg")

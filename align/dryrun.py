@@ -61,6 +61,9 @@ def check_accelerate_config(path: str) -> str:
     if not isinstance(n, int) or n < 1:
         raise UserError(f"{path}: num_processes must be a positive integer")
     if dt == "DEEPSPEED":
+        from align.extras import require
+
+        require("deepspeed", f"{path} (distributed_type DEEPSPEED)")
         ds = cfg.get("deepspeed_config") or {}
         if ds.get("zero_stage") not in (0, 1, 2, 3):
             raise UserError(f"{path}: deepspeed_config.zero_stage must be 0-3")
@@ -111,9 +114,11 @@ def rollout_layout(recipe: Recipe, processes: int, where: str) -> str:
 
 def dry_run(recipe: Recipe, recipe_path: str) -> str:
     from align.data import normalise, read_rows, tokenize_rows
+    from align.extras import check_run_extras
     from align.losses import get_loss
     from align.models import check_model_path, load_tokenizer
 
+    check_run_extras(recipe, deepspeed=False)  # DeepSpeed: checked with the accelerate config
     if recipe.trainer == "reward":
         return _dry_run_reward(recipe, recipe_path)
     if recipe.trainer == "agent":

@@ -38,7 +38,9 @@ def resolve_backbone(name: str) -> str:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError:
-        raise UserError(f"model.name_or_path: {name!r}: python package {mod_name!r} is not installed") from None
+        from align.extras import missing_line
+
+        raise UserError(f"model.name_or_path: {missing_line(mod_name, repr(name))}") from None
     path = Path(mod.get_model_path()) if hasattr(mod, "get_model_path") else Path(mod.__file__).parent / "model"
     if not (path / "config.json").is_file():
         raise UserError(f"model.name_or_path: {name!r}: no model folder in the package ({path})")

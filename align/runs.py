@@ -167,6 +167,9 @@ def write_plots(output_dir: Path, rows: list[dict]) -> list[Path]:
     """plots/<metric>.png for every numeric metric logged more than once."""
     if len(rows) < 2:
         return []
+    from align.extras import require
+
+    require("matplotlib", "plots/*.png (logging.plots)")
     import matplotlib
 
     matplotlib.use("Agg")

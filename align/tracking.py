@@ -35,9 +35,9 @@ def check_trackers(names: list) -> list[str]:
         if name not in TRACKERS:
             raise UserError(f"logging.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)} or none")
         if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise UserError(
-                f"logging.report_to: {name} needs the {TRACKERS[name]} package (pip install {TRACKERS[name]})"
-            )
+            from align.extras import missing_line
+
+            raise UserError(missing_line(TRACKERS[name], f"logging.report_to: {name}"))
         out.append(name)
     return out
 

@@ -44,6 +44,9 @@ def run_bench(name: str, extra: list[str]) -> dict:
 def plot_curves(curves: dict, path: str) -> None:
     """One PNG of a benchmark's ``curves``: {panel: {method: [value per round]}} (one subplot per panel) or
     {method: [values]} (one panel). Panels with nothing to draw are left out."""
+    from align.extras import require
+
+    require("matplotlib", "--plot")
     import matplotlib
 
     matplotlib.use("Agg")

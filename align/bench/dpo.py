@@ -321,6 +321,9 @@ def _run_worker(mode: str, model_dir: Path, data: Path, out: Path, o: dict) -> d
 
 
 def run(extra: list[str]) -> dict:
+    from align.extras import require
+
+    require("trl", "align bench dpo (TRL's DPOTrainer is its baseline)")
     from align.bench import parse_options
     from align.paths import shared_data_dir
 

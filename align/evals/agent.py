@@ -46,6 +46,9 @@ def _write_report(out: Path, rows: list[dict], meta: dict) -> dict:
         f"| {s} | {sum(v)}/{len(v)} |" for s, v in sorted(by_scen.items())
     ]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
+    from align.extras import require
+
+    require("matplotlib", "the agent report's chart")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -71,6 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from align.errors import UserError
+from align.extras import require
 
 REGULARIZE_TO_BASELINE_LAMBDA = 0.2
 """alpaca_eval's ``regularize_to_baseline_lambda`` of ``length_controlled_v1``: total weight of the gamed rows."""
@@ -289,6 +290,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _liblinear_l1(C: float):
+    require("sklearn", "the length-controlled win rate")
     from sklearn.linear_model import LogisticRegression
 
     kwargs = dict(C=C, solver="liblinear", fit_intercept=False, random_state=RANDOM_STATE, dual=False)

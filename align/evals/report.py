@@ -24,6 +24,9 @@ Z95 = 1.959963984540054
 
 
 def _pyplot():
+    from align.extras import require
+
+    require("matplotlib", "the report's charts")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 
 def run(recipe, output_dir, resume: bool = False) -> dict:
+    import os
+
+    from align.extras import check_run_extras
+
+    check_run_extras(recipe, deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true")
     if recipe.trainer in ("preference", "sft"):
         from align.trainers.offline import train
 

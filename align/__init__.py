@@ -1,7 +1,9 @@
 """align: an LLM alignment training suite (DPO family, SPO, INPO, VPL, LOOP, GRPO) on one loss registry and one
 rollout engine."""
 
-__version__ = "0.1.0"
+from align.version import __version__
+
+__all__ = ["__version__", "train"]
 
 
 def train(recipe, **kwargs):

@@ -22,8 +22,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-MEMORY: dict = {}
-"""``memory:<name>`` -> the object the API was given (rows, or a (model, tokenizer) pair), during ``train`` only."""
+from align.memory import MEMORY
 
 
 def _rows(dataset, what: str) -> list[dict]:
@@ -53,7 +52,7 @@ def train(
 ) -> dict:
     """Train ``recipe`` (a YAML path, a nested dict or a ``Recipe``) into ``output_dir``; returns the run's summary
     (what summary.json holds). Bad input raises ``align.errors.UserError`` with the same one line the CLI prints."""
-    from align.config import Recipe, _set_dotted, parse_overrides, read_tree, recipe_from_tree, to_dict
+    from align.config import Recipe, parse_overrides, read_tree, recipe_from_tree, set_dotted, to_dict
     from align.errors import UserError
     from align.trainers import run
 
@@ -68,7 +67,7 @@ def train(
     else:
         raise UserError(f"align.train: recipe must be a path, a dict or a Recipe, got {type(recipe).__name__}")
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, str(where))
+        set_dotted(tree, key, value, str(where))
     try:
         if train_dataset is not None:
             MEMORY["train_dataset"] = _rows(train_dataset, "train_dataset")

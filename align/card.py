@@ -12,8 +12,8 @@ import math
 import re
 from pathlib import Path
 
-from align import __version__
 from align.errors import UserError
+from align.version import __version__
 
 REWARD_PAPERS = {
     "bt": "Bradley & Terry 1952; Ouyang et al. 2022, Training language models to follow instructions with human "

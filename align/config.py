@@ -467,7 +467,7 @@ def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
     return cls(**{k: _coerce(v, hints[k], source, prefix + k) for k, v in data.items()})
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -498,7 +498,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     tree = read_tree(path)
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, str(path))
+        set_dotted(tree, key, value, str(path))
     return recipe_from_tree(tree, path)
 
 

@@ -42,11 +42,9 @@ class Example:
 def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False) -> list[dict]:
     """Raw rows (dicts) from any supported source."""
     if source.startswith("memory:"):  # rows handed to align.train() (the Python API)
-        from align.api import MEMORY
+        from align.memory import lookup
 
-        if source[7:] not in MEMORY:
-            raise UserError(f"data: {source!r}: in-memory rows exist only inside align.train(...)")
-        return [dict(r) if isinstance(r, dict) else r for r in MEMORY[source[7:]]]
+        return [dict(r) if isinstance(r, dict) else r for r in lookup(source, "data")]
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         from align import userdata

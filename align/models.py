@@ -110,10 +110,9 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
 def check_model_path(name_or_path: str) -> None:
     """Fail early for a local path that does not hold a model (hub ids are left to the loader)."""
     if name_or_path.startswith("memory:"):
-        from align.api import MEMORY
+        from align.memory import lookup
 
-        if "model" not in MEMORY:
-            raise UserError("model.name_or_path: memory:model exists only inside align.train(model=..., tokenizer=...)")
+        lookup(name_or_path, "model.name_or_path")
         return
     if name_or_path.startswith("tiny:"):
         arch = name_or_path[5:]
@@ -137,9 +136,9 @@ def load_policy(model_cfg, lora_cfg=None, seed: int = 0):
 
     check_model_path(model_cfg.name_or_path)
     if model_cfg.name_or_path.startswith("memory:"):  # a model object handed to align.train()
-        from align.api import MEMORY
+        from align.memory import lookup
 
-        model, tok = MEMORY["model"]
+        model, tok = lookup(model_cfg.name_or_path, "model.name_or_path")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
     else:

@@ -11,9 +11,9 @@ import sys
 import pytest
 
 import align
-from align.api import MEMORY
 from align.config import load_recipe
 from align.errors import UserError
+from align.memory import MEMORY
 from align.paths import REPO_ROOT
 from tests.conftest import metrics_rows
 

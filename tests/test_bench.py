@@ -120,7 +120,15 @@ def test_bench_online_json_contract():
 )
 def test_bench_reward_json_contract():
     res = run_align(
-        "bench", "reward", "--json", "quick=1", "online_iterations=1", "online_prompts=8", "test_prompts=4", timeout=900
+        "bench",
+        "reward",
+        "--json",
+        "quick=1",
+        "quick_pairs=96",
+        "online_iterations=1",
+        "online_prompts=8",
+        "test_prompts=4",
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)

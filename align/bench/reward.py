@@ -32,9 +32,16 @@ DEFAULTS = {
     "test_prompts": 100,
     "personalised": 1,
     "quick": 0,
+    "quick_pairs": 400,
 }
-"""``quick=1`` checks the plumbing in about a minute (400 pairs per set, 20 steps, frozen backbones): not a result."""
-QUICK = ["data.limit=400", "train.max_steps=20"]
+"""``quick=1`` checks the plumbing in about a minute (``quick_pairs`` pairs per set, 20 steps, frozen backbones): not
+a result."""
+
+
+def quick_overrides(o: dict) -> list[str]:
+    return [f"data.limit={o['quick_pairs']}", "train.max_steps=20"] if o["quick"] else []
+
+
 RECIPES = REPO_ROOT / "recipes"
 
 
@@ -73,7 +80,7 @@ def personalised(tmp: Path, vpl_dir: Path, o: dict, quiet: list[str]) -> dict:
     test_prompts = sorted({r["prompt"] for r in held})[: o["test_prompts"]]
     _say("personalised: SFT a tiny policy on Pets answers")
     train(
-        load_recipe(RECIPES / "sft" / "pets-tiny.yaml", [f"train.seed={seed}"] + quiet + (QUICK if o["quick"] else [])),
+        load_recipe(RECIPES / "sft" / "pets-tiny.yaml", [f"train.seed={seed}"] + quiet + quick_overrides(o)),
         tmp / "sft",
     )
     model, tok = load_pretrained(tmp / "sft")
@@ -122,7 +129,7 @@ def run(extra: list[str]) -> dict:
 
     o = parse_options("reward", DEFAULTS, extra)
     quiet = ["logging.progress=false", "logging.plots=false", f"train.seed={o['seed']}"]
-    quick = QUICK if o["quick"] else []
+    quick = quick_overrides(o)
     started = time.time()
     result: dict = {
         "benchmark": "reward",

@@ -8,6 +8,7 @@
         train_dataset=my_dataset,                # a datasets.Dataset or a list of dicts (any format align reads)
         eval_dataset=None,
         model=None, tokenizer=None,              # a transformers model object and its tokenizer
+        reward_funcs=None,                       # online trainer: f(prompts, completions, **columns) -> scores
         overrides=["train.max_steps=10"],        # dotted key=value, as on the command line
     )
 
@@ -47,6 +48,7 @@ def train(
     eval_dataset=None,
     model=None,
     tokenizer=None,
+    reward_funcs: list | None = None,
     overrides: list[str] | None = None,
     resume: bool = False,
 ) -> dict:
@@ -75,6 +77,18 @@ def train(
         if eval_dataset is not None:
             MEMORY["eval_dataset"] = _rows(eval_dataset, "eval_dataset")
             tree.setdefault("data", {})["eval"] = "memory:eval_dataset"
+        if reward_funcs is not None:  # the online trainer's rewards: judge.kind function over these callables
+            funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+            if not funcs or not all(callable(f) for f in funcs):
+                raise UserError("reward_funcs: expected a callable or a list of callables")
+            names = []
+            for i, fn in enumerate(funcs):
+                MEMORY[f"reward_func_{i}"] = fn
+                names.append(f"memory:reward_func_{i}")
+            judge = tree.setdefault("judge", {})
+            judge["kind"], judge["functions"] = "function", names
+            if len(judge.get("weights") or []) != len(names):  # the recipe's weights were for its own functions
+                judge["weights"] = None
         if model is not None:
             MEMORY["model"] = (model, tokenizer)
             tree.setdefault("model", {})["name_or_path"] = "memory:model"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,12 +123,24 @@ class LossConfig:
     simpo_gamma: float = doc(0.5, "SimPO target reward margin gamma.")
     eta: float = doc(0.005, "INPO step size eta (SPPO uses eta = 1/beta).")
     tau: float = doc(0.005 / 3, "INPO KL-to-reference strength tau (tau = eta gives online IPO).")
-    clip_eps: float = doc(0.2, "PPO-style ratio clipping of policy-gradient losses (spo).")
+    clip_eps: float = doc(0.2, "PPO-style ratio clipping of policy-gradient losses (spo, loop, grpo, rloo).")
     sft_weight: float = doc(0.0, "Add this times the chosen NLL (per token) to the loss (RPO-style regulariser).")
     importance: Literal["token", "trajectory"] = doc(
         "token",
         "loop: per-token importance weights and clipping (LOOP), or one length-normalised weight per episode "
         "(ablation).",
+    )
+    loss_type: Literal["grpo", "bnpo"] = doc(
+        "grpo",
+        "grpo, rloo: how per-token terms become the batch loss, named as in TRL: 'grpo' = mean over each response's "
+        "tokens, then over responses; 'bnpo' = mean over every token of the minibatch (DAPO's token-level loss).",
+    )
+    kl_coef: float = doc(
+        0.0,
+        "grpo, rloo: weight of the per-token KL to the reference (k3 estimator; TRL's beta). 0 = no reference pass.",
+    )
+    scale_rewards: bool = doc(
+        True, "grpo: divide each group's centred rewards by their standard deviation (Dr. GRPO: false)."
     )
 
 
@@ -314,12 +327,18 @@ class RolloutConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["checker", "story", "reward_model", "vpl", "llm", "none"] = doc(
+    kind: Literal["checker", "story", "reward_model", "vpl", "llm", "function", "none"] = doc(
         "checker",
         "Preference oracle: programmatic checker of the built-in tasks, the programmatic story goal (BabyLlama: "
         "mentions judge.goal and ends happily), a reward model (BT), a VPL personalised reward model with a user "
-        "context, or an LLM judge over an OpenAI-compatible endpoint.",
+        "context, an LLM judge over an OpenAI-compatible endpoint, or your Python reward functions (judge.functions).",
     )
+    functions: list = doc(
+        [],
+        "kind function: reward functions 'package.module:function' or 'file.py:function' ('./' = the recipe's "
+        "folder), each called as f(prompts, completions, **columns) -> one number per completion (align/rewards.py).",
+    )
+    weights: Optional[list] = doc(None, "kind function: one weight per reward function (default 1 each).")
     goal: str = doc(
         "cat", "kind story: the topic word a story should mention (half the score; a happy ending is the other half)."
     )
@@ -540,11 +559,16 @@ def recipe_from_dict(tree: dict, source: str = "recipe") -> Recipe:
 
 
 def _with_relative_paths(recipe: Recipe, path: Path) -> Recipe:
-    """Data paths starting with './' are relative to the recipe's folder; everything else to the working directory."""
+    """Data paths and reward-function files starting with './' are relative to the recipe's folder; everything else
+    to the working directory."""
     for key in ("train", "eval"):
         value = getattr(recipe.data, key)
         if isinstance(value, str) and value.startswith("./"):
             setattr(recipe.data, key, str((path.parent / value).resolve()))
+    recipe.judge.functions = [
+        str((path.parent / f).resolve()) if isinstance(f, str) and f.startswith("./") else f
+        for f in recipe.judge.functions
+    ]
     return recipe
 
 
@@ -657,6 +681,17 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
     from align.tracking import check_trackers
 
     check_trackers(recipe.logging.report_to)
+    j = recipe.judge
+    if j.kind != "function" and (j.functions or j.weights is not None):
+        raise UserError(f"{where}: judge.functions / judge.weights apply to judge.kind 'function', not {j.kind!r}")
+    if j.kind == "function":
+        if not j.functions or not all(isinstance(f, str) or callable(f) for f in j.functions):
+            raise UserError(f"{where}: judge.functions: judge.kind 'function' needs a list of 'module:function' names")
+        if j.weights is not None and (
+            len(j.weights) != len(j.functions)
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in j.weights)
+        ):
+            raise UserError(f"{where}: judge.weights: one number per judge.functions entry ({len(j.functions)})")
     if recipe.judge.max_concurrency < 1:
         raise UserError(f"{where}: judge.max_concurrency must be >= 1, got {recipe.judge.max_concurrency}")
     if recipe.trainer == "reward":
@@ -698,6 +733,15 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
         raise UserError(f"{where}: loss {spec.name!r} needs sampled responses: use trainer 'online'")
     if recipe.trainer == "sft" and spec.name != "sft":
         raise UserError(f"{where}: trainer 'sft' needs loss.name 'sft', got {recipe.loss.name!r}")
+    lo = recipe.loss
+    if spec.name not in ("grpo", "rloo"):
+        for key, default in (("loss_type", "grpo"), ("kl_coef", 0.0)):
+            if getattr(lo, key) != default:
+                raise UserError(f"{where}: loss.{key} applies to loss grpo or rloo, not {spec.name!r}")
+    if spec.name != "grpo" and not lo.scale_rewards:
+        raise UserError(f"{where}: loss.scale_rewards applies to loss grpo, not {spec.name!r}")
+    if lo.kl_coef < 0 or not math.isfinite(lo.kl_coef):
+        raise UserError(f"{where}: loss.kl_coef must be a finite number >= 0, got {lo.kl_coef}")
     if spec.needs_reference and t.reference == "none":
         raise UserError(f"{where}: loss {spec.name!r} needs reference log-probs but train.reference is 'none'")
     if recipe.model.name_or_path.startswith("tiny:") and recipe.model.tiny_hidden_size % recipe.model.tiny_heads:
@@ -776,7 +820,7 @@ def _validate_reward(recipe: Recipe, where: str) -> None:
         )
 
 
-ONLINE_LOSSES = ("spo", "inpo", "dpo", "sppo", "ipo")
+ONLINE_LOSSES = ("spo", "grpo", "rloo", "inpo", "dpo", "sppo", "ipo")
 
 
 def to_dict(recipe: Recipe) -> dict:
@@ -790,6 +834,8 @@ def to_dict(recipe: Recipe) -> dict:
     if recipe.trainer == "agent":
         for key in ("size", "max_new_tokens"):
             tree["eval"].pop(key, None)
+    if recipe.trainer in ("online", "agent"):
+        tree["train"].pop("schedule", None)  # constant: the iterations are the schedule
     return tree
 
 

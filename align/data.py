@@ -422,22 +422,28 @@ def collate_packed(examples: list[Example], pad_id: int, row_len: int | None = N
 
 
 def load_prompts(d, seed: int = 0) -> list[str]:
-    """The prompts of ``d.train`` (a DataConfig) for the online trainer: the built-in tasks' or stories' training
-    prompts, or the ``d.prompt_key`` column of a file or dataset."""
+    """The prompts of ``d.train`` (a DataConfig) for the online trainer (see ``load_prompt_rows``)."""
+    return [r["prompt"] for r in load_prompt_rows(d, seed)]
+
+
+def load_prompt_rows(d, seed: int = 0) -> list[dict]:
+    """The prompt rows of ``d.train`` for the online trainer: {"prompt": text, **every other column} (reward functions
+    receive the columns). The built-in tasks' rows carry ``answer`` and ``family``; stories have the prompt only;
+    files and datasets give their ``d.prompt_key`` column as the prompt."""
     if d.train in ("builtin:stories", "builtin:stories:train"):
         from align.stories import story_prompts
 
-        return story_prompts(10**9, seed=seed, split="train")
+        return [{"prompt": p} for p in story_prompts(10**9, seed=seed, split="train")]
     if d.train.startswith("builtin:"):
         from align import tasks as T
 
         tasks = T.make_tasks(d.builtin_size, seed=seed, split="train", families=d.builtin_families)
-        return [t.prompt for t in tasks]
+        return [{"prompt": t.prompt, "answer": t.answer, "family": t.family} for t in tasks]
     rows = read_rows(d.train, d)
-    prompts = []
+    out = []
     for i, row in enumerate(rows[: d.limit] if d.limit else rows):
         p = row.get(d.prompt_key) if isinstance(row, dict) else None
         if not isinstance(p, str) or not p.strip():
             raise UserError(f"{d.train}: row {i}: missing or empty {d.prompt_key!r} (the online trainer needs prompts)")
-        prompts.append(p)
-    return prompts
+        out.append({**{k: v for k, v in row.items() if k != d.prompt_key}, "prompt": p})
+    return out

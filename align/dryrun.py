@@ -172,7 +172,13 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
             raise UserError(f"{recipe_path}: judge.path {j.path!r} is not a reward-model folder")
         if recipe.rollout.n < 2:
             raise UserError(f"{recipe_path}: rollout.n must be >= 2 for self-play")
-        lines.append(f"judge    {j.kind}" + (f" at {j.base_url} ({j.model})" if j.kind == "llm" else ""))
+        detail = f" at {j.base_url} ({j.model})" if j.kind == "llm" else ""
+        if j.kind == "function":  # imported (not called) here: a missing module or name is caught now
+            from align.rewards import RewardFunctions
+
+            fns = RewardFunctions(j.functions, j.weights)
+            detail = ": " + ", ".join(f"{w:g} x {name}" for (name, _), w in zip(fns.functions, fns.weights))
+        lines.append(f"judge    {j.kind}{detail}")
         lines.append(f"rollout  {rollout_layout(recipe, accelerate_processes(recipe, recipe_path), recipe_path)}")
     if recipe.accelerate_config:
         cfg_path = recipe.accelerate_config

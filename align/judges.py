@@ -351,6 +351,10 @@ def make_judge(judge_cfg, tasks=None) -> CachedJudge:
         if not judge_cfg.context:
             raise UserError("judge.context: a VPL judge needs the file of the user's labelled pairs")
         inner = AlignRewardJudge(judge_cfg.path, read_context(judge_cfg.context))
+    elif judge_cfg.kind == "function":
+        from align.rewards import RewardFunctions
+
+        return RewardFunctions(judge_cfg.functions, judge_cfg.weights)
     elif judge_cfg.kind == "llm":
         inner = LLMJudge(
             judge_cfg.base_url or "",

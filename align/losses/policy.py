@@ -1,6 +1,9 @@
-"""Policy-gradient objectives on sampled responses (one response per row)."""
+"""Policy-gradient objectives on sampled responses (one response per row), and the group advantages the online
+trainer feeds them (``group_advantages``: a pure function of one prompt's K rewards)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -77,3 +80,87 @@ def loop(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
         "loop/ratio": ((ratio * mask).sum(-1) / n).detach(),
         "loop/advantage": b.advantages.detach(),
     }
+
+
+def group_advantages(name: str, rewards: list[float], scale: bool = True) -> list[float]:
+    """Advantages of the K samples of one prompt from their rewards r_1..r_K (K >= 2):
+    spo, rloo   leave-one-out: A_i = r_i - mean_{j != i} r_j (Ahmadian et al. 2024, Eq. 7)
+    grpo        group-normalised: A_i = (r_i - mean(r)) / (std(r) + 1e-4), std with Bessel's correction as in
+                DeepSeekMath / TRL; ``scale=False`` keeps r_i - mean(r) (Dr. GRPO, Liu et al. 2025)."""
+    k = len(rewards)
+    total = sum(rewards)
+    if name in ("spo", "rloo"):
+        return [r - (total - r) / (k - 1) for r in rewards]
+    if name == "grpo":
+        mean = total / k
+        centred = [r - mean for r in rewards]
+        if not scale:
+            return centred
+        std = math.sqrt(sum(c * c for c in centred) / (k - 1))
+        return [c / (std + 1e-4) for c in centred]
+    raise ValueError(f"no group advantages for loss {name!r}")
+
+
+def _clipped_pg(b: PairBatch, cfg, prefix: str) -> tuple[torch.Tensor, dict]:
+    """The clipped per-token surrogate with an optional k3 KL to the reference, aggregated as ``cfg.loss_type``:
+    l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + kl_coef * (exp(q_t) - q_t - 1), q_t = log ref - log pi;
+    'grpo': per response (1/|y|) sum_t l_t; 'bnpo': sum_t l_t * B / (tokens of the minibatch), whose batch mean is the
+    token mean."""
+    mask = b.token_mask.float()
+    n = mask.sum(-1).clamp(min=1)
+    ratio = torch.exp((b.token_logps - b.old_token_logps) * mask)
+    adv = b.advantages[:, None]
+    eps = cfg.clip_eps
+    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+    metrics = {}
+    if cfg.kl_coef:
+        q = (b.ref_token_logps - b.token_logps) * mask
+        kl = torch.exp(q) - q - 1
+        per_token = per_token + cfg.kl_coef * kl
+        metrics[f"{prefix}/kl"] = ((kl * mask).sum(-1) / n).detach()
+    summed = (per_token * mask).sum(-1)
+    if cfg.loss_type == "bnpo":
+        loss = summed * mask.shape[0] / mask.sum().clamp(min=1)
+    else:
+        loss = summed / n
+    clipped = ((ratio - 1).abs() > eps).float() * mask
+    metrics.update(
+        {
+            f"{prefix}/advantage": b.advantages.detach(),
+            f"{prefix}/clip_fraction": (clipped.sum(-1) / n).detach(),
+            f"{prefix}/ratio": ((ratio * mask).sum(-1) / n).detach(),
+        }
+    )
+    return loss, metrics
+
+
+@register_loss(
+    "grpo",
+    needs_reference=False,
+    needs_rejected=False,
+    per_token=True,
+    summary="GRPO: clipped per-token policy gradient, group-normalised advantages, optional KL (k3) to the reference",
+    paper="Shao et al. 2024, DeepSeekMath (arXiv:2402.03300)",
+)
+def grpo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
+    """GRPO, Shao et al. 2024 (DeepSeekMath), Eq. 3: for the K samples of a prompt with rewards r,
+    A_i = (r_i - mean(r)) / std(r) (computed by the trainer, ``group_advantages``), and
+    L = (1/|y|) sum_t [-min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta KL_t], rho_t = pi(y_t) / pi_old(y_t),
+    KL_t = pi_ref/pi - log(pi_ref/pi) - 1 (k3), beta = loss.kl_coef; loss.loss_type 'bnpo' takes the token mean."""
+    return _clipped_pg(b, cfg, "grpo")
+
+
+@register_loss(
+    "rloo",
+    needs_reference=False,
+    needs_rejected=False,
+    per_token=True,
+    summary="RLOO: clipped per-token policy gradient with the leave-one-out baseline, optional KL (k3)",
+    paper="Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization (arXiv:2402.14740)",
+)
+def rloo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
+    """RLOO, Ahmadian et al. 2024, Eq. 7: A_i = r_i - (1/(K-1)) sum_{j != i} r_j over the K samples of a prompt
+    (computed by the trainer), in the same clipped per-token loss as GRPO,
+    L = (1/|y|) sum_t [-min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta KL_t]; with one on-policy step rho = 1
+    and this is REINFORCE with the leave-one-out baseline."""
+    return _clipped_pg(b, cfg, "rloo")

@@ -29,6 +29,7 @@ class PairBatch:
     token_logps: Optional[torch.Tensor] = None  # [B, T] log pi of each response token (0 where masked)
     old_token_logps: Optional[torch.Tensor] = None  # [B, T] log-probs under the policy that sampled (pi_old)
     token_mask: Optional[torch.Tensor] = None  # [B, T] 1 on the model's own response tokens
+    ref_token_logps: Optional[torch.Tensor] = None  # [B, T] log pi_ref of each response token (loss.kl_coef > 0)
 
 
 def chosen_nll(b: PairBatch) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """The online trainer: self-play preference optimisation on samples of the current policy.
 
 Data flow of one iteration, top to bottom:
-    prompts -> the rollout engine samples K = rollout.n responses per prompt from pi_t (token ids + log-probs)
-    -> the judge compares every pair of a prompt's samples: W[i, j] = P(y_i > y_j), r_i = mean_{j != i} W[i, j]
+    prompt rows -> the rollout engine samples K = rollout.n responses per prompt from pi_t (token ids + log-probs)
+    -> rewards: a pairwise judge compares every pair of a prompt's samples, W[i, j] = P(y_i > y_j), and
+       r_i = mean_{j != i} W[i, j]; or reward functions (judge.kind function) score each sample, seeing the row's
+       other columns (align/rewards.py)
     -> the objective:
-         spo              every sample, advantage A_i = r_i - mean_{j != i} r_j, clipped policy gradient
+         spo, rloo        every sample, advantage A_i = r_i - mean_{j != i} r_j, clipped policy gradient
+         grpo             every sample, A_i = (r_i - mean r) / std r, clipped policy gradient (+ KL with kl_coef)
          inpo, dpo, ipo   the pair (best, worst) by r; reference log-probs from pi_ref (the LoRA base or a frozen
                           copy of the initial policy); INPO's anchor pi_t = the sampling policy's log-probs
          sppo             the same pair with soft labels P(y > pi_t) ~ r
@@ -38,11 +41,12 @@ import torch
 
 from align import runs
 from align.config import Recipe
-from align.data import Example, collate, collator, load_prompts
+from align.data import Example, collate, collator, load_prompt_rows
 from align.errors import UserError
 from align.judges import make_judge
 from align.logprobs import pair_logps, token_logps_of
 from align.losses import PairBatch, chosen_nll, get_loss
+from align.losses.policy import group_advantages
 from align.models import is_peft, load_policy, reference_context
 from align.rollout import sampling_from
 from align.rollout.zero import UnshardedCopy, unpartitioned, zero_stage
@@ -60,13 +64,28 @@ def win_rates(judge, prompt: str, texts: list[str]) -> list[float]:
     return [sum(w[i]) / (k - 1) for i in range(k)]
 
 
-def rollout_iteration(engine, judge, prompts: list[str], recipe: Recipe, seed: int) -> list[dict]:
-    """Sample K per prompt and judge them; plain data (saved as JSON for resumption)."""
+def rollout_iteration(engine, judge, rows: list[dict], recipe: Recipe, seed: int) -> list[dict]:
+    """Sample K per prompt row and judge them: win rates among a prompt's samples from a pairwise judge, or the
+    reward functions' scores (which see the rows' other columns). Plain data (saved as JSON for resumption)."""
+    prompts = [r["prompt"] for r in rows]
     inputs = [[{"role": "user", "content": p}] for p in prompts] if recipe.data.chat_template else prompts
     groups = engine.generate(inputs, n=recipe.rollout.n, sampling=sampling_from(recipe.rollout, seed=seed))
+    if getattr(judge, "pointwise", False):  # one call for the whole shard: every completion with its row's columns
+        flat = [(row, c.text) for row, group in zip(rows, groups) for c in group]
+        keys = sorted({k for row in rows for k in row if k != "prompt"})
+        scores = judge.score(
+            [row["prompt"] for row, _ in flat],
+            [text for _, text in flat],
+            {k: [row.get(k) for row, _ in flat] for k in keys},
+        )
+        k = recipe.rollout.n
+        rewards = [scores[i * k : (i + 1) * k] for i in range(len(rows))]
+        parts = [[{n: v[i * k + j] for n, v in judge.last.items()} for j in range(k)] for i in range(len(rows))]
+    else:
+        rewards = [win_rates(judge, prompt, [c.text for c in group]) for prompt, group in zip(prompts, groups)]
+        parts = [[None] * len(group) for group in groups]
     out = []
-    for prompt, group in zip(prompts, groups):
-        r = win_rates(judge, prompt, [c.text for c in group])
+    for prompt, group, r, part in zip(prompts, groups, rewards, parts):
         out.append(
             {
                 "prompt": prompt,
@@ -77,41 +96,52 @@ def rollout_iteration(engine, judge, prompts: list[str], recipe: Recipe, seed: i
                         "logprobs": c.logprobs or [0.0],
                         "text": c.text,
                         "reward": ri,
+                        **({"scores": p} if p is not None else {}),
                     }
-                    for c, ri in zip(group, r)
+                    for c, ri, p in zip(group, r, part)
                 ],
             }
         )
     return out
 
 
-def held_out_prompts(recipe: Recipe) -> list[str]:
-    """Prompts to evaluate on (at most eval.size): data.eval's, else the test split of a built-in training set."""
+def held_out_rows(recipe: Recipe) -> list[dict]:
+    """Prompt rows to evaluate on (at most eval.size): data.eval's, else the test split of a built-in training set."""
     import dataclasses
 
     d = recipe.data
     if d.eval:
-        prompts = load_prompts(dataclasses.replace(d, train=d.eval, limit=None), seed=recipe.train.seed)
+        rows = load_prompt_rows(dataclasses.replace(d, train=d.eval, limit=None), seed=recipe.train.seed)
     elif d.train.startswith("builtin:stories"):
         from align.stories import story_prompts
 
-        prompts = story_prompts(recipe.eval.size, seed=recipe.train.seed, split="test")
+        rows = [{"prompt": p} for p in story_prompts(recipe.eval.size, seed=recipe.train.seed, split="test")]
     elif d.train.startswith("builtin:tasks") or d.train == "builtin:tasks":
         from align import tasks as T
 
-        prompts = [
-            t.prompt
+        rows = [
+            {"prompt": t.prompt, "answer": t.answer, "family": t.family}
             for t in T.make_tasks(
                 recipe.eval.size, seed=recipe.train.seed + 1, split="test", families=d.builtin_families
             )
         ]
     else:
-        prompts = []
-    return prompts[: recipe.eval.size]
+        rows = []
+    return rows[: recipe.eval.size]
 
 
-def eval_scores(recipe: Recipe, judge, prompts: list[str], answers: list[str], reference: list | None) -> list:
-    """Per prompt: 1/0 for the checker, the goal score for stories, else P(answer > the initial answer)."""
+def held_out_prompts(recipe: Recipe) -> list[str]:
+    return [r["prompt"] for r in held_out_rows(recipe)]
+
+
+def eval_scores(
+    recipe: Recipe, judge, prompts: list[str], answers: list[str], reference: list | None, rows: list[dict] = ()
+) -> list:
+    """Per prompt: 1/0 for the checker, the goal score for stories, the reward functions' reward (they see the
+    ``rows``' columns), else P(answer > the initial answer)."""
+    if getattr(judge, "pointwise", False):
+        keys = sorted({k for row in rows for k in row if k != "prompt"})
+        return judge.score(prompts, answers, {k: [row.get(k) for row in rows] for k in keys})
     if recipe.judge.kind == "checker":
         from align import tasks as T
 
@@ -150,7 +180,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     accelerator = kit.make_accelerator(1)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     zero3 = zero_stage(accelerator) == 3
-    if zero3 and spec.needs_reference and not recipe.lora.enabled:
+    needs_ref = spec.needs_reference or (spec.per_token and recipe.loss.kl_coef > 0)
+    if zero3 and needs_ref and not recipe.lora.enabled:
         raise UserError(
             f"loss.name: {spec.name!r} needs a frozen reference copy of the policy, which ZeRO-3 cannot hold; "
             "use LoRA (lora.enabled=true: the reference is the adapter-free base) or ZeRO-2"
@@ -162,7 +193,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     plain_engine = zero3 and recipe.rollout.backend == "hf"
     with unpartitioned(accelerator, enabled=plain_engine):
         model, tok = load_policy(recipe.model, recipe.lora, seed=t.seed)
-    prompts = load_prompts(recipe.data, seed=t.seed)
+    prompts = load_prompt_rows(recipe.data, seed=t.seed)  # {"prompt", **columns}: reward functions see the columns
     if len(prompts) < o.prompts_per_iteration:
         raise UserError(
             f"{recipe.data.train}: {len(prompts)} prompts < online.prompts_per_iteration {o.prompts_per_iteration}"
@@ -172,7 +203,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     with unpartitioned(accelerator):  # every rank judges its own samples with a whole judge model
         judge = make_judge(recipe.judge)
     ref_model = None
-    if spec.needs_reference and not is_peft(model):
+    if needs_ref and not is_peft(model):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     plain = UnshardedCopy(model, accelerator.device) if plain_engine else None
     # the iterations are the schedule: a constant learning rate
@@ -195,7 +226,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
 
     engine = kit.rollout_engine(recipe, accelerator, policy(), tok, resumed=start > 0)
     started = time.time()
-    held_out = held_out_prompts(recipe) if recipe.data.eval or t.eval_steps else []  # evaluation is opt-in
+    held_out_r = held_out_rows(recipe) if recipe.data.eval or t.eval_steps else []  # evaluation is opt-in
+    held_out = [r["prompt"] for r in held_out_r]
     last_eval: dict = {}
 
     def evaluate(at: int) -> dict:
@@ -224,9 +256,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                 [held_out[i] for i in mine],
                 [answers[i] for i in mine],
                 None if reference is None else [reference[i] for i in mine],
+                [held_out_r[i] for i in mine],
             ),
         )
-        name = {"checker": "eval/accuracy", "story": "eval/goal_score"}.get(
+        name = {"checker": "eval/accuracy", "story": "eval/goal_score", "function": "eval/reward"}.get(
             recipe.judge.kind, "eval/win_rate_vs_initial"
         )
         result = {name: sum(scores) / len(scores)}
@@ -240,7 +273,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         return result
 
     initial_answers = None
-    if held_out and recipe.judge.kind not in ("checker", "story"):
+    if held_out and recipe.judge.kind not in ("checker", "story", "function"):
         ref_path = output_dir / "eval_reference.json"
         initial_answers = kit.from_main(
             accelerator, lambda: json.loads(ref_path.read_text()) if ref_path.exists() else None
@@ -288,8 +321,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             r = [s["reward"] for s in g["samples"]]
             k = len(r)
             if spec.per_token:
-                for s in g["samples"]:
-                    adv = s["reward"] - (sum(r) - s["reward"]) / (k - 1)
+                for s, adv in zip(g["samples"], group_advantages(spec.name, r, recipe.loss.scale_rewards)):
                     if abs(adv) > o.min_advantage:
                         rows.append(
                             {
@@ -348,6 +380,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             row["sample_goal_score"] = sum(
                 story_score(s["text"], recipe.judge.goal) for g in groups for s in g["samples"]
             ) / len(rewards)
+        for name in groups[0]["samples"][0].get("scores", {}):  # reward functions: each one's mean score
+            row[f"reward/{name}"] = sum(s["scores"][name] for g in groups for s in g["samples"]) / len(rewards)
         if window:
             row.update({k_: sum(w[k_] for w in window) / len(window) for k_ in window[0]})
         if main:
@@ -390,6 +424,10 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, 
             token_mask=mask,
             advantages=torch.tensor([r["adv"] for r in chunk], device=device),
         )
+        if recipe.loss.kl_coef:  # per-token KL to pi_ref (the LoRA base or the frozen copy)
+            with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
+                ref = ref_model if ref_model is not None else model
+                pb.ref_token_logps = token_logps_of(ref, batch["input_ids"], batch["attention_mask"], mask) * mask
     else:
         exs = [Example(i, r["prompt_ids"], r["w"]["token_ids"], r["l"]["token_ids"]) for i, r in enumerate(chunk)]
         batch = {k: v.to(device) for k, v in pairs(exs).items()}

@@ -21,7 +21,22 @@ import torch
 from align.config import LossConfig
 from align.losses import LOSSES, PairBatch, get_loss, register_loss
 
-ALL_LOSSES = {"dpo", "cdpo", "robust", "ipo", "ipo_norm", "hinge", "simpo", "sppo", "inpo", "sft", "spo", "loop"}
+ALL_LOSSES = {
+    "dpo",
+    "cdpo",
+    "robust",
+    "ipo",
+    "ipo_norm",
+    "hinge",
+    "simpo",
+    "sppo",
+    "inpo",
+    "sft",
+    "spo",
+    "loop",
+    "grpo",
+    "rloo",
+}
 TOL = 1e-6
 
 
@@ -73,11 +88,12 @@ def test_registry_holds_exactly_the_documented_losses():
         assert get_loss(name).name == name
 
 
-def test_needs_reference_false_exactly_for_simpo_sft_spo_and_loop():
-    assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == {"simpo", "sft", "spo", "loop"}
+def test_needs_reference_false_exactly_for_simpo_sft_and_the_policy_gradient_losses():
+    pg = {"spo", "loop", "grpo", "rloo"}  # (grpo/rloo take a reference pass only when loss.kl_coef > 0)
+    assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == {"simpo", "sft"} | pg
     assert {name for name, spec in LOSSES.items() if spec.needs_anchor} == {"inpo"}
-    assert {name for name, spec in LOSSES.items() if not spec.needs_rejected} == {"sft", "spo", "loop"}
-    assert {name for name, spec in LOSSES.items() if spec.per_token} == {"spo", "loop"}
+    assert {name for name, spec in LOSSES.items() if not spec.needs_rejected} == {"sft"} | pg
+    assert {name for name, spec in LOSSES.items() if spec.per_token} == pg
 
 
 @pytest.mark.parametrize("name", sorted(ALL_LOSSES))
@@ -278,8 +294,8 @@ def test_sppo_hard_labels_equal_trl_sppo_hard():
 
 
 @pytest.mark.parametrize(
-    "name", sorted(ALL_LOSSES - {"spo", "loop"})
-)  # spo, loop: per-token tests (loop: tests/trainers/test_agent.py)
+    "name", sorted(ALL_LOSSES - {"spo", "loop", "grpo", "rloo"})
+)  # per-token losses: their own tests (loop: tests/trainers/test_agent.py; grpo, rloo: test_group_policy_losses.py)
 def test_gradients_flow(name):
     if name == "sft":
         batch = PairBatch(chosen_logps=t(-10.0, -7.5, grad=True), chosen_lengths=t(4.0, 3.0))

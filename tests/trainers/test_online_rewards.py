@@ -1,0 +1,92 @@
+"""The online trainer with the user's reward functions (judge.kind function) and the single-turn GRPO and RLOO
+objectives: what the functions receive, how their weighted scores become rewards and advantages, evaluation with
+them, the Python API's reward_funcs, and one-line errors for bad functions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import align
+from align.config import load_recipe
+from align.errors import UserError
+from align.losses.policy import group_advantages
+from align.paths import REPO_ROOT
+from align.trainers import run
+from tests.conftest import error_lines, metrics_rows, run_align
+
+RECIPE = REPO_ROOT / "recipes" / "grpo" / "tiny-reward-fn.yaml"
+SMALL = [
+    "online.iterations=2",
+    "online.prompts_per_iteration=8",
+    "rollout.n=4",
+    "rollout.max_new_tokens=6",
+    "train.batch_size=8",
+    "logging.progress=false",
+    "logging.plots=false",
+]
+
+
+@pytest.mark.parametrize("loss", ["grpo", "rloo"])
+def test_reward_functions_drive_grpo_and_rloo(tmp_path, loss):
+    recipe = load_recipe(RECIPE, SMALL + [f"loss.name={loss}", "train.eval_steps=2", "eval.size=8"])
+    assert recipe.judge.functions[0] == f"{REPO_ROOT}/recipes/grpo/reward_fns.py:correct"  # ./ = recipe folder
+    summary = run(recipe, tmp_path / loss)
+    rows = metrics_rows(tmp_path / loss)
+    train_rows = [r for r in rows if "iteration" in r]
+    assert [r["iteration"] for r in train_rows] == [1, 2]
+    groups = json.loads((tmp_path / loss / "rollouts" / "iter-1.json").read_text())["groups"]
+    for g in groups:  # reward = 1 x correct + 0.1 x right_length, each function's score saved per sample
+        for s in g["samples"]:
+            assert set(s["scores"]) == {"correct", "right_length"}
+            assert s["reward"] == pytest.approx(s["scores"]["correct"] + 0.1 * s["scores"]["right_length"])
+    mean = sum(s["scores"]["right_length"] for g in groups for s in g["samples"]) / (8 * 4)
+    assert train_rows[0]["reward/right_length"] == pytest.approx(mean)
+    spread = [g for g in groups if len({s["reward"] for s in g["samples"]}) > 1]
+    assert train_rows[0]["train_rows"] == 4 * len(spread)  # a group whose rewards tie has no advantage
+    assert f"{loss}/clip_fraction" in train_rows[0] and "eval/reward" in summary["final"]
+    assert (tmp_path / loss / "eval_samples" / "iteration-2.jsonl").is_file()
+
+
+def test_functions_receive_every_column_and_the_api_takes_callables(tmp_path):
+    seen = []
+
+    def longer_is_better(prompts, completions, answer, family, **rest):
+        seen.append((len(prompts), len(completions), len(answer), sorted(set(family)), rest))
+        return [len(c) / 10 for c in completions]
+
+    recipe = load_recipe(RECIPE, SMALL + ["online.iterations=1"])
+    summary = align.train(recipe, output_dir=tmp_path / "api", reward_funcs=[longer_is_better])
+    assert summary["steps"] == 1
+    n, m, a, families, rest = seen[0]
+    assert n == m == a == 8 * 4 and set(families) <= {"sort", "count", "max"} and rest == {}
+    assert load_recipe(tmp_path / "api" / "recipe.yaml").judge.functions == ["memory:reward_func_0"]
+    assert "reward/longer_is_better" in metrics_rows(tmp_path / "api")[0]
+
+    with pytest.raises(UserError, match="returned 1 values for 32 completions"):
+        align.train(recipe, output_dir=tmp_path / "bad", reward_funcs=lambda prompts, completions, **c: [1.0])
+    with pytest.raises(UserError, match="reward_funcs: expected a callable"):
+        align.train(recipe, output_dir=tmp_path / "bad2", reward_funcs=["not callable"])
+
+
+def test_bad_function_names_and_keys_are_one_line_before_anything_loads(tmp_path):
+    cases = [
+        (["judge.functions=[nomodule_xyz:f]", "judge.weights=null"], "cannot import nomodule_xyz"),
+        (["judge.functions=[./reward_fns.py:missing]", "judge.weights=null"], "is not a callable"),
+        (["judge.weights=[1.0]"], "one number per judge.functions entry (2)"),
+        (["judge.kind=checker"], "judge.functions / judge.weights apply to judge.kind 'function'"),
+        (["loss.name=spo", "loss.kl_coef=0.1"], "loss.kl_coef applies to loss grpo or rloo"),
+        (["loss.scale_rewards=false", "loss.name=rloo"], "loss.scale_rewards applies to loss grpo"),
+    ]
+    for overrides, line in cases:
+        bad = run_align("train", str(RECIPE), "--dry-run", *overrides)
+        assert bad.returncode == 2 and line in error_lines(bad.stderr)[-1], (overrides, bad.stderr[-500:])
+
+
+def test_grpo_advantages_in_the_trainer_match_the_pure_function(tmp_path):
+    recipe = load_recipe(RECIPE, SMALL + ["online.iterations=1", "loss.scale_rewards=false"])
+    run(recipe, tmp_path / "g")
+    groups = json.loads((tmp_path / "g" / "rollouts" / "iter-1.json").read_text())["groups"]
+    advs = [a for g in groups for a in group_advantages("grpo", [s["reward"] for s in g["samples"]], scale=False)]
+    assert sum(abs(a) > 0 for a in advs) == metrics_rows(tmp_path / "g")[0]["train_rows"]

@@ -92,11 +92,12 @@ def test_bench_online_json_contract():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo", "dpo_nll"):
+    for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo", "dpo_nll", "grpo", "rloo"):
         assert {"accuracy", "win_rate_vs_sft", "kl_to_ref", "judge_calls", "wall_seconds", "per_family"} <= set(
             out["verifiable"][method]
         )
     assert len(out["curves"]["verifiable"]["spo"]) == 2 and len(out["curves"]["verifiable"]["dpo"]) == 1
+    assert len(out["curves"]["verifiable"]["grpo"]) == 2 and len(out["curves"]["verifiable"]["rloo"]) == 2
     for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo"):
         if shared_data_dir() is not None:
             assert {

@@ -125,10 +125,15 @@ class LossConfig:
     tau: float = doc(0.005 / 3, "INPO KL-to-reference strength tau (tau = eta gives online IPO).")
     clip_eps: float = doc(0.2, "PPO-style ratio clipping of policy-gradient losses (spo, loop, grpo, rloo).")
     sft_weight: float = doc(0.0, "Add this times the chosen NLL (per token) to the loss (RPO-style regulariser).")
-    importance: Literal["token", "trajectory"] = doc(
+    importance: Literal["token", "trajectory", "sequence_mean"] = doc(
         "token",
-        "loop: per-token importance weights and clipping (LOOP), or one length-normalised weight per episode "
-        "(ablation).",
+        "loop: per-token importance weights and clipping (LOOP); 'trajectory': one weight per episode, "
+        "exp(sum_t log rho_t) (LOOP's ablation, as ml-loop); 'sequence_mean': exp(mean_t log rho_t) (GSPO).",
+    )
+    clip_eps_low: Optional[float] = doc(
+        None,
+        "Lower clip bound 1 - clip_eps_low of the policy-gradient losses (default: clip_eps, symmetric); ml-loop "
+        "clips at 1/(1+eps), i.e. clip_eps_low = 1 - 1/(1 + clip_eps).",
     )
     loss_type: Literal["grpo", "bnpo"] = doc(
         "grpo",
@@ -740,6 +745,8 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
                 raise UserError(f"{where}: loss.{key} applies to loss grpo or rloo, not {spec.name!r}")
     if spec.name != "grpo" and not lo.scale_rewards:
         raise UserError(f"{where}: loss.scale_rewards applies to loss grpo, not {spec.name!r}")
+    if lo.clip_eps_low is not None and not 0 < lo.clip_eps_low < 1:
+        raise UserError(f"{where}: loss.clip_eps_low must be in (0, 1), got {lo.clip_eps_low}")
     if lo.kl_coef < 0 or not math.isfinite(lo.kl_coef):
         raise UserError(f"{where}: loss.kl_coef must be a finite number >= 0, got {lo.kl_coef}")
     if spec.needs_reference and t.reference == "none":

@@ -9,6 +9,31 @@ import torch
 
 from align.losses.registry import PairBatch, register_loss
 
+LOG_RATIO_CLAMP = 20.0
+"""log pi - log pi_old is clamped to +-20 before ``exp`` (as verl): one outlier token cannot overflow the ratio."""
+
+
+def _token_ratio(b: PairBatch) -> torch.Tensor:
+    """rho_t = pi(y_t) / pi_old(y_t) per token (1 on masked positions), from the clamped log-ratio."""
+    return torch.exp(
+        ((b.token_logps - b.old_token_logps) * b.token_mask.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    )
+
+
+def _bounds(cfg) -> tuple[float, float]:
+    """The clip range [1 - eps_low, 1 + eps]: eps_low = loss.clip_eps_low, or loss.clip_eps when unset."""
+    eps = cfg.clip_eps
+    low = getattr(cfg, "clip_eps_low", None)
+    return 1 - (eps if low is None else low), 1 + eps
+
+
+def _surrogate(ratio: torch.Tensor, adv: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-min(rho A, clip(rho, lo, hi) A), where clipping removed the gradient): above hi when A > 0, below lo when
+    A < 0 (the other side is never clipped by the min, so it is not counted in the clip fraction)."""
+    loss = -torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
+    removed = ((adv > 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo))
+    return loss, removed.float()
+
 
 @register_loss(
     "spo",
@@ -26,16 +51,14 @@ def spo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     eps = loss.clip_eps.
     With one on-policy step rho = 1 and this is REINFORCE with the leave-one-out baseline."""
     mask = b.token_mask.float()
-    ratio = torch.exp(b.token_logps - b.old_token_logps) * mask
-    adv = b.advantages[:, None]
-    eps = cfg.clip_eps
-    per_token = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
-    loss = -(per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    clipped = ((ratio - 1).abs() > eps).float() * mask
+    n = mask.sum(-1).clamp(min=1)
+    ratio = _token_ratio(b)
+    per_token, removed = _surrogate(ratio, b.advantages[:, None], *_bounds(cfg))
+    loss = (per_token * mask).sum(-1) / n
     return loss, {
         "spo/advantage": b.advantages.detach(),
-        "spo/clip_fraction": (clipped.sum(-1) / mask.sum(-1).clamp(min=1)).detach(),
-        "spo/ratio": ((ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).detach(),
+        "spo/clip_fraction": ((removed * mask).sum(-1) / n).detach(),
+        "spo/ratio": ((ratio * mask).sum(-1) / n).detach(),
     }
 
 
@@ -50,33 +73,34 @@ def spo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
 def loop(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     """LOOP, Chen et al. 2025 ("Reinforcement Learning for Long-Horizon Interactive LLM Agents"), Sec. 3:
     A_k = R_k - mean_{i != k} R_i over the K rollouts of a task (computed by the trainer; no value network, no KL),
-    L = -(1/|a(x)|) sum_t min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) over the tokens the model emitted
+    L = -(1/|a(x)|) sum_t min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps) A) over the tokens the model emitted
     (``token_mask``: environment tokens are masked), rho_t = pi(a_t) / pi_old(a_t) with pi_old's log-probs
-    recomputed by the learner before the iteration's first update.
+    recomputed by the learner before the iteration's first update. ml-loop clips at [1/(1+eps), 1+eps]:
+    loss.clip_eps_low = 1 - 1/(1+eps) (the LOOP recipes set it).
 
-    ``loss.importance: trajectory`` is the ablation with one importance weight per episode, the length-normalised
-    sequence ratio rho = exp((1/|a|) sum_t log rho_t) (as GSPO, Zheng et al. 2025, Eq. 7), clipped once."""
+    ``loss.importance``: ``trajectory`` is LOOP's per-trajectory ablation, one weight per episode
+    w = exp(sum_t log rho_t) (as ml-loop), L = -min(w A, clip(w, 1 - eps_low, 1 + eps) A); ``sequence_mean`` is
+    GSPO's length-normalised weight w = exp((1/|a|) sum_t log rho_t) (Zheng et al. 2025, Eq. 7) in the same loss."""
     mask = b.token_mask.float()
     n = mask.sum(-1).clamp(min=1)
-    log_ratio = (b.token_logps - b.old_token_logps) * mask
-    adv = b.advantages[:, None]
-    eps = cfg.clip_eps
-    if getattr(cfg, "importance", "token") == "trajectory":
-        ratio = torch.exp(log_ratio.sum(-1) / n)
-        per = torch.minimum(ratio * b.advantages, torch.clamp(ratio, 1 - eps, 1 + eps) * b.advantages)
-        loss = -per
-        clipped = ((ratio - 1).abs() > eps).float()
+    lo, hi = _bounds(cfg)
+    importance = getattr(cfg, "importance", "token")
+    if importance in ("trajectory", "sequence_mean"):
+        log_ratio = ((b.token_logps - b.old_token_logps) * mask).sum(-1)
+        if importance == "sequence_mean":
+            log_ratio = log_ratio / n
+        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        loss, removed = _surrogate(ratio, b.advantages, lo, hi)
         return loss, {
-            "loop/clip_fraction": clipped.detach(),
+            "loop/clip_fraction": removed.detach(),
             "loop/ratio": ratio.detach(),
             "loop/advantage": b.advantages.detach(),
         }
-    ratio = torch.exp(log_ratio) * mask
-    per_token = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
-    loss = -(per_token * mask).sum(-1) / n
-    clipped = ((ratio - 1).abs() > eps).float() * mask
+    ratio = _token_ratio(b)
+    per_token, removed = _surrogate(ratio, b.advantages[:, None], lo, hi)
+    loss = (per_token * mask).sum(-1) / n
     return loss, {
-        "loop/clip_fraction": (clipped.sum(-1) / n).detach(),
+        "loop/clip_fraction": ((removed * mask).sum(-1) / n).detach(),
         "loop/ratio": ((ratio * mask).sum(-1) / n).detach(),
         "loop/advantage": b.advantages.detach(),
     }
@@ -108,10 +132,8 @@ def _clipped_pg(b: PairBatch, cfg, prefix: str) -> tuple[torch.Tensor, dict]:
     token mean."""
     mask = b.token_mask.float()
     n = mask.sum(-1).clamp(min=1)
-    ratio = torch.exp((b.token_logps - b.old_token_logps) * mask)
-    adv = b.advantages[:, None]
-    eps = cfg.clip_eps
-    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+    ratio = _token_ratio(b)
+    per_token, removed = _surrogate(ratio, b.advantages[:, None], *_bounds(cfg))
     metrics = {}
     if cfg.kl_coef:
         q = (b.ref_token_logps - b.token_logps) * mask
@@ -123,11 +145,10 @@ def _clipped_pg(b: PairBatch, cfg, prefix: str) -> tuple[torch.Tensor, dict]:
         loss = summed * mask.shape[0] / mask.sum().clamp(min=1)
     else:
         loss = summed / n
-    clipped = ((ratio - 1).abs() > eps).float() * mask
     metrics.update(
         {
             f"{prefix}/advantage": b.advantages.detach(),
-            f"{prefix}/clip_fraction": (clipped.sum(-1) / n).detach(),
+            f"{prefix}/clip_fraction": ((removed * mask).sum(-1) / n).detach(),
             f"{prefix}/ratio": ((ratio * mask).sum(-1) / n).detach(),
         }
     )

@@ -39,6 +39,7 @@ from align.config import Recipe
 from align.data import Example, collate
 from align.logprobs import token_logps_of
 from align.losses import PairBatch, get_loss
+from align.losses.policy import group_advantages
 from align.models import load_policy
 from align.rollout import SamplingParams
 from align.rollout.zero import UnshardedCopy, unpartitioned, zero_stage
@@ -46,14 +47,9 @@ from align.trainers import kit
 
 
 def advantages(rewards: list[float], kind: str) -> list[float]:
-    """Leave-one-out (LOOP, RLOO): A_k = R_k - mean_{i != k} R_i; grpo: (R_k - mean R) / (std R + 1e-4)."""
-    k = len(rewards)
-    if kind == "grpo":
-        mean = sum(rewards) / k
-        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(k - 1, 1))
-        return [(r - mean) / (std + 1e-4) for r in rewards]
-    total = sum(rewards)
-    return [r - (total - r) / (k - 1) for r in rewards]
+    """Leave-one-out (LOOP, RLOO): A_k = R_k - mean_{i != k} R_i; grpo: (R_k - mean R) / (std R + 1e-4)
+    (``align.losses.policy.group_advantages``, shared with the online trainer)."""
+    return group_advantages("grpo" if kind == "grpo" else "rloo", rewards)
 
 
 # ------------------------------------------------------------------------------------------------ learner

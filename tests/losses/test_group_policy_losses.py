@@ -91,3 +91,19 @@ def test_rloo_without_kl_is_spos_update_and_gradients_flow_only_through_pi():
     g = b.token_logps.grad
     assert g[0, 1] == 0 and g[1, 0] == 0  # clipped tokens carry no gradient
     assert g[0, 0] == pytest.approx(-1.0 / 3) and g[1, 1] == pytest.approx(0.5 / 2)
+
+
+@pytest.mark.parametrize("name", ["spo", "loop", "grpo", "rloo"])
+def test_an_outlier_log_ratio_is_clamped_before_exp(name):
+    """log pi - log pi_old = 1000 on one token would overflow exp: it is clamped at 20 (verl), so the loss and its
+    gradient stay finite; the clamped token sits far outside the clip range and carries no gradient."""
+    b = batch()
+    b.token_logps = b.token_logps.clone()
+    b.token_logps[0, 0] = 999.0
+    b.old_token_logps = b.old_token_logps.clone()
+    b.old_token_logps[0, 0] = -1.0
+    b.token_logps.requires_grad_(True)
+    loss, m = LOSSES[name].fn(b, LossConfig(name=name))
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(b.token_logps.grad).all()
+    assert m[f"{name}/ratio"][0].item() == pytest.approx((math.exp(20) + math.exp(0.2) + 1) / 3)

@@ -97,10 +97,22 @@ def test_loop_loss_by_hand_token_and_trajectory():
     # rho = (1.25, 1.0): min(1.25*2, 1.1*2) = 2.2 and 2.0; mean over the 2 model tokens, negated
     assert loss.item() == pytest.approx(-(2.2 + 2.0) / 2)
     assert m["loop/clip_fraction"].item() == pytest.approx(0.5)
-    cfg.importance = "trajectory"
-    loss, _ = spec.fn(b, cfg)
-    rho = math.exp(math.log(1.25) / 2)  # 1.118 -> clipped at 1.1
-    assert rho > 1.1 and loss.item() == pytest.approx(-1.1 * 2.0)
+    cfg.clip_eps = 0.2
+    cfg.importance = "trajectory"  # LOOP's ablation (ml-loop): w = exp(sum_t log rho_t) = 1.25 -> clipped at 1.2
+    loss, m = spec.fn(b, cfg)
+    assert loss.item() == pytest.approx(-1.2 * 2.0) and m["loop/ratio"].item() == pytest.approx(1.25)
+    cfg.importance = "sequence_mean"  # GSPO: w = exp(mean_t log rho_t) = 1.118, inside [0.8, 1.2]
+    loss, m = spec.fn(b, cfg)
+    assert loss.item() == pytest.approx(-math.exp(math.log(1.25) / 2) * 2.0) and m["loop/clip_fraction"].item() == 0
+    cfg.importance, cfg.clip_eps_low = "token", 1 - 1 / 1.2  # ml-loop's lower bound 1/(1+eps)
+    b.advantages = torch.tensor([-2.0])
+    b.old_token_logps = torch.tensor([[math.log(0.61), math.log(0.2), 0.0]])  # rho_0 = 0.5/0.61 = 0.8197
+    loss, m = spec.fn(b, cfg)
+    # 0.8197 < 1/1.2 = 0.8333: clipped for A < 0 (min(-1.639, -1.667) = -1.667); rho_1 = 1
+    assert loss.item() == pytest.approx((2.0 / 1.2 + 2.0) / 2) and m["loop/clip_fraction"].item() == 0.5
+    cfg.clip_eps_low = None  # symmetric: 0.8197 > 0.8 is not clipped
+    loss, m = spec.fn(b, cfg)
+    assert loss.item() == pytest.approx((2.0 * 0.5 / 0.61 + 2.0) / 2) and m["loop/clip_fraction"].item() == 0
 
 
 def test_scores_tgc_sgc():

@@ -156,7 +156,13 @@ class OnlineConfig:
         64, "Prompts sampled (without replacement within an iteration) per iteration; K = rollout.n samples each."
     )
     epochs_per_iteration: int = doc(1, "Passes over an iteration's judged data.")
-    min_advantage: float = doc(0.0, "Drop samples whose |advantage| is at most this (spo).")
+    min_advantage: float = doc(0.0, "Drop samples whose |advantage| is at most this (spo, grpo, rloo).")
+    old_logprobs: Literal["learner", "sampler"] = doc(
+        "learner",
+        "log pi_old (spo, grpo, rloo) and log pi_t (inpo, sppo): recomputed by the learner before the iteration's "
+        "first update (sharded over ranks), or the sampler's own (faster; they differ under bf16 / vLLM / LoRA "
+        "kernels, so the first ratio is not 1 and the INPO/SPPO targets shift).",
+    )
 
 
 @dataclass

@@ -26,7 +26,6 @@ evaluation is sharded the same way.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -73,27 +72,14 @@ def episode_token_logps(model, rows: list[dict], pad: int, device) -> tuple[torc
     return lp * b["mask"], b["mask"]
 
 
-@torch.no_grad()
 def old_logps(model, rows: list[dict], batch_size: int, pad: int, device, world: int, rank: int) -> list:
-    """log pi_old of every row's tokens (CPU tensors, in row order) on every rank: rank r computes rows[r::world] in
-    batches and the results are gathered. Every rank runs the same number of forward passes (ZeRO-3 gathers
-    parameters collectively): a rank with fewer rows repeats a dummy batch."""
-    from accelerate.utils import gather_object
+    """log pi_old of every row's tokens (CPU tensors, in row order) on every rank (``kit.sharded_forward``)."""
 
-    if not rows:
-        return []
-    mine = list(range(rank, len(rows), world))
-    batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
-    out = {}
-    for b in range(batches):
-        idx = mine[b * batch_size : (b + 1) * batch_size]
-        lp, _ = episode_token_logps(model, [rows[i] for i in idx] or rows[:1], pad, device)
-        for i, l_ in zip(idx, lp):
-            out[i] = l_[: len(rows[i]["token_ids"]) - 1].cpu()
-    merged = {}
-    for part in gather_object([out]) if world > 1 else [out]:
-        merged.update(part)
-    return [merged[i] for i in range(len(rows))]
+    def forward(chunk: list[dict]) -> list:
+        lp, _ = episode_token_logps(model, chunk, pad, device)
+        return [l_[: len(r["token_ids"]) - 1].cpu() for r, l_ in zip(chunk, lp)]
+
+    return kit.sharded_forward(forward, rows, batch_size, world, rank)
 
 
 def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=None) -> dict:

@@ -264,6 +264,29 @@ def shard_and_gather(items: list, world: int, rank: int, work) -> list:
     return [parts[i % world][i // world] for i in range(len(items))]
 
 
+@torch.no_grad()
+def sharded_forward(fn, rows: list, batch_size: int, world: int, rank: int) -> list:
+    """``fn(batch of rows) -> one result per row`` (no grad; e.g. the learner's log-probs of sampled tokens) for every
+    row, on every rank in row order: rank r computes rows[r::world] in batches of ``batch_size`` and the results
+    are gathered. Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively): a
+    rank with fewer rows repeats a dummy batch."""
+    from accelerate.utils import gather_object
+
+    if not rows:
+        return []
+    mine = list(range(rank, len(rows), world))
+    batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
+    out = {}
+    for b in range(batches):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        results = fn([rows[i] for i in idx] or rows[:1])
+        out.update(zip(idx, results))
+    merged = {}
+    for part in gather_object([out]) if world > 1 else [out]:
+        merged.update(part)
+    return [merged[i] for i in range(len(rows))]
+
+
 # ------------------------------------------------------------------------------------------- run folder
 
 

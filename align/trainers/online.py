@@ -335,6 +335,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                 best, worst = max(range(k), key=r.__getitem__), min(range(k), key=r.__getitem__)
                 if r[best] > r[worst]:
                     rows.append({"prompt_ids": g["prompt_ids"], "w": g["samples"][best], "l": g["samples"][worst]})
+        if o.old_logprobs == "learner" and (spec.per_token or spec.needs_anchor or spec.name == "sppo"):
+            model.eval()  # pi_old / pi_t as the learner computes them (not the sampler), before the first update
+            rows = _learner_logprobs(model, rows, spec.per_token, t.batch_size, pad, device, world, rank)
         rng = random.Random(t.seed * 7919 + it)
 
         # ---- 3. updates (this rank's share of each global minibatch); the engine's memory is freed meanwhile
@@ -409,6 +412,31 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         kit.write_outputs(output_dir, recipe, log, summary)
     kit.finish(accelerator)
     return summary
+
+
+def _learner_logprobs(model, rows: list[dict], per_token: bool, batch_size: int, pad: int, device, world, rank):
+    """The rows with the learner's per-token log-probs of their sampled tokens in place of the sampler's: "logprobs"
+    of policy-gradient rows; "logprobs" of the chosen and rejected samples of pair rows (copies: the saved rollouts
+    keep the sampler's). An empty completion (stored as [eos]) gets the learner's value of it as well."""
+    seqs = (
+        [(r["prompt_ids"], r["ids"]) for r in rows]
+        if per_token
+        else [(r["prompt_ids"], r[side]["token_ids"]) for r in rows for side in ("w", "l")]
+    )
+
+    def forward(chunk):
+        batch = _token_batch([(p, ids, [0.0] * len(ids)) for p, ids in chunk], pad, device)
+        mask = batch["completion_mask"][:, 1:]
+        lp = token_logps_of(model, batch["input_ids"], batch["attention_mask"], mask) * mask
+        return [lp[i, len(p) - 1 : len(p) - 1 + len(ids)].tolist() for i, (p, ids) in enumerate(chunk)]
+
+    logps = kit.sharded_forward(forward, seqs, batch_size, world, rank)
+    if per_token:
+        return [{**r, "logprobs": lp} for r, lp in zip(rows, logps)]
+    return [
+        {**r, "w": {**r["w"], "logprobs": logps[2 * i]}, "l": {**r["l"], "logprobs": logps[2 * i + 1]}}
+        for i, r in enumerate(rows)
+    ]
 
 
 def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, pairs):

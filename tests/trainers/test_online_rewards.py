@@ -5,6 +5,7 @@ them, the Python API's reward_funcs, and one-line errors for bad functions."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -90,3 +91,40 @@ def test_grpo_advantages_in_the_trainer_match_the_pure_function(tmp_path):
     groups = json.loads((tmp_path / "g" / "rollouts" / "iter-1.json").read_text())["groups"]
     advs = [a for g in groups for a in group_advantages("grpo", [s["reward"] for s in g["samples"]], scale=False)]
     assert sum(abs(a) > 0 for a in advs) == metrics_rows(tmp_path / "g")[0]["train_rows"]
+
+
+@pytest.mark.parametrize("source", ["learner", "sampler"])
+def test_pi_old_is_the_learners_not_the_samplers(tmp_path, monkeypatch, source):
+    """A sampler whose log-probs are off by +0.3 per token (as bf16 / vLLM kernels can be): with the learner's
+    recomputed pi_old the first update's ratio is 1; with the sampler's it is exp(-0.3) = 0.74 (and clipped)."""
+    import align.trainers.online as online
+
+    real = online.rollout_iteration
+
+    def skewed(*args, **kwargs):
+        groups = real(*args, **kwargs)
+        for g in groups:
+            for s in g["samples"]:
+                s["logprobs"] = [lp + 0.3 for lp in s["logprobs"]]
+        return groups
+
+    monkeypatch.setattr(online, "rollout_iteration", skewed)
+    over = ["online.iterations=1", "online.epochs_per_iteration=1", "train.batch_size=64", "loss.name=rloo"]
+    run(load_recipe(RECIPE, SMALL + over + [f"online.old_logprobs={source}"]), tmp_path / source)
+    (row,) = metrics_rows(tmp_path / source)
+    expected = 1.0 if source == "learner" else math.exp(-0.3)
+    assert row["rloo/ratio"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_learner_logprobs_of_pair_rows_equal_those_of_the_same_tokens_as_policy_gradient_rows(tiny_model):
+    from align.trainers.online import _learner_logprobs
+
+    p, w, l_ = [5, 6, 7], [8, 9], [10]
+    pg = _learner_logprobs(
+        tiny_model, [{"prompt_ids": p, "ids": w, "logprobs": [0.0, 0.0], "adv": 1.0}], True, 4, 0, "cpu", 1, 0
+    )
+    pair = {"prompt_ids": p, "w": {"token_ids": w, "logprobs": [0.0] * 2}, "l": {"token_ids": l_, "logprobs": [0.0]}}
+    (out,) = _learner_logprobs(tiny_model, [pair], False, 4, 0, "cpu", 1, 0)
+    assert out["w"]["logprobs"] == pytest.approx(pg[0]["logprobs"], abs=1e-6)
+    assert len(out["l"]["logprobs"]) == 1 and out["l"]["logprobs"][0] < 0
+    assert pair["w"]["logprobs"] == [0.0, 0.0]  # the saved rollouts keep the sampler's

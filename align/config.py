@@ -155,7 +155,15 @@ class OnlineConfig:
     prompts_per_iteration: int = doc(
         64, "Prompts sampled (without replacement within an iteration) per iteration; K = rollout.n samples each."
     )
-    epochs_per_iteration: int = doc(1, "Passes over an iteration's judged data.")
+    epochs_per_iteration: int = doc(
+        1, "Passes over each generation's judged samples (TRL's num_iterations, verl's ppo_epochs)."
+    )
+    generation_batch_size: Optional[int] = doc(
+        None,
+        "Completions sampled at once (TRL's generation_batch_size; a multiple of rollout.n): an iteration's prompts "
+        "are sampled, judged and trained on in generations of this size, each from the policy the previous one "
+        "left (near on-policy for spo, grpo, rloo). None = the whole iteration at once (INPO, SPPO, iterative DPO).",
+    )
     min_advantage: float = doc(0.0, "Drop samples whose |advantage| is at most this (spo, grpo, rloo).")
     old_logprobs: Literal["learner", "sampler"] = doc(
         "learner",
@@ -751,6 +759,11 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
                 raise UserError(f"{where}: loss.{key} applies to loss grpo or rloo, not {spec.name!r}")
     if spec.name != "grpo" and not lo.scale_rewards:
         raise UserError(f"{where}: loss.scale_rewards applies to loss grpo, not {spec.name!r}")
+    g = recipe.online.generation_batch_size
+    if g is not None and (g < recipe.rollout.n or g % recipe.rollout.n):
+        raise UserError(
+            f"{where}: online.generation_batch_size {g} must be a positive multiple of rollout.n ({recipe.rollout.n})"
+        )
     if lo.clip_eps_low is not None and not 0 < lo.clip_eps_low < 1:
         raise UserError(f"{where}: loss.clip_eps_low must be in (0, 1), got {lo.clip_eps_low}")
     if lo.kl_coef < 0 or not math.isfinite(lo.kl_coef):

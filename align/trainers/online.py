@@ -10,17 +10,22 @@ Data flow of one iteration, top to bottom:
          grpo             every sample, A_i = (r_i - mean r) / std r, clipped policy gradient (+ KL with kl_coef)
          inpo, dpo, ipo   the pair (best, worst) by r; reference log-probs from pi_ref (the LoRA base or a frozen
                           copy of the initial policy); INPO's anchor pi_t = the sampling policy's log-probs
+                          (recomputed by the learner, online.old_logprobs)
          sppo             the same pair with soft labels P(y > pi_t) ~ r
     -> epochs of minibatch updates -> engine.update_weights(model) -> checkpoint.
 
-Rollouts and judge results are saved per iteration (``rollouts/iter-N.json``) before training on them, and a
-checkpoint is written after each iteration, so a run killed mid-iteration resumes with the same samples and
-ends with the same weights.
+With online.generation_batch_size an iteration's prompts are taken in generations: sample, judge, train
+epochs_per_iteration passes, sync, sample the next generation from the updated policy (policy-gradient objectives
+stay near on-policy); without it the iteration is one generation.
+
+Rollouts and judge results are saved per generation (``rollouts/iter-N.json``, or ``iter-N-gen-M.json``) before
+training on them, and a checkpoint is written after each iteration, so a run killed mid-iteration resumes with
+the same samples and ends with the same weights.
 
 Under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3; one process is the world = 1 case of the same code):
     - each iteration's prompts are chosen as in one process; rank r samples and judges prompts[r::world] with its
       own seed (rank 0 keeps the single-process seed), the groups are gathered to every rank in prompt order, and
-      rank 0 writes ``rollouts/iter-N.json`` (every rank reads it back when resuming);
+      rank 0 writes the rollouts file (every rank reads it back when resuming);
     - every rank builds the same rows and the same shuffled order; each global minibatch of batch_size x world rows
       is cut into equal per-rank shares (``rank_minibatches``), so every rank runs the same number of steps;
     - under ZeRO-3 the live module's parameters are partitioned: the hf engine samples from an unsharded copy
@@ -153,10 +158,15 @@ def eval_scores(
     return judge.compare(prompts, answers, reference)
 
 
-def saved_rollouts(output_dir: Path, iteration: int) -> dict | None:
-    """What an earlier attempt saved of an iteration's samples and judgements (rank 0 reads it; see kit.from_main)."""
-    path = output_dir / "rollouts" / f"iter-{iteration}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def saved_rollouts(output_dir: Path, iteration: int) -> list[dict]:
+    """What an earlier attempt saved of an iteration's samples and judgements, one dict per generation in order
+    (``iter-N.json``, or ``iter-N-gen-M.json`` with online.generation_batch_size); rank 0 reads it (kit.from_main)."""
+    folder = output_dir / "rollouts"
+    one = folder / f"iter-{iteration}.json"
+    if one.exists():
+        return [json.loads(one.read_text())]
+    gens = sorted(folder.glob(f"iter-{iteration}-gen-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    return [json.loads(p.read_text()) for p in gens]
 
 
 def _token_batch(rows: list[tuple[list[int], list[int], list[float]]], pad: int, device) -> dict:
@@ -215,9 +225,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         accelerator, output_dir, recipe, start, o.iterations, f"online:{spec.name}", subdirs=("rollouts",)
     )
     for i in range(1, start + 1):  # resumed: the judge's memo as the earlier iterations left it (read on rank 0)
-        judge.remember(
-            kit.from_main(accelerator, lambda i=i: (saved_rollouts(output_dir, i) or {}).get("judged")), rank
-        )
+        for judged in kit.from_main(accelerator, lambda i=i: [d.get("judged") for d in saved_rollouts(output_dir, i)]):
+            judge.remember(judged, rank)
     device, pad = accelerator.device, tok.pad_token_id
     pairs = collator(model, recipe.data, pad)  # pair objectives: padding-free rows where the model supports them
 
@@ -291,79 +300,89 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                 runs.atomic_write(ref_path, json.dumps(initial_answers))
 
     for it in range(start, o.iterations):
-        # ---- 1. rollouts + judge (reused when resuming mid-iteration)
-        path = output_dir / "rollouts" / f"iter-{it + 1}.json"
-        data = kit.from_main(accelerator, lambda it=it: saved_rollouts(output_dir, it + 1))  # rank 0 decides
-        if data is not None:
-            judge.remember(data.get("judged"), rank)
-        else:
-            rng = random.Random(t.seed * 1000 + it)
-            calls_before, known = judge.calls, len(judge.cache)
-            seed = t.seed * 1000 + it + rank * kit.RANK_SEED_STRIDE
-            groups = kit.shard_and_gather(
-                rng.sample(prompts, o.prompts_per_iteration),
-                world,
-                rank,
-                lambda mine, seed=seed: rollout_iteration(engine, judge, mine, recipe, seed=seed),
-            )
-            data = {
-                "groups": groups,
-                "judge_calls": sum(gather_object([judge.calls - calls_before])),
-                "judged": gather_object([judge.added_since(known)]),
-            }  # per rank: what this iteration added to its memo
-            if main:
-                runs.atomic_write(path, json.dumps(data))
-        groups = data["groups"]
-
-        # ---- 2. training rows for the objective
-        rows = []  # policy-gradient rows, or pair rows
-        for g in groups:
-            r = [s["reward"] for s in g["samples"]]
-            k = len(r)
-            if spec.per_token:
-                for s, adv in zip(g["samples"], group_advantages(spec.name, r, recipe.loss.scale_rewards)):
-                    if abs(adv) > o.min_advantage:
-                        rows.append(
-                            {
-                                "prompt_ids": g["prompt_ids"],
-                                "ids": s["token_ids"],
-                                "logprobs": s["logprobs"],
-                                "adv": adv,
-                            }
-                        )
+        # The iteration's prompts, in generations of online.generation_batch_size completions (default: one): each
+        # generation is sampled from the current policy, judged, and trained on for epochs_per_iteration passes
+        # before the next one is sampled (policy-gradient objectives stay near on-policy).
+        chosen = random.Random(t.seed * 1000 + it).sample(prompts, o.prompts_per_iteration)
+        per_gen = (o.generation_batch_size // recipe.rollout.n) if o.generation_batch_size else len(chosen)
+        parts = [chosen[s_ : s_ + per_gen] for s_ in range(0, len(chosen), per_gen)]
+        groups, judge_calls, window, train_rows = [], 0, [], 0
+        for m, part in enumerate(parts):
+            # ---- 1. rollouts + judge (reused when resuming mid-iteration)
+            name = f"iter-{it + 1}.json" if len(parts) == 1 else f"iter-{it + 1}-gen-{m + 1}.json"
+            path = output_dir / "rollouts" / name
+            data = kit.from_main(accelerator, lambda p=path: json.loads(p.read_text()) if p.exists() else None)
+            if data is not None:
+                judge.remember(data.get("judged"), rank)
             else:
-                best, worst = max(range(k), key=r.__getitem__), min(range(k), key=r.__getitem__)
-                if r[best] > r[worst]:
-                    rows.append({"prompt_ids": g["prompt_ids"], "w": g["samples"][best], "l": g["samples"][worst]})
-        if o.old_logprobs == "learner" and (spec.per_token or spec.needs_anchor or spec.name == "sppo"):
-            model.eval()  # pi_old / pi_t as the learner computes them (not the sampler), before the first update
-            rows = _learner_logprobs(model, rows, spec.per_token, t.batch_size, pad, device, world, rank)
-        rng = random.Random(t.seed * 7919 + it)
-
-        # ---- 3. updates (this rank's share of each global minibatch); the engine's memory is freed meanwhile
-        engine.sleep()
-        window = []
-        model.train()
-        for _ in range(o.epochs_per_iteration):
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-            for share in kit.rank_minibatches(order, t.batch_size, world, rank):
-                chunk = [rows[i] for i in share]
-                loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, pairs)
-                loss, _ = kit.checked_step(
-                    accelerator, model, optimizer, loss, t.max_grad_norm, t.nan_policy, f"iteration {it + 1}"
+                calls_before, known = judge.calls, len(judge.cache)
+                seed = t.seed * 1000 + it + rank * kit.RANK_SEED_STRIDE + m * 7919
+                part_groups = kit.shard_and_gather(
+                    part,
+                    world,
+                    rank,
+                    lambda mine, seed=seed: rollout_iteration(engine, judge, mine, recipe, seed=seed),
                 )
-                window.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
-        window = [w for part in gather_object([window]) for w in part]  # every rank's steps
-        engine.update_weights(policy())  # (wakes the engine's weights first; generate wakes the rest)
+                data = {
+                    "groups": part_groups,
+                    "judge_calls": sum(gather_object([judge.calls - calls_before])),
+                    "judged": gather_object([judge.added_since(known)]),
+                }  # per rank: what this generation added to its memo
+                if main:
+                    runs.atomic_write(path, json.dumps(data))
+            groups += data["groups"]
+            judge_calls += data["judge_calls"]
+
+            # ---- 2. training rows for the objective
+            rows = []  # policy-gradient rows, or pair rows
+            for g in data["groups"]:
+                r = [s["reward"] for s in g["samples"]]
+                k = len(r)
+                if spec.per_token:
+                    for s, adv in zip(g["samples"], group_advantages(spec.name, r, recipe.loss.scale_rewards)):
+                        if abs(adv) > o.min_advantage:
+                            rows.append(
+                                {
+                                    "prompt_ids": g["prompt_ids"],
+                                    "ids": s["token_ids"],
+                                    "logprobs": s["logprobs"],
+                                    "adv": adv,
+                                }
+                            )
+                else:
+                    best, worst = max(range(k), key=r.__getitem__), min(range(k), key=r.__getitem__)
+                    if r[best] > r[worst]:
+                        rows.append({"prompt_ids": g["prompt_ids"], "w": g["samples"][best], "l": g["samples"][worst]})
+            train_rows += len(rows)
+            engine.sleep()  # the engine's memory is freed during the updates
+            if o.old_logprobs == "learner" and (spec.per_token or spec.needs_anchor or spec.name == "sppo"):
+                model.eval()  # pi_old / pi_t as the learner computes them (not the sampler), before the first update
+                rows = _learner_logprobs(model, rows, spec.per_token, t.batch_size, pad, device, world, rank)
+            rng = random.Random(t.seed * 7919 + it + m * 104729)
+
+            # ---- 3. updates (this rank's share of each global minibatch)
+            steps = []
+            model.train()
+            for _ in range(o.epochs_per_iteration):
+                order = list(range(len(rows)))
+                rng.shuffle(order)
+                for share in kit.rank_minibatches(order, t.batch_size, world, rank):
+                    chunk = [rows[i] for i in share]
+                    loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, pairs)
+                    loss, _ = kit.checked_step(
+                        accelerator, model, optimizer, loss, t.max_grad_norm, t.nan_policy, f"iteration {it + 1}"
+                    )
+                    steps.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
+            window += [w for part_ in gather_object([steps]) for w in part_]  # every rank's steps
+            engine.update_weights(policy())  # (wakes the engine's weights first; generate wakes the rest)
 
         # ---- 4. log, checkpoint
         rewards = [s["reward"] for g in groups for s in g["samples"]]
         row = {
             "step": it + 1,
             "iteration": it + 1,
-            "train_rows": len(rows),
-            "judge_calls": data["judge_calls"],
+            "train_rows": train_rows,
+            "judge_calls": judge_calls,
             "reward/mean": sum(rewards) / len(rewards),
             "reward/spread": sum(
                 max(s["reward"] for s in g["samples"]) - min(s["reward"] for s in g["samples"]) for g in groups

@@ -128,3 +128,46 @@ def test_learner_logprobs_of_pair_rows_equal_those_of_the_same_tokens_as_policy_
     assert out["w"]["logprobs"] == pytest.approx(pg[0]["logprobs"], abs=1e-6)
     assert len(out["l"]["logprobs"]) == 1 and out["l"]["logprobs"][0] < 0
     assert pair["w"]["logprobs"] == [0.0, 0.0]  # the saved rollouts keep the sampler's
+
+
+def test_generations_sample_from_the_updated_policy_and_a_crash_between_them_resumes_identically(tmp_path, monkeypatch):
+    """online.generation_batch_size 8 = 2 prompts x 4 per generation: an iteration of 8 prompts is 4 generations,
+    each saved (iter-N-gen-M.json) and trained on before the next is sampled. A crash in iteration 2's third
+    generation, then --resume, ends with the same weights as the uninterrupted run (on this machine)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import align.trainers.online as online
+
+    over = SMALL + ["online.generation_batch_size=8", "train.batch_size=4", "online.epochs_per_iteration=1"]
+    recipe = load_recipe(RECIPE, over + ["loss.name=rloo"])
+    run(recipe, tmp_path / "full")
+    files = sorted(p.name for p in (tmp_path / "full" / "rollouts").iterdir())
+    assert files == [f"iter-{i}-gen-{m}.json" for i in (1, 2) for m in (1, 2, 3, 4)]
+    rows = metrics_rows(tmp_path / "full")
+    gens = [json.loads((tmp_path / "full" / "rollouts" / f).read_text())["groups"] for f in files[:4]]
+    assert all(len(g) == 2 for g in gens) and rows[0]["train_rows"] == sum(
+        sum(abs(a) > 0 for a in group_advantages("rloo", [s["reward"] for s in g["samples"]]))
+        for gen in gens
+        for g in gen
+    )
+
+    real, calls = online.rollout_iteration, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # iteration 2, generation 3
+            raise RuntimeError("simulated crash between generations")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(online, "rollout_iteration", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(recipe, tmp_path / "part")
+    monkeypatch.setattr(online, "rollout_iteration", real)
+    run(recipe, tmp_path / "part", resume=True)
+    a, b = (
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "part" / "model.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics_rows(tmp_path / "part") == rows  # the same samples, rewards and losses

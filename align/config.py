@@ -160,7 +160,8 @@ class OnlineConfig:
     )
     generation_batch_size: Optional[int] = doc(
         None,
-        "Completions sampled at once (TRL's generation_batch_size; a multiple of rollout.n): an iteration's prompts "
+        "Completions sampled at once (TRL's generation_batch_size; whole prompts: rounded down to a multiple of "
+        "rollout.n): an iteration's prompts "
         "are sampled, judged and trained on in generations of this size, each from the policy the previous one "
         "left (near on-policy for spo, grpo, rloo). None = the whole iteration at once (INPO, SPPO, iterative DPO).",
     )
@@ -760,9 +761,10 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
     if spec.name != "grpo" and not lo.scale_rewards:
         raise UserError(f"{where}: loss.scale_rewards applies to loss grpo, not {spec.name!r}")
     g = recipe.online.generation_batch_size
-    if g is not None and (g < recipe.rollout.n or g % recipe.rollout.n):
+    if g is not None and g < recipe.rollout.n:
         raise UserError(
-            f"{where}: online.generation_batch_size {g} must be a positive multiple of rollout.n ({recipe.rollout.n})"
+            f"{where}: online.generation_batch_size {g} must be at least rollout.n ({recipe.rollout.n}): one prompt's "
+            "samples"
         )
     if lo.clip_eps_low is not None and not 0 < lo.clip_eps_low < 1:
         raise UserError(f"{where}: loss.clip_eps_low must be in (0, 1), got {lo.clip_eps_low}")

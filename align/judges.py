@@ -113,6 +113,10 @@ class AlignRewardJudge:
         if self.model.cfg["kind"] == "vpl":
             if not context_pairs:
                 raise UserError(f"judge.context: the VPL model {path!r} needs the user's labelled context pairs")
+            # no more context than training showed the encoder (its attention pools a set of that size); the first
+            # pairs of the file are used (models saved before this bound was recorded take them all)
+            context_pairs = context_pairs[: self.model.cfg.get("context_pairs") or len(context_pairs)]
+            self.context_used = len(context_pairs)
             with torch.no_grad():
                 ew = self.model.embed([p + c for p, c, _ in context_pairs])
                 el = self.model.embed([p + r for p, _, r in context_pairs])

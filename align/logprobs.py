@@ -61,6 +61,59 @@ def _head_logps(head, softcap: float | None, temperature: float, h: torch.Tensor
     return token_logps(logits, labels)
 
 
+def _zero3(weight) -> bool:
+    """A DeepSpeed ZeRO-3 partitioned parameter (gathered only while its module runs)."""
+    return hasattr(weight, "ds_id")
+
+
+def _chunk_calls(rows: int, chunk: int, zero3: bool, device) -> int:
+    """LM-head calls for ``rows`` positions. Under ZeRO-3 each call of the head module gathers its weight, a collective:
+    every rank makes as many calls as the rank with the most positions (the extra ones on no rows), or they hang."""
+    n = -(-rows // chunk)
+    if zero3 and torch.distributed.is_initialized():
+        t = torch.tensor([n], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        n = int(t.item())
+    return n
+
+
+class _FrozenZero3Head(torch.autograd.Function):
+    """Chunked LM-head log-probs for a frozen ZeRO-3 head (LoRA's base): the weight is gathered once in the forward
+    pass and once in the backward pass (same count on every rank), and each chunk's logits are recomputed in the
+    backward pass. Activation checkpointing cannot do this: ZeRO-3 has freed the weight by the time it recomputes."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, softcap, temperature, chunk):
+        import deepspeed
+
+        ctx.weight, ctx.softcap, ctx.temperature, ctx.chunk = weight, softcap, temperature, chunk
+        ctx.save_for_backward(h, labels)
+        with deepspeed.zero.GatheredParameters([weight]), torch.no_grad():
+            head = lambda x: torch.nn.functional.linear(x, weight)  # noqa: E731
+            parts = [
+                _head_logps(head, softcap, temperature, h[s : s + chunk], labels[s : s + chunk])
+                for s in range(0, h.shape[0], chunk)
+            ]
+        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import deepspeed
+
+        h, labels = ctx.saved_tensors
+        grads, chunk = [], ctx.chunk
+        with deepspeed.zero.GatheredParameters([ctx.weight]), torch.enable_grad():
+            w = ctx.weight.detach()
+            for s in range(0, h.shape[0], chunk):
+                x = h[s : s + chunk].detach().requires_grad_()
+                lp = _head_logps(
+                    lambda v: torch.nn.functional.linear(v, w), ctx.softcap, ctx.temperature, x, labels[s : s + chunk]
+                )
+                (g,) = torch.autograd.grad(lp, x, grad_out[s : s + chunk])
+                grads.append(g)
+        return (torch.cat(grads) if grads else torch.zeros_like(h)), None, None, None, None, None
+
+
 def full_token_logps(model, input_ids, attention_mask=None, position_ids=None, temperature: float = 1.0):
     """Per-token log-probs [B, T-1] of ``input_ids[:, 1:]`` from the model's full logits (the reference path)."""
     kw = {"position_ids": position_ids} if position_ids is not None else {}
@@ -99,15 +152,19 @@ def token_logps_of(
     softcap = getattr(base.config, "final_logit_softcapping", None)
     where = mask.nonzero(as_tuple=True)
     h, labels = hidden[where], input_ids[:, 1:][where]
-    chunk = min(chunk, max(16, CHUNK_ELEMENTS // max(1, head.weight.shape[0])))
-    parts = []
-    for s in range(0, h.shape[0], chunk):
-        args = (head, softcap, temperature, h[s : s + chunk], labels[s : s + chunk])
-        if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_head_logps, *args, use_reentrant=False))
-        else:
-            parts.append(_head_logps(*args))
-    values = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    vocab = head.weight.ds_shape[0] if _zero3(head.weight) else head.weight.shape[0]
+    chunk = min(chunk, max(16, CHUNK_ELEMENTS // max(1, vocab)))
+    if _zero3(head.weight) and not head.weight.requires_grad and type(head) is torch.nn.Linear:
+        values = _FrozenZero3Head.apply(h, head.weight, labels, softcap, temperature, chunk)
+    else:
+        parts = []
+        for s in range(0, _chunk_calls(h.shape[0], chunk, _zero3(head.weight), h.device) * chunk, chunk):
+            args = (head, softcap, temperature, h[s : s + chunk], labels[s : s + chunk])
+            if torch.is_grad_enabled() and h.requires_grad:
+                parts.append(checkpoint(_head_logps, *args, use_reentrant=False))
+            else:
+                parts.append(_head_logps(*args))
+        values = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     # the one LM-head call of the forward (logits_to_keep=1) joins the graph with weight 0: under DDP every
     # parameter then has a gradient even when no position is masked in
     values = values + 0.0 * out.logits.float().sum()

@@ -201,6 +201,7 @@ def build(model_cfg, reward_cfg, max_length: int, seed: int) -> RewardModel:
         "latent_dim": reward_cfg.latent_dim,
         "encoder_hidden": reward_cfg.encoder_hidden,
         "encoder_heads": reward_cfg.encoder_heads,
+        "context_pairs": reward_cfg.context_pairs,  # the most a user's context held in training (VPL judges use <=)
         "backbone": model_cfg.name_or_path,
     }
     with torch.random.fork_rng():

@@ -136,3 +136,22 @@ def test_dropout_is_off_by_default_and_can_be_kept():
     from align.models import disable_dropout
 
     assert disable_dropout(with_dropout) >= 1 and set(dropouts(with_dropout)) == {0.0}
+
+
+def test_frozen_zero3_head_path_recomputes_chunks_to_the_same_values_and_gradients():
+    """The path a frozen ZeRO-3 LM head (LoRA's base) takes: weight gathered in forward and backward, logits recomputed
+    per chunk. On a plain weight (nothing to gather) it equals the checkpointed module path; the multi-process ZeRO-3
+    run is tests/trainers/test_online_distributed.py::test_inpo_lora_zero3_matches_ddp (slow)."""
+    from align.logprobs import _chunk_calls, _FrozenZero3Head, _head_logps
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    w = torch.randn(37, generator=g)
+    ours = _FrozenZero3Head.apply(h, head.weight, labels, 30.0, 0.7, 8)
+    (ga,) = torch.autograd.grad((ours * w).sum(), h)
+    ref = _head_logps(head, 30.0, 0.7, h, labels)
+    (gb,) = torch.autograd.grad((ref * w).sum(), h)
+    assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6)
+    assert _chunk_calls(37, 8, zero3=False, device="cpu") == 5  # one process: no collective, ceil(37 / 8)

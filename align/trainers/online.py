@@ -190,7 +190,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     accelerator = kit.make_accelerator(1)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     zero3 = zero_stage(accelerator) == 3
-    needs_ref = spec.needs_reference or (spec.per_token and recipe.loss.kl_coef > 0)
+    # online SPPO's pi_t is the sampling policy (the anchor): its registry reference (offline pi_t) is not needed
+    needs_ref = (spec.needs_reference and spec.name != "sppo") or (spec.per_token and recipe.loss.kl_coef > 0)
     if zero3 and needs_ref and not recipe.lora.enabled:
         raise UserError(
             f"loss.name: {spec.name!r} needs a frozen reference copy of the policy, which ZeRO-3 cannot hold; "
@@ -480,10 +481,11 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, 
         batch = {k: v.to(device) for k, v in pairs(exs).items()}
         c, cl, rj, rl = pair_logps(model, batch, paired=True)
         pb = PairBatch(chosen_logps=c, chosen_lengths=cl, rejected_logps=rj, rejected_lengths=rl)
-        with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
-            pb.ref_chosen_logps, _, pb.ref_rejected_logps, _ = pair_logps(
-                ref_model if ref_model is not None else model, batch, paired=True
-            )
+        if spec.name != "sppo":  # SPPO online compares with pi_t only: no reference pass
+            with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
+                pb.ref_chosen_logps, _, pb.ref_rejected_logps, _ = pair_logps(
+                    ref_model if ref_model is not None else model, batch, paired=True
+                )
         # pi_t: the policy that sampled this iteration's responses; its log-probs came with the samples
         pb.anchor_chosen_logps = torch.tensor([sum(r["w"]["logprobs"]) for r in chunk], device=device)
         pb.anchor_rejected_logps = torch.tensor([sum(r["l"]["logprobs"]) for r in chunk], device=device)

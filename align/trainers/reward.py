@@ -163,16 +163,29 @@ def _texts(p: Pairs, idx: list[int], which: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------- VPL sampling
 
 
-def vpl_batch(users: dict, keys: list, n_users: int, n_ctx: int, n_query: int, g: torch.Generator):
-    """For ``n_users`` users drawn with replacement: context and disjoint query pair indices, padded with -1."""
+def vpl_batch(
+    users: dict, keys: list, n_users: int, n_ctx: int, n_query: int, g: torch.Generator, prompts: list | None = None
+):
+    """For ``n_users`` users drawn with replacement: context and disjoint query pair indices, padded with -1. With
+    ``prompts`` (each pair's prompt), no context pair shares a prompt with a query pair (as vpl_llm: the context
+    must not reveal the answer to a query)."""
     ctx, qry = torch.full((n_users, n_ctx), -1), torch.full((n_users, n_query), -1)
     for row, k in enumerate(torch.randint(len(keys), (n_users,), generator=g).tolist()):
         idx = users[keys[k]]
         perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        c = min(n_ctx, len(perm) - 1)
-        q = min(n_query, len(perm) - c)
-        ctx[row, :c] = torch.tensor(perm[:c], dtype=torch.long)
-        qry[row, :q] = torch.tensor(perm[c : c + q], dtype=torch.long)
+        if prompts is None:
+            c = min(n_ctx, len(perm) - 1)
+            q = min(n_query, len(perm) - c)
+            ctx[row, :c] = torch.tensor(perm[:c], dtype=torch.long)
+            qry[row, :q] = torch.tensor(perm[c : c + q], dtype=torch.long)
+            continue
+        q_idx = perm[: min(n_query, len(perm) - 1)]
+        asked = {prompts[i] for i in q_idx}
+        c_idx = [i for i in perm[len(q_idx) :] if prompts[i] not in asked][:n_ctx]
+        if not c_idx:  # every other pair repeats a query's prompt: keep one query fewer as context
+            q_idx, c_idx = q_idx[:-1], q_idx[-1:]
+        ctx[row, : len(c_idx)] = torch.tensor(c_idx, dtype=torch.long)
+        qry[row, : len(q_idx)] = torch.tensor(q_idx, dtype=torch.long)
     return ctx, qry
 
 
@@ -181,12 +194,13 @@ def _gather(emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def eval_contexts(p: Pairs, n_ctx: int, seed: int) -> torch.Tensor:
-    """For every pair i: up to n_ctx *other* pairs of the same user, freshly sampled per pair ([n, n_ctx], -1 pad)."""
+    """For every pair i: up to n_ctx other pairs of the same user with another prompt (a pair on the same prompt
+    would give the answer away), freshly sampled per pair ([n, n_ctx], -1 pad)."""
     g = torch.Generator().manual_seed(seed)
     users = p.by_user()
     out = torch.full((len(p), n_ctx), -1)
     for i, u in enumerate(p.user):
-        others = [j for j in users[u] if j != i]
+        others = [j for j in users[u] if p.prompt[j] != p.prompt[i]]
         pick = torch.randperm(len(others), generator=g)[:n_ctx].tolist()
         out[i, : len(pick)] = torch.tensor([others[j] for j in pick], dtype=torch.long)
     return out
@@ -339,7 +353,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, cache: d
         model.train()
         if vpl:
             g = torch.Generator().manual_seed(t.seed * 7919 + step)
-            ctx, qry = vpl_batch(users, keys, t.batch_size * world, rc.context_pairs, rc.query_pairs, g)
+            ctx, qry = vpl_batch(users, keys, t.batch_size * world, rc.context_pairs, rc.query_pairs, g, train_p.prompt)
             ctx, qry = (
                 ctx[rank * t.batch_size : (rank + 1) * t.batch_size],
                 qry[rank * t.batch_size : (rank + 1) * t.batch_size],

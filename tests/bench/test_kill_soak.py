@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from align.paths import REPO_ROOT
 
 
+@pytest.mark.slow  # CI time: the reward trainer's SIGKILL/resume is tested in tests/trainers/test_reward.py
 def test_kill_soak_reward_two_rounds():
     res = subprocess.run(
         [

@@ -507,7 +507,9 @@ finish(acc)  # ends the process group cleanly (avoids gloo's exit-time abort und
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["full", "lora", pytest.param("merged", marks=pytest.mark.slow)])  # CI time
+@pytest.mark.parametrize(  # CI time: lora and merged in test-slow (the adapter path: test_lora_adapter_sync_*)
+    "kind", ["full", pytest.param("lora", marks=pytest.mark.slow), pytest.param("merged", marks=pytest.mark.slow)]
+)
 def test_weight_sync_under_deepspeed_zero3(vllm_ok, tmp_path, kind):
     """2 CPU ranks under accelerate + DeepSpeed ZeRO-3: engines built from the partitioned model and synced after
     optimizer steps (full weights, the LoRA adapter only, or a LoRA model merged) follow the gathered weights, and

@@ -119,6 +119,7 @@ def _cleanup(procs: list[subprocess.Popen], *pids: int) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # CI time: the no-shared-filesystem two-machine test below runs in CI
 def test_two_machines_simulated_on_one_host_match_the_single_launch_zero3_run(tmp_path):
     single = _run(_cmd("cpu_zero3.yaml", tmp_path / "single"), tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]

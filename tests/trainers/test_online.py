@@ -85,9 +85,9 @@ def test_kill_mid_iteration_and_resume_gives_identical_weights(tmp_path, rm_judg
     full = tmp_path / "full"
     assert run_align("train", recipe, "-o", str(full), *args).returncode == 0
     part = tmp_path / "part"
-    kill_train_when(
-        part / "rollouts" / "iter-2.json", recipe, part, *args
-    )  # iteration 2 sampled and judged, now training
+    # spo/tiny.yaml samples in generations of 256 completions (42 prompts x 6 here): killed once iteration 2's first
+    # generation is sampled and judged (training on it, or sampling the second)
+    kill_train_when(part / "rollouts" / "iter-2-gen-1.json", recipe, part, *args)
     res = run_align("train", recipe, "-o", str(part), "--resume", *args)
     assert res.returncode == 0, res.stderr[-2000:]
     assert all(

@@ -210,7 +210,7 @@ def test_agent_zero3_matches_ddp(tmp_path):
     assert _max_diff(z3, ddp) < 1e-4  # measured 3.2e-6
     a, b = json.loads((z3 / "summary.json").read_text()), json.loads((ddp / "summary.json").read_text())
     assert a["processes"] == 2 and a["eval"]["tasks"] == 8 and a["eval"] == b["eval"]
-    assert all(r["train_episodes"] > 0 for r in _rows(z3))
+    assert all(r["train_episodes"] > 0 for r in _rows(z3) if "iteration" in r)
 
 
 # ------------------------------------------------------------------------------------------- in process (fast)

@@ -245,3 +245,30 @@ def test_two_processes_train_the_same_bt_model_as_one_with_the_whole_batch(tmp_p
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for r1, r2 in zip(one, two):
         assert all(abs(r1[k] - r2[k]) < 1e-4 for k in r1 if isinstance(r1[k], float) and k != "grad_norm")
+
+
+def test_vpl_contexts_never_share_a_prompt_with_the_pairs_they_explain():
+    """Training: no context pair has the prompt of one of the user's query pairs; evaluation: a pair's context has
+    none of its prompt (either would give the answer away, as vpl_llm excludes)."""
+    from align.trainers.reward import Pairs, eval_contexts, vpl_batch
+
+    p = Pairs()
+    for u in range(3):
+        for j in range(12):  # 6 prompts per user, two pairs each
+            p.prompt.append(f"u{u}-q{j // 2}")
+            p.chosen.append("a")
+            p.rejected.append("b")
+            p.user.append(f"user{u}")
+            p.user_type.append(None)
+            p.controversial.append(None)
+    users = p.by_user()
+    keys = sorted(users)
+    ctx, qry = vpl_batch(users, keys, 16, 4, 3, torch.Generator().manual_seed(0), p.prompt)
+    for c, q in zip(ctx.tolist(), qry.tolist()):
+        c, q = [i for i in c if i >= 0], [i for i in q if i >= 0]
+        assert len(q) == 3 and 1 <= len(c) <= 4 and not set(c) & set(q)
+        assert {p.prompt[i] for i in c}.isdisjoint({p.prompt[i] for i in q})
+        assert len({p.user[i] for i in c + q}) == 1
+    for i, row in enumerate(eval_contexts(p, 8, seed=0).tolist()):
+        row = [j for j in row if j >= 0]
+        assert len(row) == 8 and all(p.prompt[j] != p.prompt[i] and p.user[j] == p.user[i] for j in row)

@@ -72,11 +72,19 @@ class LoraConfig:
 class DataConfig:
     train: str = doc(
         "builtin:tasks",
-        "Training data: a .jsonl/.json/.parquet file (optionally .gz), 'hf:<dataset>[:split]' for a datasets hub id "
-        "or local dataset folder, or 'builtin:<name>' for a built-in set: tasks (verifiable tasks), pets / hh_users "
+        "Training data: a .jsonl/.json/.parquet file (optionally .gz), 'hf:owner/name[:config][@revision]' for a "
+        "datasets hub id, a local dataset folder or a builder such as 'hf:json' with data.data_files, or "
+        "'builtin:<name>' for a built-in set: tasks (verifiable tasks), pets / hh_users "
         "(multi-user preference sets, ':train' or ':eval' users), hh_harmless (HH-RLHF harmless 80/20 split).",
     )
     eval: Optional[str] = doc(None, "Held-out data in the same forms; None = no evaluation set.")
+    split: str = doc("train", "Split of an 'hf:' data.train source (e.g. train_prefs).")
+    eval_split: str = doc("test", "Split of an 'hf:' data.eval source (e.g. test_prefs).")
+    data_files: Union[str, list, None] = doc(
+        None,
+        "data_files of an 'hf:' source (a file or a list; paths, globs or hub paths), e.g. hf:json with "
+        "[a.jsonl, b.jsonl]; the split is data.split / data.eval_split.",
+    )
     format: Literal["auto", "plain", "conversational", "hh"] = doc(
         "auto",
         "Row format: plain prompt/chosen/rejected strings, message lists, or HH-RLHF full dialogues (split into "
@@ -697,6 +705,12 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
         raise UserError(
             f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})"
         )
+    hf = {"train": d.train.startswith("hf:"), "eval": bool(d.eval) and d.eval.startswith("hf:")}
+    for key, default, which in (("split", "train", "train"), ("eval_split", "test", "eval")):
+        if getattr(d, key) != default and not hf[which]:
+            raise UserError(f"{where}: data.{key} applies to an 'hf:' data.{which} source, not {getattr(d, which)!r}")
+    if d.data_files is not None and not any(hf.values()):
+        raise UserError(f"{where}: data.data_files applies to 'hf:' sources (e.g. hf:json); data.train is {d.train!r}")
     _validate_rollout(recipe, where)
     from align.tracking import check_trackers
 

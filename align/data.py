@@ -1,7 +1,8 @@
 """Preference and SFT data: read rows, normalise their format, tokenise, validate, and batch.
 
-Sources: a .jsonl/.json/.parquet file (optionally gzipped), ``hf:<dataset>[:split]`` (a datasets hub id or a
-local ``save_to_disk`` folder), or ``builtin:tasks``. Row formats:
+Sources: a .jsonl/.json/.parquet file (optionally gzipped), ``hf:owner/name[:config][@revision]`` (a datasets hub
+id, a local dataset folder or ``save_to_disk`` folder, or a builder such as ``hf:json`` with ``data.data_files``; the
+split is ``data.split`` / ``data.eval_split``), or ``builtin:tasks``. Row formats:
     plain           {"prompt": str, "chosen": str, "rejected": str}
     conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}  (prompt may be absent:
                     then the shared leading messages of chosen/rejected are the prompt)
@@ -39,8 +40,8 @@ class Example:
 # -------------------------------------------------------------------------------------------------------- reading
 
 
-def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False) -> list[dict]:
-    """Raw rows (dicts) from any supported source."""
+def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False, split: str | None = None) -> list[dict]:
+    """Raw rows (dicts) from any supported source; ``split`` (default ``data_cfg.split``) is that of an hf: source."""
     if source.startswith("memory:"):  # rows handed to align.train() (the Python API)
         from align.memory import lookup
 
@@ -67,7 +68,7 @@ def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False) -> list[d
             raise UserError(f"data.builtin_families: {e}") from None
         return tasks.sft_rows(ts, data_cfg.builtin_sloppy, seed) if sft else tasks.preference_rows(ts, seed=seed)
     if source.startswith("hf:"):
-        return _read_hf(source[3:])
+        return _read_hf(source[3:], split or getattr(data_cfg, "split", "train"), getattr(data_cfg, "data_files", None))
     path = Path(source)
     if not path.is_file():
         raise UserError(f"{source}: data file not found")
@@ -119,20 +120,35 @@ def _decode(raw: bytes, source: str, row: int | None) -> str:
         raise UserError(f"{source}: {where}not valid UTF-8") from None
 
 
-def _read_hf(spec: str) -> list[dict]:
+def parse_hf(spec: str) -> tuple[str, str | None, str | None]:
+    """``owner/name[:config][@revision]`` -> (name, config, revision)."""
+    rest, _, revision = spec.partition("@")
+    name, _, config = rest.partition(":")
+    return name, config or None, revision or None
+
+
+def _read_hf(spec: str, split: str = "train", data_files=None) -> list[dict]:
     import datasets
 
-    name, _, split = spec.partition(":")
+    name, config, revision = parse_hf(spec)
+    where = f"hf:{spec}" + (f" (split {split!r})" if split != "train" else "")
+    local = Path(name)
+    saved = local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists())
+    if saved and (config or revision or data_files):
+        raise UserError(f"hf:{spec}: a save_to_disk folder has no config, revision or data_files (set data.split)")
     try:
-        local = Path(name)
-        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
+        if saved:
             ds = datasets.load_from_disk(name)
             if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split or "train"]
+                if split not in ds:
+                    raise UserError(f"{where}: no split {split!r} (splits: {', '.join(ds)}; set data.split)")
+                ds = ds[split]
         else:
-            ds = datasets.load_dataset(name, split=split or "train")
+            ds = datasets.load_dataset(name, config, split=split, revision=revision, data_files=data_files)
+    except UserError:
+        raise
     except Exception as e:  # datasets raises many types for a missing/unreachable dataset
-        raise UserError(f"hf:{spec}: cannot load dataset ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{where}: cannot load dataset ({str(e).splitlines()[0][:200]})") from None
     return ds.to_list()
 
 
@@ -302,9 +318,11 @@ def tokenize_rows(triples: list[tuple], fmt: str, tokenizer, cfg, source: str) -
     return examples
 
 
-def load_examples(source: str, tokenizer, data_cfg, seed: int = 0, sft: bool = False) -> list[Example]:
+def load_examples(
+    source: str, tokenizer, data_cfg, seed: int = 0, sft: bool = False, split: str | None = None
+) -> list[Example]:
     """Everything above in one call: rows -> validated, tokenised examples."""
-    rows = read_rows(source, data_cfg, seed=seed, sft=sft)
+    rows = read_rows(source, data_cfg, seed=seed, sft=sft, split=split)
     if data_cfg.limit is not None:
         rows = rows[: data_cfg.limit]
     fmt, triples = normalise(rows, data_cfg, source, sft)
@@ -429,7 +447,10 @@ def load_prompts(d, seed: int = 0) -> list[str]:
 def load_prompt_rows(d, seed: int = 0) -> list[dict]:
     """The prompt rows of ``d.train`` for the online trainer: {"prompt": text, **every other column} (reward functions
     receive the columns). The built-in tasks' rows carry ``answer`` and ``family``; stories have the prompt only;
-    files and datasets give their ``d.prompt_key`` column as the prompt."""
+    files and datasets give their ``d.prompt_key`` column as the prompt, plain (a string) or conversational (TRL's
+    prompt-only rows: a list of messages ending with a user turn). A conversational prompt is kept as
+    ``prompt_messages`` (what the engine renders through the chat template); its ``prompt`` text, for judges and
+    rollout files, is the one user message, or the turns as 'role: content' lines."""
     if d.train in ("builtin:stories", "builtin:stories:train"):
         from align.stories import story_prompts
 
@@ -443,7 +464,19 @@ def load_prompt_rows(d, seed: int = 0) -> list[dict]:
     out = []
     for i, row in enumerate(rows[: d.limit] if d.limit else rows):
         p = row.get(d.prompt_key) if isinstance(row, dict) else None
+        extra = {}
+        if _is_messages(p) and p and all(isinstance(m["content"], str) for m in p):
+            if p[-1]["role"] == "assistant":
+                raise UserError(
+                    f"{d.train}: row {i}: the conversational {d.prompt_key!r} ends with an assistant turn (a prompt "
+                    "ends with the turn the model answers)"
+                )
+            extra = {"prompt_messages": p}
+            p = p[0]["content"] if len(p) == 1 else "\n".join(f"{m['role']}: {m['content']}" for m in p)
         if not isinstance(p, str) or not p.strip():
-            raise UserError(f"{d.train}: row {i}: missing or empty {d.prompt_key!r} (the online trainer needs prompts)")
-        out.append({**{k: v for k, v in row.items() if k != d.prompt_key}, "prompt": p})
+            raise UserError(
+                f"{d.train}: row {i}: missing or empty {d.prompt_key!r} (the online trainer needs prompts: a string "
+                "or a list of messages)"
+            )
+        out.append({**{k: v for k, v in row.items() if k != d.prompt_key}, **extra, "prompt": p})
     return out

@@ -113,7 +113,7 @@ def rollout_layout(recipe: Recipe, processes: int, where: str) -> str:
 
 
 def dry_run(recipe: Recipe, recipe_path: str) -> str:
-    from align.data import normalise, read_rows, tokenize_rows
+    from align.data import normalise, parse_hf, read_rows, tokenize_rows
     from align.extras import check_run_extras
     from align.losses import get_loss
     from align.models import check_model_path, load_tokenizer
@@ -142,10 +142,11 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
                 f"data     {label} {source}: {len(load_prompts(recipe.data, recipe.train.seed))} story openings"
             )
             continue
-        if source.startswith("hf:") and not Path(source[3:].split(":")[0]).is_dir():
+        split = recipe.data.eval_split if label == "eval" else recipe.data.split
+        if source.startswith("hf:") and not Path(parse_hf(source[3:])[0]).is_dir():
             lines.append(f"data     {label} {source}: hub dataset (checked when training starts)")
             continue
-        rows = read_rows(source, recipe.data, seed=recipe.train.seed, sft=not spec.needs_rejected)
+        rows = read_rows(source, recipe.data, seed=recipe.train.seed, sft=not spec.needs_rejected, split=split)
         if recipe.data.limit is not None:
             rows = rows[: recipe.data.limit]
         fmt, triples = normalise(rows, recipe.data, source, sft=not spec.needs_rejected)

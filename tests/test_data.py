@@ -631,6 +631,79 @@ def test_datasets_sources_local_folder_and_missing_hub_id(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     assert read_rows(f"hf:{tmp_path / 'ds'}", cfg()) == rows
     datasets.DatasetDict({"test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "dd"))
-    assert read_rows(f"hf:{tmp_path / 'dd'}:test", cfg()) == rows[:1]
+    assert read_rows(f"hf:{tmp_path / 'dd'}", cfg(), split="test") == rows[:1]
+    assert read_rows(f"hf:{tmp_path / 'dd'}", cfg(split="test")) == rows[:1]
+    with pytest.raises(UserError, match="no split 'train' \\(splits: test; set data.split\\)"):
+        read_rows(f"hf:{tmp_path / 'dd'}", cfg())
+    with pytest.raises(UserError, match="a save_to_disk folder has no config"):
+        read_rows(f"hf:{tmp_path / 'dd'}:main", cfg())
     with pytest.raises(UserError, match="hf:no-such-org/no-such-dataset: cannot load dataset"):
         read_rows("hf:no-such-org/no-such-dataset", cfg())
+
+
+def test_hf_sources_take_a_config_a_revision_data_files_and_a_split(tmp_path):
+    """hf:owner/name[:config][@revision] as datasets.load_dataset(name, config, split=data.split, revision,
+    data_files=data.data_files): a local dataset folder whose README declares two configs (as a hub repo does, e.g.
+    openai/gsm8k's 'main'), and the json builder over data files."""
+    from align.data import parse_hf
+
+    assert parse_hf("openai/gsm8k:main@v1.0") == ("openai/gsm8k", "main", "v1.0")
+    assert parse_hf("openai/gsm8k") == ("openai/gsm8k", None, None)
+    repo = tmp_path / "repo"
+    for conf, split, n in (("main", "train", 3), ("main", "test", 2), ("socratic", "train", 1)):
+        (repo / conf).mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt": f"{conf} {split} {i}", "answer": str(i)} for i in range(n)]
+        (repo / conf / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n"
+        "  - split: test\n    path: main/test.jsonl\n- config_name: socratic\n  data_files:\n  - split: train\n"
+        "    path: socratic/train.jsonl\n---\n"
+    )
+    assert [r["prompt"] for r in read_rows(f"hf:{repo}:main", cfg())] == [
+        "main train 0",
+        "main train 1",
+        "main train 2",
+    ]
+    assert [r["prompt"] for r in read_rows(f"hf:{repo}:main", cfg(split="test"))] == ["main test 0", "main test 1"]
+    assert [r["prompt"] for r in read_rows(f"hf:{repo}:socratic", cfg())] == ["socratic train 0"]
+    with pytest.raises(UserError, match=f"hf:{repo}:nope: cannot load dataset"):
+        read_rows(f"hf:{repo}:nope", cfg())
+    files = [str(repo / "main" / "train.jsonl"), str(repo / "socratic" / "train.jsonl")]
+    assert len(read_rows("hf:json", cfg(data_files=files))) == 4
+
+
+def test_hf_split_keys_apply_to_hf_sources_only(tmp_path):
+    from align.config import load_recipe
+    from align.paths import REPO_ROOT
+
+    base = ["model.name_or_path=tiny:llama"]
+    with pytest.raises(UserError, match="data.split applies to an 'hf:' data.train source"):
+        load_recipe(REPO_ROOT / "recipes" / "dpo" / "tiny.yaml", [*base, "data.split=train_prefs"])
+    with pytest.raises(UserError, match="data.data_files applies to 'hf:' sources"):
+        load_recipe(REPO_ROOT / "recipes" / "dpo" / "tiny.yaml", [*base, "data.data_files=a.jsonl"])
+    r = load_recipe(
+        REPO_ROOT / "recipes" / "dpo" / "tiny.yaml", [*base, "data.train=hf:json", "data.data_files=[a.jsonl]"]
+    )
+    assert r.data.data_files == ["a.jsonl"]
+
+
+def test_online_prompt_rows_plain_and_conversational(tmp_path):
+    """TRL's prompt-only rows: a plain prompt or a list of messages (kept as prompt_messages for the chat template;
+    the prompt text is the user turn, or the turns as lines); other columns ride along; a prompt that ends with an
+    assistant turn is one line."""
+    from align.data import load_prompt_rows
+
+    rows = [
+        {"prompt": "plain one", "answer": "1"},
+        {"prompt": [{"role": "user", "content": "hi there"}], "answer": "2"},
+        {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}], "answer": "3"},
+    ]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = load_prompt_rows(cfg(train=str(f)))
+    assert [r["prompt"] for r in out] == ["plain one", "hi there", "system: be brief\nuser: why?"]
+    assert "prompt_messages" not in out[0] and out[2]["prompt_messages"] == rows[2]["prompt"]
+    assert [r["answer"] for r in out] == ["1", "2", "3"]
+    f.write_text(json.dumps({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
+    with pytest.raises(UserError, match="row 0: the conversational 'prompt' ends with an assistant turn"):
+        load_prompt_rows(cfg(train=str(f)))

@@ -131,7 +131,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     if not eval_source and t.eval_steps and recipe.data.train in ("builtin:tasks", "builtin:tasks:train"):
         eval_source = "builtin:tasks:test"  # the built-in tasks' held-out split
     if eval_source:
-        rows = load_examples(eval_source, tok, recipe.data, seed=t.seed, sft=not paired)[: recipe.eval.size]
+        rows = load_examples(eval_source, tok, recipe.data, seed=t.seed, sft=not paired, split=recipe.data.eval_split)[
+            : recipe.eval.size
+        ]
         held_out = [dataclasses.replace(e, idx=len(examples) + k) for k, e in enumerate(rows)]
     per_epoch = len(examples) // (t.batch_size * world)
     if per_epoch < t.grad_accum:

@@ -69,11 +69,24 @@ def win_rates(judge, prompt: str, texts: list[str]) -> list[float]:
     return [sum(w[i]) / (k - 1) for i in range(k)]
 
 
+def engine_inputs(rows: list[dict], recipe: Recipe) -> list:
+    """What the engine samples from for prompt rows: a conversational prompt's messages and, with data.chat_template,
+    a plain prompt as one user turn (both through the tokenizer's chat template), else the prompt text."""
+    return [
+        r["prompt_messages"]
+        if "prompt_messages" in r
+        else [{"role": "user", "content": r["prompt"]}]
+        if recipe.data.chat_template
+        else r["prompt"]
+        for r in rows
+    ]
+
+
 def rollout_iteration(engine, judge, rows: list[dict], recipe: Recipe, seed: int) -> list[dict]:
     """Sample K per prompt row and judge them: win rates among a prompt's samples from a pairwise judge, or the
     reward functions' scores (which see the rows' other columns). Plain data (saved as JSON for resumption)."""
     prompts = [r["prompt"] for r in rows]
-    inputs = [[{"role": "user", "content": p}] for p in prompts] if recipe.data.chat_template else prompts
+    inputs = engine_inputs(rows, recipe)
     groups = engine.generate(inputs, n=recipe.rollout.n, sampling=sampling_from(recipe.rollout, seed=seed))
     if getattr(judge, "pointwise", False):  # one call for the whole shard: every completion with its row's columns
         flat = [(row, c.text) for row, group in zip(rows, groups) for c in group]
@@ -116,7 +129,9 @@ def held_out_rows(recipe: Recipe) -> list[dict]:
 
     d = recipe.data
     if d.eval:
-        rows = load_prompt_rows(dataclasses.replace(d, train=d.eval, limit=None), seed=recipe.train.seed)
+        rows = load_prompt_rows(
+            dataclasses.replace(d, train=d.eval, split=d.eval_split, limit=None), seed=recipe.train.seed
+        )
     elif d.train.startswith("builtin:stories"):
         from align.stories import story_prompts
 
@@ -245,7 +260,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         checker accuracy, story goal score, or else the win rate against the initial policy's greedy answers
         (written once to eval_reference.json, read back on resume). Rank 0 logs it and writes the samples."""
         greedy = sampling_from(recipe.rollout, temperature=0.0, max_new_tokens=recipe.eval.max_new_tokens)
-        inputs = [[{"role": "user", "content": p}] for p in held_out] if recipe.data.chat_template else held_out
+        inputs = engine_inputs(held_out_r, recipe)
         answers = kit.shard_and_gather(
             list(range(len(held_out))),
             world,
@@ -290,7 +305,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         )
         if initial_answers is None:  # answered before the first update (a run resumed later reads them back)
             greedy = sampling_from(recipe.rollout, temperature=0.0, max_new_tokens=recipe.eval.max_new_tokens)
-            inputs = [[{"role": "user", "content": p}] for p in held_out] if recipe.data.chat_template else held_out
+            inputs = engine_inputs(held_out_r, recipe)
             initial_answers = kit.shard_and_gather(
                 list(range(len(held_out))),
                 world,

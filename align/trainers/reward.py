@@ -66,12 +66,13 @@ def _as_text(x) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in x)
 
 
-def load_pairs(source: str, recipe: Recipe, seed: int) -> Pairs:
-    """Pairs with their user columns; every problem is a UserError naming the file and row."""
+def load_pairs(source: str, recipe: Recipe, seed: int, split: str | None = None) -> Pairs:
+    """Pairs with their user columns; every problem is a UserError naming the file and row (``split``: of an hf:
+    source, default data.split)."""
     from align.data import normalise, read_rows
 
     rc = recipe.reward
-    rows = read_rows(source, recipe.data, seed=seed)
+    rows = read_rows(source, recipe.data, seed=seed, split=split)
     if recipe.data.limit:
         rows = rows[: recipe.data.limit]
     kept: list[int] = []
@@ -109,7 +110,7 @@ def split_pairs(recipe: Recipe) -> tuple[Pairs, Pairs | None]:
     t, rc = recipe.train, recipe.reward
     train = load_pairs(recipe.data.train, recipe, t.seed)
     if recipe.data.eval:
-        return train, load_pairs(recipe.data.eval, recipe, t.seed)
+        return train, load_pairs(recipe.data.eval, recipe, t.seed, recipe.data.eval_split)
     if not rc.eval_fraction:
         return train, None
     rng = random.Random(f"reward-split-{t.seed}")

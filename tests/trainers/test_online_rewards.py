@@ -171,3 +171,37 @@ def test_generations_sample_from_the_updated_policy_and_a_crash_between_them_res
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert metrics_rows(tmp_path / "part") == rows  # the same samples, rewards and losses
+
+
+def test_conversational_prompt_rows_from_a_dataset_folder_train_through_the_chat_template(tmp_path):
+    """TRL's conversational prompt-only rows in datasets' on-disk format (hf:FOLDER, data.split): the engine samples
+    from the chat-templated conversation, the reward functions see the prompt text, the messages and the answer."""
+    import datasets
+
+    from align.models import char_tokenizer
+
+    rows = [{"prompt": [{"role": "user", "content": f"count a's: {'a' * i}"}], "answer": str(i)} for i in range(1, 9)]
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:6]), "dev": datasets.Dataset.from_list(rows)}
+    ).save_to_disk(str(tmp_path / "ds"))
+    seen = []
+
+    def check(prompts, completions, answer, prompt_messages, **_):
+        seen.append((prompts[0], prompt_messages[0]))
+        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+    over = SMALL + ["online.iterations=1", "online.prompts_per_iteration=8", f"data.train=hf:{tmp_path / 'ds'}"]
+    summary = align.train(
+        load_recipe(RECIPE, over + ["data.split=dev"]), output_dir=tmp_path / "run", reward_funcs=[check]
+    )
+    assert summary["final"]
+    text, messages = seen[0]
+    assert text.startswith("count a's: ") and messages == [{"role": "user", "content": text}]
+    group = json.loads((tmp_path / "run" / "rollouts" / "iter-1.json").read_text())["groups"][0]
+    tok = char_tokenizer()
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": group["prompt"]}], add_generation_prompt=True, tokenize=False
+    )
+    assert tok.decode(group["prompt_ids"]) == rendered  # the chat template, though data.chat_template is off
+    with pytest.raises(UserError, match="ds: 6 prompts < online.prompts_per_iteration 8"):
+        align.train(load_recipe(RECIPE, over), output_dir=tmp_path / "train6", reward_funcs=[check])

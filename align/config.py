@@ -105,6 +105,11 @@ class DataConfig:
     )
     limit: Optional[int] = doc(None, "Use only the first N rows.")
     chat_template: bool = doc(False, "Render plain prompts through the tokenizer's chat template as one user turn.")
+    assistant_turns: Literal["all", "last"] = doc(
+        "all",
+        "SFT on conversational rows (TRL's 'messages' column, or chosen_key messages): train every assistant turn "
+        "(TRL's assistant_only_loss) or only the last one. System, user and tool turns are never trained.",
+    )
     packing: bool = doc(
         True,
         "Sequence-sum losses (offline pairs and SFT, online pair objectives): pack each micro-batch's sequences into "
@@ -705,6 +710,8 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
         raise UserError(
             f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})"
         )
+    if d.assistant_turns != "all" and recipe.trainer != "sft":
+        raise UserError(f"{where}: data.assistant_turns applies to trainer 'sft', not {recipe.trainer!r}")
     hf = {"train": d.train.startswith("hf:"), "eval": bool(d.eval) and d.eval.startswith("hf:")}
     for key, default, which in (("split", "train", "train"), ("eval_split", "test", "eval")):
         if getattr(d, key) != default and not hf[which]:

@@ -35,6 +35,12 @@ class Example:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int] | None
+    chosen_mask: list[int] | None = None
+    """Which chosen tokens are trained (None: all): multi-turn SFT trains the assistant turns only."""
+
+
+def _chosen_mask(e: Example) -> list[int]:
+    return e.chosen_mask if e.chosen_mask is not None else [1] * len(e.chosen_ids)
 
 
 # -------------------------------------------------------------------------------------------------------- reading
@@ -158,7 +164,7 @@ def _read_hf(spec: str, split: str = "train", data_files=None) -> list[dict]:
 def detect_format(row: dict, cfg) -> str:
     if cfg.format != "auto":
         return cfg.format
-    chosen = row.get(cfg.chosen_key)
+    chosen = row.get(cfg.chosen_key, row.get("messages") if isinstance(row, dict) else None)
     if isinstance(chosen, list):
         return "conversational"
     if cfg.prompt_key not in row and isinstance(chosen, str) and HH_ASSISTANT in chosen:
@@ -199,6 +205,8 @@ def normalise(rows: list[dict], cfg, source: str, sft: bool, kept: list[int] | N
 def _normalise_row(row: Any, i: int, fmt: str, cfg, source: str, sft: bool) -> tuple:
     if not isinstance(row, dict):
         raise UserError(f"{source}: row {i}: expected an object, got {type(row).__name__}")
+    if sft and cfg.chosen_key not in row and "messages" in row:  # TRL's conversational SFT rows
+        row = {**{k: v for k, v in row.items() if k != "messages"}, cfg.chosen_key: row["messages"]}
     keys = [cfg.chosen_key] + ([] if sft else [cfg.rejected_key]) + ([cfg.prompt_key] if fmt == "plain" else [])
     for k in keys:
         if k not in row:
@@ -209,6 +217,12 @@ def _normalise_row(row: Any, i: int, fmt: str, cfg, source: str, sft: bool) -> t
     if row_fmt != fmt:
         raise UserError(f"{source}: row {i}: format {row_fmt!r} differs from the first row's {fmt!r} (mixed formats)")
     chosen, rejected = row[cfg.chosen_key], None if sft else row[cfg.rejected_key]
+    if fmt == "conversational" and sft and cfg.prompt_key not in row:  # a whole conversation (TRL's messages)
+        if not _is_messages(chosen) or not any(m["role"] == "assistant" for m in chosen):
+            raise UserError(f"{source}: row {i}: {cfg.chosen_key!r} is not a conversation with an assistant turn")
+        first = next(k for k, m in enumerate(chosen) if m["role"] == "assistant")
+        if cfg.assistant_turns == "all" and first > 0:
+            return chosen[:first], chosen[first:], None
     if fmt == "hh":
         if not isinstance(chosen, str) or not isinstance(rejected, (str, type(None))):
             raise UserError(f"{source}: row {i}: HH-RLHF dialogues must be strings")
@@ -272,14 +286,46 @@ def render(tokenizer, prompt, response, use_template: bool) -> tuple[str, str]:
     return p, full[len(p) :]
 
 
+def turn_pieces(tokenizer, prompt: list, response: list) -> list[tuple[str, bool]]:
+    """The rendered response of a multi-turn conversation cut into (text, trained) pieces: each assistant turn, from
+    the end of its generation prompt to the end of the turn as the template writes it, is trained; user, tool and
+    system turns and the headers before assistant turns are not. Raises ValueError if the template renders a
+    conversation's beginning differently once later turns follow (no exact cut exists then)."""
+    convo = prompt + response
+
+    def text(n: int, gen: bool) -> str:
+        return tokenizer.apply_chat_template(convo[:n], add_generation_prompt=gen, tokenize=False)
+
+    full, at = text(len(convo), False), len(text(len(prompt), True))
+    pieces = []
+    for k in range(len(prompt), len(convo)):
+        if convo[k]["role"] != "assistant":
+            continue
+        head, turn = text(k, True), text(k + 1, False)
+        if not (full.startswith(head) and full.startswith(turn) and len(head) >= at):
+            raise ValueError(
+                "the chat template renders earlier turns differently when later ones follow (set "
+                "data.assistant_turns=last to train the last turn only)"
+            )
+        if len(head) > at:
+            pieces.append((full[at : len(head)], False))
+        pieces.append((full[len(head) : len(turn)], True))
+        at = len(turn)
+    if at < len(full):
+        pieces.append((full[at:], False))
+    return [(t, trained) for t, trained in pieces if t]
+
+
 def tokenize_rows(triples: list[tuple], fmt: str, tokenizer, cfg, source: str) -> list[Example]:
     """Tokenise (prompt, chosen, rejected) triples; check and (optionally) truncate lengths."""
     use_template = fmt == "conversational" or cfg.chat_template
-    prompts, chosens, rejecteds = [], [], []
+    prompts, chosens, rejecteds, turns = [], [], [], {}
     for i, (p, c, r) in enumerate(triples):
         try:
             pt, ct = render(tokenizer, p, c, use_template)
             rt = render(tokenizer, p, r, use_template)[1] if r is not None else None
+            if use_template and r is None and isinstance(c, list) and not (len(c) == 1 and c[0]["role"] == "assistant"):
+                turns[i] = turn_pieces(tokenizer, p, c)
         except ValueError as e:
             raise UserError(f"{source}: row {i}: {e}") from None
         prompts.append(pt)
@@ -298,6 +344,11 @@ def tokenize_rows(triples: list[tuple], fmt: str, tokenizer, cfg, source: str) -
     for i in range(len(triples)):
         prompt, chosen = p_ids[i], c_ids[i] + eos
         rejected = r_ids[i] + eos if r_ids is not None else None
+        mask = None
+        if i in turns:  # multi-turn: each piece tokenised on its own, the assistant turns' tokens trained
+            ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in turns[i]]
+            chosen = [t for piece in ids for t in piece]
+            mask = [int(trained) for piece, (_, trained) in zip(ids, turns[i]) for _ in piece]
         if not prompt:
             raise UserError(f"{source}: row {i}: empty prompt")
         if len(prompt) > cfg.max_prompt_length:
@@ -314,7 +365,15 @@ def tokenize_rows(triples: list[tuple], fmt: str, tokenizer, cfg, source: str) -
                     f"{source}: row {i}: prompt + {name} has {len(prompt) + len(resp)} tokens > data.max_length "
                     f"{cfg.max_length} (set data.truncate=true to cut it)"
                 )
-        examples.append(Example(i, prompt, chosen[:budget], rejected[:budget] if rejected is not None else None))
+        examples.append(
+            Example(
+                i,
+                prompt,
+                chosen[:budget],
+                rejected[:budget] if rejected is not None else None,
+                mask[:budget] if mask is not None else None,
+            )
+        )
     return examples
 
 
@@ -336,7 +395,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch of 2B sequences: the B chosen responses, then the B rejected ones (or B sequences for
     SFT). ``completion_mask`` marks response tokens; ``idx`` the examples' row numbers."""
     seqs = [e.prompt_ids + e.chosen_ids for e in examples]
-    masks = [[0] * len(e.prompt_ids) + [1] * len(e.chosen_ids) for e in examples]
+    masks = [[0] * len(e.prompt_ids) + _chosen_mask(e) for e in examples]
     if examples[0].rejected_ids is not None:
         seqs += [e.prompt_ids + e.rejected_ids for e in examples]
         masks += [[0] * len(e.prompt_ids) + [1] * len(e.rejected_ids) for e in examples]
@@ -429,7 +488,7 @@ def collate_packed(examples: list[Example], pad_id: int, row_len: int | None = N
     """``collate`` without padding: the same 2B (or B) sequences in the same order, packed into rows (``pack``);
     ``sequence_logps`` gives back one sum per sequence, so the losses see the same tensors as with ``collate``."""
     seqs = [e.prompt_ids + e.chosen_ids for e in examples]
-    masks = [[0] * len(e.prompt_ids) + [1] * len(e.chosen_ids) for e in examples]
+    masks = [[0] * len(e.prompt_ids) + _chosen_mask(e) for e in examples]
     if examples[0].rejected_ids is not None:
         seqs += [e.prompt_ids + e.rejected_ids for e in examples]
         masks += [[0] * len(e.prompt_ids) + [1] * len(e.rejected_ids) for e in examples]

@@ -707,3 +707,41 @@ def test_online_prompt_rows_plain_and_conversational(tmp_path):
     f.write_text(json.dumps({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
     with pytest.raises(UserError, match="row 0: the conversational 'prompt' ends with an assistant turn"):
         load_prompt_rows(cfg(train=str(f)))
+
+
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_sft_messages_rows_train_every_assistant_turn_against_the_chat_template(tmp_path, turns):
+    """TRL's conversational SFT rows ({"messages": [...]}): with data.assistant_turns all (default) the mask marks
+    exactly the tokens of each assistant turn as the chat template writes it (content and end of turn), never the
+    system/user turns or the assistant headers; with last, only the final turn."""
+    tok = _PROPERTY_TOKENIZER
+    convo = [
+        {"role": "system", "content": "terse"},
+        {"role": "user", "content": "2+3="},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "times 4?"},
+        {"role": "assistant", "content": "20"},
+    ]
+    f = write_jsonl(tmp_path / "m.jsonl", [{"messages": convo}])
+    (ex,) = load_examples(str(f), tok, cfg(assistant_turns=turns), sft=True)
+    ids = ex.prompt_ids + ex.chosen_ids
+    assert ids == tok(tok.apply_chat_template(convo, tokenize=False), add_special_tokens=False)["input_ids"]
+    mask = [0] * len(ex.prompt_ids) + (ex.chosen_mask or [1] * len(ex.chosen_ids))
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    eos = tok.eos_token
+    assert trained == (f"5{eos}20{eos}" if turns == "all" else f"20{eos}")
+    batch = collate([ex], tok.pad_token_id)
+    assert batch["completion_mask"][0].tolist()[: len(mask)] == mask
+    from align.data import collate_packed
+
+    packed = collate_packed([ex, ex], tok.pad_token_id, row_len=2 * len(ids))
+    assert packed["completion_mask"].sum().item() == 2 * sum(mask)
+
+
+def test_assistant_turns_is_an_sft_key():
+    from align.config import load_recipe
+    from align.paths import REPO_ROOT
+
+    with pytest.raises(UserError, match="data.assistant_turns applies to trainer 'sft', not 'preference'"):
+        load_recipe(REPO_ROOT / "recipes" / "dpo" / "tiny.yaml", ["data.assistant_turns=last"])
+    assert load_recipe(REPO_ROOT / "recipes" / "sft" / "tiny.yaml", ["data.assistant_turns=last"])

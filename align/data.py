@@ -164,7 +164,7 @@ def _read_hf(spec: str, split: str = "train", data_files=None) -> list[dict]:
 def detect_format(row: dict, cfg) -> str:
     if cfg.format != "auto":
         return cfg.format
-    chosen = row.get(cfg.chosen_key, row.get("messages") if isinstance(row, dict) else None)
+    chosen = row.get(cfg.chosen_key, row.get("messages", row.get("completion")))
     if isinstance(chosen, list):
         return "conversational"
     if cfg.prompt_key not in row and isinstance(chosen, str) and HH_ASSISTANT in chosen:
@@ -205,8 +205,15 @@ def normalise(rows: list[dict], cfg, source: str, sft: bool, kept: list[int] | N
 def _normalise_row(row: Any, i: int, fmt: str, cfg, source: str, sft: bool) -> tuple:
     if not isinstance(row, dict):
         raise UserError(f"{source}: row {i}: expected an object, got {type(row).__name__}")
+    if cfg.chosen_key not in row and "completion" in row and "label" in row:
+        raise UserError(
+            f"{source}: row {i}: unpaired rows (prompt, completion, label: TRL's KTO format) are not read by any "
+            "objective here yet; give pairs (prompt, chosen, rejected)"
+        )
     if sft and cfg.chosen_key not in row and "messages" in row:  # TRL's conversational SFT rows
         row = {**{k: v for k, v in row.items() if k != "messages"}, cfg.chosen_key: row["messages"]}
+    if sft and cfg.chosen_key not in row and "completion" in row:  # TRL's prompt-completion SFT rows
+        row = {**{k: v for k, v in row.items() if k != "completion"}, cfg.chosen_key: row["completion"]}
     keys = [cfg.chosen_key] + ([] if sft else [cfg.rejected_key]) + ([cfg.prompt_key] if fmt == "plain" else [])
     for k in keys:
         if k not in row:

@@ -745,3 +745,27 @@ def test_assistant_turns_is_an_sft_key():
     with pytest.raises(UserError, match="data.assistant_turns applies to trainer 'sft', not 'preference'"):
         load_recipe(REPO_ROOT / "recipes" / "dpo" / "tiny.yaml", ["data.assistant_turns=last"])
     assert load_recipe(REPO_ROOT / "recipes" / "sft" / "tiny.yaml", ["data.assistant_turns=last"])
+
+
+def test_prompt_completion_sft_rows_and_unpaired_rows(tmp_path):
+    """TRL's prompt-completion SFT rows (plain or conversational) load as SFT; unpaired KTO-style rows (prompt,
+    completion, label) are refused with one line naming the row, for SFT and preference trainers alike."""
+    tok = _PROPERTY_TOKENIZER
+    plain = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "1+1=", "completion": "2"}])
+    (ex,) = load_examples(str(plain), tok, cfg(), sft=True)
+    assert tok.decode(ex.chosen_ids, skip_special_tokens=True) == "2"
+    conv = write_jsonl(
+        tmp_path / "cc.jsonl",
+        [{"prompt": [{"role": "user", "content": "1+1="}], "completion": [{"role": "assistant", "content": "2"}]}],
+    )
+    (ex,) = load_examples(str(conv), tok, cfg(), sft=True)
+    assert ex.prompt_ids + ex.chosen_ids == tokens(
+        tok,
+        tok.apply_chat_template(
+            [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}], tokenize=False
+        ),
+    )
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "1+1=", "completion": "3", "label": False}])
+    for sft in (True, False):
+        with pytest.raises(UserError, match="kto.jsonl: row 0: unpaired rows .* not read by any objective"):
+            load_examples(str(kto), tok, cfg(), sft=sft)

@@ -54,6 +54,12 @@ class ModelConfig:
     )
     trust_remote_code: bool = doc(False, "Allow model code from the hub (off by default).")
     revision: Optional[str] = doc(None, "Hub revision (branch, tag or commit) when name_or_path is a hub id.")
+    quantization: Literal["none", "4bit", "8bit"] = doc(
+        "none",
+        "QLoRA: load the base weights quantized through bitsandbytes (4bit: NF4 with double quantization, compute in "
+        "model.dtype; 8bit: LLM.int8) and train a LoRA adapter on them (lora.enabled must be true; the reference is "
+        "the quantized base with the adapter off). Preference and SFT trainers; needs the [qlora] extra.",
+    )
 
 
 @dataclass
@@ -710,6 +716,18 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
         raise UserError(
             f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})"
         )
+    q = recipe.model.quantization
+    if q != "none":
+        if recipe.trainer not in ("preference", "sft"):
+            raise UserError(
+                f"{where}: model.quantization applies to trainers 'preference' and 'sft', not {recipe.trainer!r}"
+            )
+        if not recipe.lora.enabled:
+            raise UserError(f"{where}: model.quantization {q!r} trains a LoRA adapter: set lora.enabled=true (QLoRA)")
+        if recipe.model.name_or_path.startswith(("tiny:", "memory:")):
+            raise UserError(
+                f"{where}: model.quantization {q!r} loads saved weights: model.name_or_path must be a folder or hub id"
+            )
     if d.assistant_turns != "all" and recipe.trainer != "sft":
         raise UserError(f"{where}: data.assistant_turns applies to trainer 'sft', not {recipe.trainer!r}")
     hf = {"train": d.train.startswith("hf:"), "eval": bool(d.eval) and d.eval.startswith("hf:")}

@@ -131,6 +131,11 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
     lines.append(
         f"model    {name}: {'local' if local else 'hub id (not downloaded in a dry run)'}"
         + (" + LoRA" if recipe.lora.enabled else "")
+        + (
+            f" on a {recipe.model.quantization} base (QLoRA, bitsandbytes)"
+            if recipe.model.quantization != "none"
+            else ""
+        )
     )
     tok = load_tokenizer(name, recipe.model.revision, recipe.model.trust_remote_code) if local else None
     sources = [("train", recipe.data.train)] + ([("eval", recipe.data.eval)] if recipe.data.eval else [])

@@ -28,6 +28,7 @@ EXTRA_OF = {
     "tensorboard": "tracking",
     "trackio": "tracking",
     "vllm": "vllm",
+    "bitsandbytes": "qlora",
 }
 """Importable module -> the extra that installs it."""
 
@@ -54,3 +55,5 @@ def check_run_extras(recipe, deepspeed: bool) -> None:
         require("matplotlib", "logging.plots (set logging.plots=false to skip the PNGs)")
     if deepspeed:
         require("deepspeed", "an accelerate config with DeepSpeed")
+    if getattr(recipe.model, "quantization", "none") != "none":
+        require("bitsandbytes", f"model.quantization {recipe.model.quantization!r}")

@@ -164,6 +164,8 @@ def load_policy(model_cfg, lora_cfg=None, seed: int = 0):
         )
         if model_cfg.attn_implementation:
             kwargs["attn_implementation"] = model_cfg.attn_implementation
+        if getattr(model_cfg, "quantization", "none") != "none":
+            kwargs["quantization_config"] = quantization_config(model_cfg)
         try:
             model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -172,6 +174,11 @@ def load_policy(model_cfg, lora_cfg=None, seed: int = 0):
             ) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    if getattr(model_cfg, "quantization", "none") != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # norms and the LM head in fp32, input embeddings' outputs requiring grad (so checkpointed adapters train)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -180,6 +187,21 @@ def load_policy(model_cfg, lora_cfg=None, seed: int = 0):
     if lora_cfg is not None and lora_cfg.enabled:
         model = add_lora(model, lora_cfg)
     return model, tok
+
+
+def quantization_config(model_cfg):
+    """transformers' BitsAndBytesConfig for model.quantization (QLoRA's NF4 + double quantization, or LLM.int8)."""
+    from transformers import BitsAndBytesConfig
+
+    from align.extras import require
+
+    require("bitsandbytes", f"model.quantization {model_cfg.quantization!r}")
+    if model_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = _dtype(model_cfg.dtype) if model_cfg.dtype != "auto" else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
 
 
 def disable_dropout(model) -> int:

@@ -314,7 +314,10 @@ def restore(accelerator, output_dir: Path, recipe: Recipe, resume: bool) -> tupl
     if not (ckpt / runs.STATE_FILE).is_file():
         raise UserError(f"{ckpt}: rank {accelerator.process_index} has no copy of the checkpoint rank 0 resumes from")
     state = runs.read_state(ckpt, recipe)
-    accelerator.load_state(str(ckpt))
+    # a quantized base (QLoRA) saves bitsandbytes' quantization state beside its (frozen, unchanged) weights; the
+    # model loading them back has that state already: those keys are left out of the strict match
+    quantized = getattr(recipe.model, "quantization", "none") != "none"
+    accelerator.load_state(str(ckpt), **({"strict": False} if quantized else {}))
     return state["step"], ckpt
 
 

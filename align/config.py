@@ -84,6 +84,12 @@ class DataConfig:
         "(multi-user preference sets, ':train' or ':eval' users), hh_harmless (HH-RLHF harmless 80/20 split).",
     )
     eval: Optional[str] = doc(None, "Held-out data in the same forms; None = no evaluation set.")
+    mixture: list = doc(
+        [],
+        "With data.train 'mixture': the sources mixed, [{source: S, weight: W, split: SPLIT}] (TRL's dataset_mixture): "
+        "each source's rows are shuffled with train.seed and the first W (0 < W <= 1) of them kept, then all are "
+        "shuffled together. split (optional) is that of an hf: source. The rows must share one format.",
+    )
     split: str = doc("train", "Split of an 'hf:' data.train source (e.g. train_prefs).")
     eval_split: str = doc("test", "Split of an 'hf:' data.eval source (e.g. test_prefs).")
     data_files: Union[str, list, None] = doc(
@@ -716,6 +722,24 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
         raise UserError(
             f"{where}: data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length})"
         )
+    if (d.train == "mixture") != bool(d.mixture):
+        raise UserError(
+            f"{where}: data.mixture and data.train: mixture go together (a mixture's sources are listed there)"
+        )
+    for i, m in enumerate(d.mixture):
+        key = f"data.mixture[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("source"), str) or not m["source"]:
+            raise UserError(f"{where}: {key} must be a mapping with a 'source' (a file, hf:... or builtin:...)")
+        extra = sorted(set(m) - {"source", "weight", "split"})
+        if extra:
+            raise UserError(f"{where}: {key}: unknown key {extra[0]!r} (source, weight, split)")
+        w = m.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
+            raise UserError(f"{where}: {key}.weight must be a number in (0, 1], got {w!r}")
+        if "split" in m and (not isinstance(m["split"], str) or not m["source"].startswith("hf:")):
+            raise UserError(f"{where}: {key}.split applies to an 'hf:' source (a string)")
+        if m["source"] == "mixture":
+            raise UserError(f"{where}: {key}: a mixture cannot contain a mixture")
     q = recipe.model.quantization
     if q != "none":
         if recipe.trainer not in ("preference", "sft"):
@@ -734,7 +758,7 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
     for key, default, which in (("split", "train", "train"), ("eval_split", "test", "eval")):
         if getattr(d, key) != default and not hf[which]:
             raise UserError(f"{where}: data.{key} applies to an 'hf:' data.{which} source, not {getattr(d, which)!r}")
-    if d.data_files is not None and not any(hf.values()):
+    if d.data_files is not None and not any(hf.values()) and not any(m["source"].startswith("hf:") for m in d.mixture):
         raise UserError(f"{where}: data.data_files applies to 'hf:' sources (e.g. hf:json); data.train is {d.train!r}")
     _validate_rollout(recipe, where)
     from align.tracking import check_trackers

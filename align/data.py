@@ -73,6 +73,8 @@ def read_rows(source: str, data_cfg, seed: int = 0, sft: bool = False, split: st
         except ValueError as e:
             raise UserError(f"data.builtin_families: {e}") from None
         return tasks.sft_rows(ts, data_cfg.builtin_sloppy, seed) if sft else tasks.preference_rows(ts, seed=seed)
+    if source == "mixture":
+        return _read_mixture(data_cfg, seed, sft)
     if source.startswith("hf:"):
         return _read_hf(source[3:], split or getattr(data_cfg, "split", "train"), getattr(data_cfg, "data_files", None))
     path = Path(source)
@@ -124,6 +126,22 @@ def _decode(raw: bytes, source: str, row: int | None) -> str:
     except UnicodeDecodeError:
         where = f"row {row}: " if row is not None else ""
         raise UserError(f"{source}: {where}not valid UTF-8") from None
+
+
+def _read_mixture(data_cfg, seed: int, sft: bool) -> list[dict]:
+    """data.mixture: each source's rows shuffled (seeded by train.seed and the source's place), the first weight x
+    rows of each kept (at least one), all shuffled together with the seed."""
+    import random
+
+    out = []
+    for i, m in enumerate(data_cfg.mixture):
+        rows = read_rows(m["source"], data_cfg, seed=seed, sft=sft, split=m.get("split"))
+        order = list(range(len(rows)))
+        random.Random(seed * 1000 + i).shuffle(order)
+        keep = max(1, round(float(m.get("weight", 1.0)) * len(rows))) if rows else 0
+        out += [rows[j] for j in order[:keep]]
+    random.Random(seed).shuffle(out)
+    return out
 
 
 def parse_hf(spec: str) -> tuple[str, str | None, str | None]:
@@ -526,7 +544,7 @@ def load_prompt_rows(d, seed: int = 0) -> list[dict]:
 
         tasks = T.make_tasks(d.builtin_size, seed=seed, split="train", families=d.builtin_families)
         return [{"prompt": t.prompt, "answer": t.answer, "family": t.family} for t in tasks]
-    rows = read_rows(d.train, d)
+    rows = read_rows(d.train, d, seed=seed)
     out = []
     for i, row in enumerate(rows[: d.limit] if d.limit else rows):
         p = row.get(d.prompt_key) if isinstance(row, dict) else None

@@ -769,3 +769,43 @@ def test_prompt_completion_sft_rows_and_unpaired_rows(tmp_path):
     for sft in (True, False):
         with pytest.raises(UserError, match="kto.jsonl: row 0: unpaired rows .* not read by any objective"):
             load_examples(str(kto), tok, cfg(), sft=sft)
+
+
+def test_mixture_keeps_each_sources_share_seeded_and_validates_its_entries(tmp_path):
+    """data.train: mixture with data.mixture (TRL's dataset_mixture): weight x rows of each source, chosen and shuffled
+    with the seed (same seed, same rows in the same order), any source kind (file, hf:, builtin:)."""
+    import datasets
+
+    from align.config import load_recipe
+    from align.paths import REPO_ROOT
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": "x", "rejected": "y"} for i in range(10)])
+    datasets.DatasetDict(
+        {"dev": datasets.Dataset.from_list([{"prompt": f"b{i}", "chosen": "x", "rejected": "y"} for i in range(4)])}
+    ).save_to_disk(str(tmp_path / "b"))
+    mix = [{"source": str(a), "weight": 0.5}, {"source": f"hf:{tmp_path / 'b'}", "split": "dev"}]
+    rows = read_rows("mixture", cfg(train="mixture", mixture=mix), seed=3)
+    names = [r["prompt"] for r in rows]
+    assert sum(n.startswith("a") for n in names) == 5 and sorted(n for n in names if n.startswith("b")) == [
+        "b0",
+        "b1",
+        "b2",
+        "b3",
+    ]
+    assert [r["prompt"] for r in read_rows("mixture", cfg(train="mixture", mixture=mix), seed=3)] == names
+    assert [r["prompt"] for r in read_rows("mixture", cfg(train="mixture", mixture=mix), seed=4)] != names
+    assert len(load_examples("mixture", _PROPERTY_TOKENIZER, cfg(train="mixture", mixture=mix), seed=3)) == 9
+
+    dpo = REPO_ROOT / "recipes" / "dpo" / "tiny.yaml"
+    ok = load_recipe(dpo, ["data.train=mixture", f"data.mixture=[{{source: {a}, weight: 0.5}}]"])
+    assert ok.data.mixture == [{"source": str(a), "weight": 0.5}]
+    for over, msg in (
+        (["data.train=mixture"], "data.mixture and data.train: mixture go together"),
+        ([f"data.mixture=[{{source: {a}}}]"], "go together"),
+        (["data.train=mixture", f"data.mixture=[{{source: {a}, weight: 2}}]"], r"data.mixture\[0\].weight must be"),
+        (["data.train=mixture", f"data.mixture=[{{source: {a}, weigth: 1}}]"], "unknown key 'weigth'"),
+        (["data.train=mixture", f"data.mixture=[{{source: {a}, split: dev}}]"], "split applies to an 'hf:' source"),
+        (["data.train=mixture", "data.mixture=[7]"], "must be a mapping with a 'source'"),
+    ):
+        with pytest.raises(UserError, match=msg):
+            load_recipe(dpo, over)

@@ -128,6 +128,12 @@ class DataConfig:
         "padding-free rows (position ids restart per sequence; exact for llama, mistral, qwen2/3 and gemma models, "
         "whose attention masks follow the position ids; other models are padded).",
     )
+    cache: bool = doc(
+        True,
+        "Keep tokenised rows in datasets' cache (datasets.map, keyed by the rows' content, the tokenizer and the data "
+        "settings; under $HF_DATASETS_CACHE/align_tokenized): a resume or a rerun on the same data does not tokenise "
+        "again.",
+    )
     builtin_size: int = doc(512, "Rows generated for 'builtin:tasks'.")
     builtin_families: list = doc([], "Task families for 'builtin:tasks' (empty = all).")
     builtin_sloppy: float = doc(

@@ -410,7 +410,86 @@ def load_examples(
     if data_cfg.limit is not None:
         rows = rows[: data_cfg.limit]
     fmt, triples = normalise(rows, data_cfg, source, sft)
-    return tokenize_rows(triples, fmt, tokenizer, data_cfg, source)
+    if not getattr(data_cfg, "cache", False):
+        return tokenize_rows(triples, fmt, tokenizer, data_cfg, source)
+    return cached_tokenize(triples, fmt, tokenizer, data_cfg, source)
+
+
+TOKENIZE_SETTINGS = ("max_length", "max_prompt_length", "truncate", "chat_template", "assistant_turns")
+"""The data settings tokenised rows depend on (with the rows themselves and the tokenizer): the cache key."""
+
+
+def cached_tokenize(triples: list[tuple], fmt: str, tokenizer, cfg, source: str) -> list[Example]:
+    """``tokenize_rows`` through ``datasets.map`` with a cache file named by a fingerprint of the rows' content, the
+    tokenizer and ``TOKENIZE_SETTINGS``: the first call tokenises (and checks) the rows, later calls with the same
+    inputs read the Arrow file back. Problems are the same UserErrors, naming the source and row."""
+    import hashlib
+
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    text = [json.dumps(t, ensure_ascii=False, sort_keys=True) for t in triples]
+    h = hashlib.sha256()
+    for line in text:
+        h.update(line.encode("utf-8"))
+        h.update(b"\n")
+    settings = {k: getattr(cfg, k, None) for k in TOKENIZE_SETTINGS}
+    h.update(json.dumps([fmt, settings, Hasher.hash(tokenizer)], sort_keys=True, default=str).encode())
+    key = h.hexdigest()[:32]
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "align_tokenized"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def tokenize(batch, indices):
+        try:
+            exs = tokenize_rows([tuple(json.loads(x)) for x in batch["row"]], fmt, tokenizer, cfg, source)
+        except UserError as e:  # row numbers of the batch -> of the source
+            raise _RowError(str(e), indices[0]) from None
+        return {
+            "prompt_ids": [e.prompt_ids for e in exs],
+            "chosen_ids": [e.chosen_ids for e in exs],
+            "rejected_ids": [e.rejected_ids for e in exs],
+            "chosen_mask": [e.chosen_mask for e in exs],
+        }
+
+    ds = datasets.Dataset.from_dict({"row": text})
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        out = ds.map(
+            tokenize,
+            batched=True,
+            batch_size=1000,
+            with_indices=True,
+            remove_columns=["row"],
+            cache_file_name=str(folder / f"{key}.arrow"),
+            new_fingerprint=key,
+            load_from_cache_file=True,
+        )
+    except _RowError as e:
+        raise UserError(_shift_row(e.args[0], e.offset)) from None
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+    cols = out.to_dict()
+    return [
+        Example(i, p, c, r, m)
+        for i, (p, c, r, m) in enumerate(
+            zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"], cols["chosen_mask"])
+        )
+    ]
+
+
+class _RowError(Exception):
+    def __init__(self, message: str, offset: int):
+        super().__init__(message)
+        self.offset = offset
+
+
+def _shift_row(message: str, offset: int) -> str:
+    """A UserError line about row i of a batch, about row offset + i of the source."""
+    import re
+
+    return re.sub(r"row (\d+):", lambda m: f"row {int(m.group(1)) + offset}:", message, count=1)
 
 
 # ------------------------------------------------------------------------------------------------------- batching

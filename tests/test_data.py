@@ -809,3 +809,33 @@ def test_mixture_keeps_each_sources_share_seeded_and_validates_its_entries(tmp_p
     ):
         with pytest.raises(UserError, match=msg):
             load_recipe(dpo, over)
+
+
+def test_tokenised_rows_are_cached_by_content_tokenizer_and_settings(tmp_path, monkeypatch):
+    """data.cache: the second load of the same rows with an equal tokenizer and settings reads datasets' cache file
+    (no tokenising); other rows, another max_length or another tokenizer tokenise again; results equal the uncached
+    path; a bad row is still one line naming its row number in the source."""
+    import datasets
+
+    import align.data as D
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = D.tokenize_rows
+    monkeypatch.setattr(D, "tokenize_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "0"} for i in range(2500)]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    c = cfg(cache=True)
+    first = load_examples(str(f), char_tokenizer(), c)
+    n = len(calls)
+    assert n == 3  # batches of 1,000 rows
+    again = load_examples(str(f), char_tokenizer(), c)  # an equal tokenizer object, the same rows and settings
+    assert len(calls) == n and again == first
+    fmt, triples = D.normalise(rows, c, str(f), False)
+    assert first == real(triples, fmt, char_tokenizer(), c, str(f))  # the uncached path
+    load_examples(str(f), char_tokenizer(), cfg(cache=True, max_length=40))
+    assert len(calls) == 2 * n
+    write_jsonl(f, rows[:-1] + [{"prompt": "x", "chosen": "y" * 600, "rejected": "z"}])
+    with pytest.raises(UserError, match=r"d.jsonl: row 2499: prompt \+ chosen has"):
+        load_examples(str(f), char_tokenizer(), c)
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "align_tokenized").iterdir()) == [".arrow", ".arrow"]

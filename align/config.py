@@ -387,7 +387,8 @@ class JudgeConfig:
     functions: list = doc(
         [],
         "kind function: reward functions 'package.module:function' or 'file.py:function' ('./' = the recipe's "
-        "folder), each called as f(prompts, completions, **columns) -> one number per completion (align/rewards.py).",
+        "folder), each called as f(prompts, completions, **columns) -> one number per completion (align/rewards.py), "
+        "or 'reward_model:PATH' for a reward model's pointwise score r(x, y).",
     )
     weights: Optional[list] = doc(None, "kind function: one weight per reward function (default 1 each).")
     goal: str = doc(
@@ -616,10 +617,15 @@ def _with_relative_paths(recipe: Recipe, path: Path) -> Recipe:
         value = getattr(recipe.data, key)
         if isinstance(value, str) and value.startswith("./"):
             setattr(recipe.data, key, str((path.parent / value).resolve()))
-    recipe.judge.functions = [
-        str((path.parent / f).resolve()) if isinstance(f, str) and f.startswith("./") else f
-        for f in recipe.judge.functions
-    ]
+
+    def local(f):
+        if isinstance(f, str) and f.startswith("./"):
+            return str((path.parent / f).resolve())
+        if isinstance(f, str) and f.startswith("reward_model:./"):
+            return "reward_model:" + str((path.parent / f[len("reward_model:") :]).resolve())
+        return f
+
+    recipe.judge.functions = [local(f) for f in recipe.judge.functions]
     return recipe
 
 

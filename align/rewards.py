@@ -6,7 +6,8 @@ A reward function is any callable, as TRL's ``GRPOTrainer(reward_funcs=...)`` ta
         ...                     # columns: every other column of the prompt rows, one value per completion
 
 ``judge.functions`` names them as ``"package.module:function"``, ``"path/to/file.py:function"`` (a path starting
-with ``./`` is relative to the recipe's folder) or, from the Python API, ``align.train(..., reward_funcs=[...])``.
+with ``./`` is relative to the recipe's folder), ``"reward_model:PATH"`` (a reward model's pointwise score) or, from
+the Python API, ``align.train(..., reward_funcs=[...])``.
 The reward of a completion is ``sum_k judge.weights[k] * f_k(...)`` (weights 1 by default); each function's mean
 is logged as ``reward/<name>`` (each sample's scores are saved with the rollouts). Pairwise judges (checker, reward
 model, LLM) give win rates instead; both feed the same objectives (``align/trainers/online.py``).
@@ -28,6 +29,8 @@ def load_function(spec: str):
         from align.memory import lookup
 
         fn = lookup(spec, "judge.functions")
+    elif spec.startswith("reward_model:"):
+        fn = reward_model_function(spec[len("reward_model:") :])
     else:
         where, sep, attr = spec.rpartition(":")
         if not sep or not where or not attr:
@@ -51,6 +54,25 @@ def load_function(spec: str):
     if not callable(fn):
         raise UserError(f"judge.functions: {spec!r} is not a callable")
     return fn
+
+
+def reward_model_function(path: str):
+    """A reward model as a reward function (``judge.functions: ["reward_model:PATH"]``): its scalar r(x, y) for each
+    completion, pointwise. PATH is a sequence-classification folder (one label) or a Bradley-Terry model written by
+    ``align train`` (trainer: reward); the pairwise judge.kind reward_model compares the same scores instead."""
+    import os
+
+    from align.judges import AlignRewardJudge, RewardModelJudge
+    from align.reward_model import CONFIG_FILE
+
+    if not os.path.isdir(path):
+        raise UserError(f"judge.functions: 'reward_model:{path}': not a reward-model folder")
+    judge = AlignRewardJudge(path) if os.path.isfile(os.path.join(path, CONFIG_FILE)) else RewardModelJudge(path)
+
+    def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
+        return judge.rewards(list(prompts), list(completions))
+
+    return reward_model
 
 
 def function_name(spec: str, fn) -> str:

@@ -205,3 +205,30 @@ def test_conversational_prompt_rows_from_a_dataset_folder_train_through_the_chat
     assert tok.decode(group["prompt_ids"]) == rendered  # the chat template, though data.chat_template is off
     with pytest.raises(UserError, match="ds: 6 prompts < online.prompts_per_iteration 8"):
         align.train(load_recipe(RECIPE, over), output_dir=tmp_path / "train6", reward_funcs=[check])
+
+
+def test_a_reward_model_is_a_pointwise_reward_function_beside_python_ones(tmp_path, rm_judge):
+    """judge.functions "reward_model:PATH": the model's scalar r(x, y) per completion (the score the pairwise judge
+    compares), weighted with the other functions; checked but not loaded by --dry-run; a missing folder is one line."""
+    from align.judges import RewardModelJudge
+
+    path = rm_judge[1].split("=", 1)[1]
+    fns = [f"reward_model:{path}", "align.rewards:exact_match"]
+    over = SMALL + ["online.iterations=1", f"judge.functions=[{','.join(fns)}]", "judge.weights=[0.5,1.0]"]
+    run(load_recipe(RECIPE, over), tmp_path / "g")
+    groups = json.loads((tmp_path / "g" / "rollouts" / "iter-1.json").read_text())["groups"]
+    rm = RewardModelJudge(path)
+    texts = [s["text"] for s in groups[0]["samples"]]
+    expected = rm.rewards([groups[0]["prompt"]] * len(texts), texts)
+    got = [s["scores"]["reward_model"] for s in groups[0]["samples"]]
+    assert got == pytest.approx(expected, abs=1e-5) and len(set(got)) > 1
+    for s in groups[0]["samples"]:
+        assert s["reward"] == pytest.approx(0.5 * s["scores"]["reward_model"] + s["scores"]["exact_match"])
+    res = run_align("train", str(RECIPE), "--dry-run", *over)
+    assert res.returncode == 0 and "0.5 x reward_model, 1 x exact_match" in res.stdout
+    res = run_align(
+        "train", str(RECIPE), "--dry-run", *SMALL, "judge.functions=[reward_model:/nope]", "judge.weights=null"
+    )
+    assert res.returncode == 2 and error_lines(res.stderr) == [
+        "error: judge.functions: 'reward_model:/nope': not a reward-model folder"
+    ]

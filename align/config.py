@@ -166,10 +166,11 @@ class LossConfig:
         "Lower clip bound 1 - clip_eps_low of the policy-gradient losses (default: clip_eps, symmetric); ml-loop "
         "clips at 1/(1+eps), i.e. clip_eps_low = 1 - 1/(1 + clip_eps).",
     )
-    loss_type: Literal["grpo", "bnpo"] = doc(
+    loss_type: Literal["grpo", "bnpo", "dapo"] = doc(
         "grpo",
         "grpo, rloo: how per-token terms become the batch loss, named as in TRL: 'grpo' = mean over each response's "
-        "tokens, then over responses; 'bnpo' = mean over every token of the minibatch (DAPO's token-level loss).",
+        "tokens, then over responses (sequence mean); 'bnpo' = mean over every token of the process's minibatch; "
+        "'dapo' = mean over every token of the global minibatch, all processes (DAPO's token-level loss).",
     )
     kl_coef: float = doc(
         0.0,

@@ -129,7 +129,8 @@ def _clipped_pg(b: PairBatch, cfg, prefix: str) -> tuple[torch.Tensor, dict]:
     """The clipped per-token surrogate with an optional k3 KL to the reference, aggregated as ``cfg.loss_type``:
     l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + kl_coef * (exp(q_t) - q_t - 1), q_t = log ref - log pi;
     'grpo': per response (1/|y|) sum_t l_t; 'bnpo': sum_t l_t * B / (tokens of the minibatch), whose batch mean is the
-    token mean."""
+    token mean; 'dapo': the same over the global minibatch (tokens of every process, ``b.tokens_per_process``), so
+    the gradient averaged over processes is the token mean of all of them (DAPO, Yu et al. 2025, Eq. 8)."""
     mask = b.token_mask.float()
     n = mask.sum(-1).clamp(min=1)
     ratio = _token_ratio(b)
@@ -141,8 +142,10 @@ def _clipped_pg(b: PairBatch, cfg, prefix: str) -> tuple[torch.Tensor, dict]:
         per_token = per_token + cfg.kl_coef * kl
         metrics[f"{prefix}/kl"] = ((kl * mask).sum(-1) / n).detach()
     summed = (per_token * mask).sum(-1)
-    if cfg.loss_type == "bnpo":
+    if cfg.loss_type == "bnpo" or (cfg.loss_type == "dapo" and b.tokens_per_process is None):
         loss = summed * mask.shape[0] / mask.sum().clamp(min=1)
+    elif cfg.loss_type == "dapo":
+        loss = summed * mask.shape[0] / max(float(b.tokens_per_process), 1.0)
     else:
         loss = summed / n
     metrics.update(

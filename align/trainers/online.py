@@ -487,6 +487,8 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, 
             token_mask=mask,
             advantages=torch.tensor([r["adv"] for r in chunk], device=device),
         )
+        if recipe.loss.loss_type == "dapo":  # the token count of every process's share of this minibatch
+            pb.tokens_per_process = accelerator.reduce(mask.sum().float(), reduction="mean").item()
         if recipe.loss.kl_coef:  # per-token KL to pi_ref (the LoRA base or the frozen copy)
             with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
                 ref = ref_model if ref_model is not None else model

@@ -72,6 +72,18 @@ def test_bnpo_takes_the_token_mean_over_the_minibatch():
     assert loss.mean().item() == pytest.approx((sum(SURR_0) + sum(SURR_1)) / 5, abs=1e-12)  # 5 real tokens
 
 
+def test_dapo_takes_the_token_mean_over_every_processs_tokens():
+    """Two processes, this one with 5 tokens and the other with 11: each divides by the mean count (8), so the
+    average of the two processes' mean losses (DDP's gradient average) is the sum over all tokens / 16."""
+    b = batch()
+    b.tokens_per_process = 8.0
+    loss, _ = LOSSES["grpo"].fn(b, LossConfig(name="grpo", loss_type="dapo"))
+    assert loss.mean().item() == pytest.approx((sum(SURR_0) + sum(SURR_1)) / 8, abs=1e-12)
+    one, _ = LOSSES["grpo"].fn(batch(), LossConfig(name="grpo", loss_type="dapo"))  # one process: bnpo
+    bnpo, _ = LOSSES["grpo"].fn(batch(), LossConfig(name="grpo", loss_type="bnpo"))
+    assert one.tolist() == bnpo.tolist()
+
+
 def test_kl_to_the_reference_is_the_k3_estimator_weighted_by_kl_coef():
     loss, m = LOSSES["grpo"].fn(batch(), LossConfig(name="grpo", kl_coef=0.1))
     kl0 = [k3(-1.1, -1.0), k3(-2.0, -2.0), k3(-0.4, -0.5)]

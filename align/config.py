@@ -389,7 +389,8 @@ class JudgeConfig:
         [],
         "kind function: reward functions 'package.module:function' or 'file.py:function' ('./' = the recipe's "
         "folder), each called as f(prompts, completions, **columns) -> one number per completion (align/rewards.py), "
-        "or 'reward_model:PATH' for a reward model's pointwise score r(x, y).",
+        "or 'reward_model:PATH' for a reward model's pointwise score r(x, y), or 'llm:MODEL@BASE_URL' ('llm-chat:' "
+        "for the chat API) for an LLM judge's 0-9 score / 9.",
     )
     weights: Optional[list] = doc(None, "kind function: one weight per reward function (default 1 each).")
     goal: str = doc(

@@ -310,8 +310,8 @@ class LLMJudge:
         except (KeyError, IndexError, TypeError):
             raise RuntimeError(f"LLM judge at {self.url}: malformed reply (no top log-probs)") from None
 
-    def _p_first(self, prompt: str, first: str, second: str) -> float:
-        text = self.template.format(prompt=prompt, first=first, second=second)
+    def _first_token_tops(self, text: str) -> dict:
+        """token -> log-prob of the first token the model would answer ``text`` with (greedy, one token)."""
         if self.api == "chat":
             body = {
                 "model": self.model,
@@ -323,7 +323,10 @@ class LLMJudge:
             }
         else:
             body = {"model": self.model, "prompt": text, "max_tokens": 1, "temperature": 0.0, "logprobs": 20}
-        tops = self._tops_of(self._post(body))
+        return self._tops_of(self._post(body))
+
+    def _p_first(self, prompt: str, first: str, second: str) -> float:
+        tops = self._first_token_tops(self.template.format(prompt=prompt, first=first, second=second))
         p1 = sum(math.exp(v) for k, v in tops.items() if k.strip() == "1")
         p2 = sum(math.exp(v) for k, v in tops.items() if k.strip() == "2")
         return 0.5 if p1 + p2 == 0 else p1 / (p1 + p2)
@@ -431,6 +434,30 @@ def fill_template(template: str, **values: str) -> str:
 
     pattern = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
     return pattern.sub(lambda m: values[m.group(1)], template)
+
+
+SCORE_PROMPT = (
+    "Rate the response to the instruction: helpful, correct, concise.\n\n## Instruction\n{prompt}\n\n"
+    "## Response\n{response}\n\nAnswer with a single digit from 0 (worst) to 9 (best).\nScore:"
+)
+
+
+class LLMScorer(LLMJudge):
+    """Pointwise LLM judge (a reward function: ``judge.functions: ["llm:MODEL@BASE_URL"]``, or ``llm-chat:`` for the
+    chat API): the score of a response is the expected digit under the model's first-token log-probs over '0'..'9',
+    divided by 9 (in [0, 1]; 0.5 when no digit is among the top log-probs). Same transport as the pairwise judge:
+    pooled client, retries, at most ``max_concurrency`` requests in flight, results independent of their order."""
+
+    def __init__(self, base_url: str, model: str, template: str = SCORE_PROMPT, **kw):
+        super().__init__(base_url, model, template=template, **kw)
+
+    def _score(self, prompt: str, response: str) -> float:
+        tops = self._first_token_tops(self.template.format(prompt=prompt, response=response))
+        p = [sum(math.exp(v) for k, v in tops.items() if k.strip() == str(d)) for d in range(10)]
+        return 0.5 if sum(p) == 0 else sum(d * x for d, x in enumerate(p)) / sum(p) / 9
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.map(lambda t: self._score(*t), list(zip(prompts, responses)))
 
 
 class WeightedLLMJudge(LLMJudge):

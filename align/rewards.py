@@ -6,8 +6,9 @@ A reward function is any callable, as TRL's ``GRPOTrainer(reward_funcs=...)`` ta
         ...                     # columns: every other column of the prompt rows, one value per completion
 
 ``judge.functions`` names them as ``"package.module:function"``, ``"path/to/file.py:function"`` (a path starting
-with ``./`` is relative to the recipe's folder), ``"reward_model:PATH"`` (a reward model's pointwise score) or, from
-the Python API, ``align.train(..., reward_funcs=[...])``.
+with ``./`` is relative to the recipe's folder), ``"reward_model:PATH"`` (a reward model's pointwise score),
+``"llm:MODEL@BASE_URL"`` (an LLM judge's pointwise score, align.judges.LLMScorer) or, from the Python API,
+``align.train(..., reward_funcs=[...])``.
 The reward of a completion is ``sum_k judge.weights[k] * f_k(...)`` (weights 1 by default); each function's mean
 is logged as ``reward/<name>`` (each sample's scores are saved with the rollouts). Pairwise judges (checker, reward
 model, LLM) give win rates instead; both feed the same objectives (``align/trainers/online.py``).
@@ -31,6 +32,8 @@ def load_function(spec: str):
         fn = lookup(spec, "judge.functions")
     elif spec.startswith("reward_model:"):
         fn = reward_model_function(spec[len("reward_model:") :])
+    elif spec.startswith(("llm:", "llm-chat:")):
+        fn = llm_function(spec)
     else:
         where, sep, attr = spec.rpartition(":")
         if not sep or not where or not attr:
@@ -73,6 +76,23 @@ def reward_model_function(path: str):
         return judge.rewards(list(prompts), list(completions))
 
     return reward_model
+
+
+def llm_function(spec: str, max_concurrency: int = 8):
+    """An LLM judge's pointwise score as a reward function: ``"llm:MODEL@BASE_URL"`` (/v1/completions) or
+    ``"llm-chat:MODEL@BASE_URL"`` (/v1/chat/completions), the key from $OPENAI_API_KEY (align.judges.LLMScorer)."""
+    from align.judges import LLMScorer
+
+    kind, _, rest = spec.partition(":")
+    model, at, url = rest.partition("@")
+    if not model or not at or not url.startswith(("http://", "https://")):
+        raise UserError(f"judge.functions: {spec!r}: expected '{kind}:MODEL@http(s)://HOST/v1'")
+    scorer = LLMScorer(url, model, api="chat" if kind == "llm-chat" else "completions", max_concurrency=max_concurrency)
+
+    def llm_judge(prompts: list[str], completions: list[str], **_) -> list[float]:
+        return scorer.score(list(prompts), list(completions))
+
+    return llm_judge
 
 
 def function_name(spec: str, fn) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -292,3 +293,51 @@ def test_llm_judge_bounds_requests_in_flight_and_honours_retry_after():
         assert 0.3 <= time.time() - t < 2.0
     finally:
         httpd.shutdown()
+
+
+class Digits(BaseHTTPRequestHandler):
+    """A server whose model answers every scoring prompt with first-token log-probs over a few digits."""
+
+    bodies: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        Digits.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        tops = {"7": math.log(0.5), " 3": math.log(0.25), "x": math.log(0.2)}
+        data = json.dumps({"choices": [{"logprobs": {"top_logprobs": [tops]}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_llm_pointwise_score_is_the_expected_digit_over_nine(tiny_model, tiny_tokenizer):
+    """judge.functions "llm:MODEL@URL": the expected digit under the first-token log-probs over '0'..'9' (other tokens
+    ignored), / 9; against canned log-probs by hand, and against a real align serve (scores in [0, 1], concurrent
+    calls equal serial ones)."""
+    from align.errors import UserError
+    from align.judges import LLMScorer
+    from align.rewards import load_function
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Digits)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        fn = load_function(f"llm:judge-model@http://127.0.0.1:{httpd.server_address[1]}/v1")
+        assert fn(["2+2="], ["4"], answer=["4"]) == pytest.approx([(7 * 0.5 + 3 * 0.25) / 0.75 / 9])
+        body = Digits.bodies[-1]
+        assert body["model"] == "judge-model" and "## Response\n4" in body["prompt"] and body["max_tokens"] == 1
+    finally:
+        httpd.shutdown()
+    with pytest.raises(UserError, match="expected 'llm:MODEL@http"):
+        load_function("llm:no-url")
+    served = start(HFEngine(tiny_model, tiny_tokenizer), tiny_tokenizer, "tiny")
+    try:
+        url = f"http://127.0.0.1:{served.server_address[1]}/v1"
+        prompts, answers = ["12+34=", "max 1 2=", "sort 31="] * 2, ["46", "2", "13", "45", "1", "31"]
+        serial = LLMScorer(url, "tiny", max_concurrency=1).score(prompts, answers)
+        assert all(0.0 <= x <= 1.0 for x in serial)
+        assert LLMScorer(url, "tiny", max_concurrency=4).score(prompts, answers) == serial
+    finally:
+        served.shutdown()

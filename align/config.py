@@ -270,6 +270,12 @@ class AgentConfig:
         "loo: A_k = R_k - mean_{i != k} R_i (LOOP/RLOO); grpo: (R_k - mean R) / std R over the K rollouts (ablation).",
     )
     min_advantage: float = doc(0.01, "Drop episodes with |A| < this (paper: 0.01).")
+    max_kl: Optional[float] = doc(
+        None,
+        "Stop an iteration's PPO updates at the first minibatch whose approximate KL(pi_old || pi) (k3: mean over the "
+        "model's tokens of rho - 1 - log rho, averaged over processes) exceeds this, as ml-loop's KL guard; the "
+        "metrics row counts the updates made and whether it stopped. None = off.",
+    )
     show_docs: bool = doc(True, "Show the API docs in the first observation (tiny CPU policies learn without them).")
     turn_timeout: float = doc(5.0, "Wall-clock seconds per agent turn in the sandbox.")
     eval_split: Optional[str] = doc(
@@ -816,6 +822,8 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
         }.items():
             if value <= 0:
                 raise UserError(f"{where}: {key} must be > 0, got {value}")
+        if a.max_kl is not None and not a.max_kl > 0:
+            raise UserError(f"{where}: agent.max_kl must be > 0 (or null: off), got {a.max_kl}")
         if a.split.startswith("test"):
             raise UserError(f"{where}: agent.split {a.split!r}: test tasks are never used for training")
         if recipe.rollout.n < 2:

@@ -188,6 +188,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         rng = random.Random(t.seed * 7919 + it)
         window = []
         model.train()
+        updates, kl_stopped = 0, False
         for _ in range(a.epochs_per_iteration):
             order = list(range(len(rows)))
             rng.shuffle(order)
@@ -197,6 +198,12 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
                 old = torch.zeros_like(lp)
                 for i, row in enumerate(chunk):
                     old[i, : len(row["old"])] = row["old"].to(device)
+                if a.max_kl is not None:  # ml-loop's guard: the policy has drifted too far from pi_old
+                    q = ((old - lp.detach()) * mask).clamp(-20, 20)  # log(pi_old / pi) per model token
+                    kl = ((torch.exp(-q) - 1 + q) * mask).sum() / mask.sum().clamp(min=1)  # k3 of KL(pi_old || pi)
+                    if accelerator.reduce(kl, reduction="mean").item() > a.max_kl:
+                        kl_stopped = True
+                        break
                 pb = PairBatch(
                     chosen_logps=lp.sum(-1),
                     chosen_lengths=mask.sum(-1),
@@ -211,6 +218,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
                     accelerator, model, optimizer, loss, t.max_grad_norm, t.nan_policy, f"iteration {it + 1}"
                 )
                 window.append({"loss": loss.item(), **{k: v.float().mean().item() for k, v in metrics.items()}})
+                updates += 1
+            if kl_stopped:
+                break
         window = [w for part in gather_object([window]) for w in part]  # every rank's steps
         engine.update_weights(policy())  # (wakes the engine's weights first; generate wakes the rest)
 
@@ -225,7 +235,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
             "success/mean": sum(e["success"] for e in episodes) / max(len(episodes), 1),
             "turns/mean": sum(e["turns"] for e in episodes) / max(len(episodes), 1),
             "model_tokens/mean": sum(sum(e["mask"]) for e in episodes) / max(len(episodes), 1),
+            "updates": updates,
         }
+        if a.max_kl is not None:
+            row["kl_stopped"] = int(kl_stopped)
         if window:
             row.update({k: sum(w[k] for w in window) / len(window) for k in window[0]})
         if main:

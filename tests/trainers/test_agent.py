@@ -168,3 +168,24 @@ def test_agent_recipe_checks():
         load_recipe(RECIPE, ["agent.split=test"])
     with pytest.raises(UserError, match="needs trainer 'agent'"):
         load_recipe(REPO_ROOT / "recipes" / "spo" / "tiny.yaml", ["loss.name=loop"])
+
+
+def test_max_kl_stops_an_iterations_updates_once_the_policy_drifts(tmp_path):
+    """agent.max_kl (ml-loop's KL guard): the first minibatch of an iteration is on pi_old (KL 0) and always trains;
+    with a bound below any drift the next one stops the iteration (1 update instead of 3 per iteration here); a
+    generous bound changes nothing; a bound <= 0 is one line."""
+    over = SMALL + ["agent.iterations=2", "agent.epochs_per_iteration=1", "train.batch_size=4", "train.lr=3e-2"]
+    train(load_recipe(RECIPE, over), tmp_path / "free", env_for=ToyEnv)
+    train(load_recipe(RECIPE, over + ["agent.max_kl=1e-12"]), tmp_path / "tight", env_for=ToyEnv)
+    train(load_recipe(RECIPE, over + ["agent.max_kl=1e9"]), tmp_path / "loose", env_for=ToyEnv)
+    free, tight, loose = (
+        [r for r in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text().splitlines()) if "iteration" in r]
+        for n in ("free", "tight", "loose")
+    )
+    assert [r["updates"] for r in free] == [r["train_episodes"] // 4 for r in free] and free[0]["updates"] > 1
+    assert [r["updates"] for r in tight][:1] == [1] and tight[0]["kl_stopped"] == 1
+    assert [r["updates"] for r in loose] == [r["updates"] for r in free] and loose[0]["kl_stopped"] == 0
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("free", "loose"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="agent.max_kl must be > 0"):
+        load_recipe(RECIPE, ["agent.max_kl=0"])

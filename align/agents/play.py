@@ -44,8 +44,18 @@ def make_env(recipe: Recipe, task):
     return AppWorldEnv(task, a.appworld_url)
 
 
-def play(engine, tokenizer, tasks: list, k: int, sampling: SamplingParams, max_turns: int, env_for) -> list[dict]:
-    """K episodes per task; returns plain rows (task id, scenario, token ids, masks, log-probs, reward, success)."""
+def play(
+    engine,
+    tokenizer,
+    tasks: list,
+    k: int,
+    sampling: SamplingParams,
+    max_turns: int,
+    env_for,
+    max_tokens: int | None = None,
+) -> list[dict]:
+    """K episodes per task; returns plain rows (task id, scenario, token ids, masks, log-probs, reward, success,
+    truncated: the episode ended because its next turn would not fit in ``max_tokens``)."""
     jobs = [(t, j) for t in tasks for j in range(k)]
     rows = []
     for s in range(0, len(jobs), EPISODE_CHUNK):
@@ -53,7 +63,7 @@ def play(engine, tokenizer, tasks: list, k: int, sampling: SamplingParams, max_t
         envs = [env_for(t) for t, _ in chunk]
         try:
             sp = SamplingParams(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + s})
-            episodes = run_episodes(engine, tokenizer, envs, sp, max_turns=max_turns)
+            episodes = run_episodes(engine, tokenizer, envs, sp, max_turns=max_turns, max_tokens=max_tokens)
             for (task, _), env, ep in zip(chunk, envs, episodes):
                 res = env.evaluate()
                 rows.append(
@@ -68,6 +78,7 @@ def play(engine, tokenizer, tasks: list, k: int, sampling: SamplingParams, max_t
                         "success": bool(res["success"]),
                         "turns": ep.turns,
                         "finished": ep.finished,
+                        "truncated": ep.truncated,
                         "text": [m["content"] for m in ep.messages if m["role"] == "assistant"],
                     }
                 )

@@ -33,6 +33,7 @@ class Episode:
     logprobs: list[float]  # the model's log-prob per token (0.0 for environment tokens)
     turns: int = 0
     finished: bool = False  # the environment said done (else the turn limit was hit)
+    truncated: bool = False  # ended because another model turn would not fit in the context (max_tokens)
     info: dict = field(default_factory=dict)
 
 
@@ -68,9 +69,12 @@ def run_episodes(
     max_turns: int = 4,
     system: str | None = None,
     env_workers: int = 16,
+    max_tokens: int | None = None,
 ) -> list[Episode]:
     """Play every environment to done (or ``max_turns`` model turns), batching the model's turns across episodes;
-    the environments reset and step concurrently (``env_workers`` at a time)."""
+    the environments reset and step concurrently (``env_workers`` at a time). With ``max_tokens`` (the context), an
+    episode whose next model turn (``sampling.max_new_tokens`` more tokens) would not fit ends there, marked
+    ``truncated``: no episode outgrows what the learner can score."""
     episodes = []
     firsts = in_parallel(lambda env: env.reset(), envs, env_workers)
     for first in firsts:
@@ -79,6 +83,15 @@ def run_episodes(
         episodes.append(Episode(msgs, ids, [0] * len(ids), [0.0] * len(ids)))
     active = list(range(len(envs)))
     for _ in range(max_turns):
+        if max_tokens is not None:
+            for i in active:
+                ep = episodes[i]
+                if len(ep.token_ids) + sampling.max_new_tokens > max_tokens:
+                    # the tail past the context is the last observation (environment tokens, never trained): cut it
+                    ep.truncated = True
+                    ep.token_ids, ep.model_mask = ep.token_ids[:max_tokens], ep.model_mask[:max_tokens]
+                    ep.logprobs = ep.logprobs[:max_tokens]
+            active = [i for i in active if not episodes[i].truncated]
         if not active:
             break
         outs = engine.generate([episodes[i].token_ids for i in active], n=1, sampling=sampling)

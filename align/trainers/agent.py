@@ -111,13 +111,17 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         accelerator, output_dir, recipe, start, a.iterations, f"agent:{spec.name}", subdirs=("rollouts",)
     )
     device, pad = accelerator.device, tok.pad_token_id
+    # the learner's context: an episode whose next turn would not fit ends there (counted as 'truncated')
+    context = getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None)
+    if recipe.rollout.backend == "vllm" and recipe.rollout.vllm.max_model_len:
+        context = min(context or recipe.rollout.vllm.max_model_len, recipe.rollout.vllm.max_model_len)
 
     def policy():  # the module the engine samples from (a collective under ZeRO-3: every rank calls it)
         return plain.sync(accelerator.unwrap_model(model)) if plain is not None else accelerator.unwrap_model(model)
 
     def play_sharded(task_list, k, sampling):  # this rank's tasks, episodes gathered in task order (k per task)
         def mine(ts):
-            rows = play(engine, tok, ts, k, sampling, a.max_turns, env_for)
+            rows = play(engine, tok, ts, k, sampling, a.max_turns, env_for, max_tokens=context)
             return [rows[i * k : (i + 1) * k] for i in range(len(ts))]
 
         return [e for per_task in kit.shard_and_gather(task_list, world, rank, mine) for e in per_task]
@@ -235,6 +239,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
             "success/mean": sum(e["success"] for e in episodes) / max(len(episodes), 1),
             "turns/mean": sum(e["turns"] for e in episodes) / max(len(episodes), 1),
             "model_tokens/mean": sum(sum(e["mask"]) for e in episodes) / max(len(episodes), 1),
+            "truncated": sum(bool(e.get("truncated")) for e in episodes),
             "updates": updates,
         }
         if a.max_kl is not None:

@@ -189,3 +189,19 @@ def test_max_kl_stops_an_iterations_updates_once_the_policy_drifts(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(UserError, match="agent.max_kl must be > 0"):
         load_recipe(RECIPE, ["agent.max_kl=0"])
+
+
+def test_episodes_that_would_outgrow_the_context_are_truncated_and_counted(tmp_path):
+    """An episode whose next model turn (rollout.max_new_tokens more tokens) would not fit in the model's context ends
+    there (``truncated``), so the learner never scores a sequence longer than its positions; the metrics count them."""
+    over = [x for x in SMALL if not x.startswith("model.tiny_max_positions")]
+    train(
+        load_recipe(RECIPE, over + ["model.tiny_max_positions=80", "agent.iterations=1"]),
+        tmp_path / "t",
+        env_for=ToyEnv,
+    )
+    episodes = json.loads((tmp_path / "t" / "rollouts" / "iter-1.json").read_text())["episodes"]
+    row = json.loads((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["truncated"] == sum(e["truncated"] for e in episodes) > 0
+    assert all(len(e["token_ids"]) <= 80 for e in episodes)
+    assert all(e["turns"] < 2 for e in episodes if e["truncated"])

@@ -180,7 +180,8 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
             raise UserError(f"{recipe_path}: rollout.n must be >= 2 for self-play")
         detail = f" at {j.base_url} ({j.model})" if j.kind == "llm" else ""
         if j.kind == "function":  # imported (not called) here: a missing module or name is caught now
-            from align.rewards import function_name, load_function
+            from align.judges import load_reward_function
+            from align.rewards import function_name
 
             if not j.functions:
                 raise UserError("judge.functions: judge.kind 'function' needs at least one reward function")
@@ -191,7 +192,7 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
                         raise UserError(f"judge.functions: {f!r}: not a reward-model folder")
                     names.append("reward_model")
                 else:
-                    names.append(function_name(f, load_function(f)))
+                    names.append(function_name(f, load_reward_function(f)))
             weights = list(j.weights) if j.weights is not None else [1.0] * len(names)
             if len(weights) != len(names):
                 raise UserError(f"judge.weights: {len(weights)} weights for {len(names)} judge.functions")

@@ -361,7 +361,7 @@ def make_judge(judge_cfg, tasks=None) -> CachedJudge:
     elif judge_cfg.kind == "function":
         from align.rewards import RewardFunctions
 
-        return RewardFunctions(judge_cfg.functions, judge_cfg.weights)
+        return RewardFunctions(judge_cfg.functions, judge_cfg.weights, resolve=load_reward_function)
     elif judge_cfg.kind == "llm":
         inner = LLMJudge(
             judge_cfg.base_url or "",
@@ -580,3 +580,49 @@ class LLMChat(LLMJudge):
         except (KeyError, IndexError, TypeError):
             raise RuntimeError(f"LLM judge at {self.url}: malformed reply (no message content)") from None
         return content if isinstance(content, str) else ""
+
+
+# ------------------------------------------------------------------------------ judges as pointwise reward functions
+
+
+def load_reward_function(spec: str):
+    """A reward function (``judge.functions`` entry): ``reward_model:PATH`` and ``llm:MODEL@URL`` / ``llm-chat:``
+    are judges scoring pointwise (below); anything else is the user's callable (``align.rewards.load_function``)."""
+    from align.rewards import load_function
+
+    if spec.startswith("reward_model:"):
+        return reward_model_function(spec[len("reward_model:") :])
+    if spec.startswith(("llm:", "llm-chat:")):
+        return llm_function(spec)
+    return load_function(spec)
+
+
+def reward_model_function(path: str):
+    """A reward model as a reward function (``judge.functions: ["reward_model:PATH"]``): its scalar r(x, y) for each
+    completion, pointwise. PATH is a sequence-classification folder (one label) or a Bradley-Terry model written by
+    ``align train`` (trainer: reward); the pairwise judge.kind reward_model compares the same scores instead."""
+    from align.reward_model import CONFIG_FILE
+
+    if not os.path.isdir(path):
+        raise UserError(f"judge.functions: 'reward_model:{path}': not a reward-model folder")
+    judge = AlignRewardJudge(path) if os.path.isfile(os.path.join(path, CONFIG_FILE)) else RewardModelJudge(path)
+
+    def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
+        return judge.rewards(list(prompts), list(completions))
+
+    return reward_model
+
+
+def llm_function(spec: str, max_concurrency: int = 8):
+    """An LLM judge's pointwise score as a reward function: ``"llm:MODEL@BASE_URL"`` (/v1/completions) or
+    ``"llm-chat:MODEL@BASE_URL"`` (/v1/chat/completions), the key from $OPENAI_API_KEY (align.judges.LLMScorer)."""
+    kind, _, rest = spec.partition(":")
+    model, at, url = rest.partition("@")
+    if not model or not at or not url.startswith(("http://", "https://")):
+        raise UserError(f"judge.functions: {spec!r}: expected '{kind}:MODEL@http(s)://HOST/v1'")
+    scorer = LLMScorer(url, model, api="chat" if kind == "llm-chat" else "completions", max_concurrency=max_concurrency)
+
+    def llm_judge(prompts: list[str], completions: list[str], **_) -> list[float]:
+        return scorer.score(list(prompts), list(completions))
+
+    return llm_judge

@@ -6,9 +6,9 @@ A reward function is any callable, as TRL's ``GRPOTrainer(reward_funcs=...)`` ta
         ...                     # columns: every other column of the prompt rows, one value per completion
 
 ``judge.functions`` names them as ``"package.module:function"``, ``"path/to/file.py:function"`` (a path starting
-with ``./`` is relative to the recipe's folder), ``"reward_model:PATH"`` (a reward model's pointwise score),
-``"llm:MODEL@BASE_URL"`` (an LLM judge's pointwise score, align.judges.LLMScorer) or, from the Python API,
-``align.train(..., reward_funcs=[...])``.
+with ``./`` is relative to the recipe's folder), ``"reward_model:PATH"`` (a reward model's pointwise score) and
+``"llm:MODEL@BASE_URL"`` (an LLM judge's pointwise score; both resolved by ``align.judges.load_reward_function``) or,
+from the Python API, ``align.train(..., reward_funcs=[...])``.
 The reward of a completion is ``sum_k judge.weights[k] * f_k(...)`` (weights 1 by default); each function's mean
 is logged as ``reward/<name>`` (each sample's scores are saved with the rollouts). Pairwise judges (checker, reward
 model, LLM) give win rates instead; both feed the same objectives (``align/trainers/online.py``).
@@ -30,10 +30,6 @@ def load_function(spec: str):
         from align.memory import lookup
 
         fn = lookup(spec, "judge.functions")
-    elif spec.startswith("reward_model:"):
-        fn = reward_model_function(spec[len("reward_model:") :])
-    elif spec.startswith(("llm:", "llm-chat:")):
-        fn = llm_function(spec)
     else:
         where, sep, attr = spec.rpartition(":")
         if not sep or not where or not attr:
@@ -59,42 +55,6 @@ def load_function(spec: str):
     return fn
 
 
-def reward_model_function(path: str):
-    """A reward model as a reward function (``judge.functions: ["reward_model:PATH"]``): its scalar r(x, y) for each
-    completion, pointwise. PATH is a sequence-classification folder (one label) or a Bradley-Terry model written by
-    ``align train`` (trainer: reward); the pairwise judge.kind reward_model compares the same scores instead."""
-    import os
-
-    from align.judges import AlignRewardJudge, RewardModelJudge
-    from align.reward_model import CONFIG_FILE
-
-    if not os.path.isdir(path):
-        raise UserError(f"judge.functions: 'reward_model:{path}': not a reward-model folder")
-    judge = AlignRewardJudge(path) if os.path.isfile(os.path.join(path, CONFIG_FILE)) else RewardModelJudge(path)
-
-    def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
-        return judge.rewards(list(prompts), list(completions))
-
-    return reward_model
-
-
-def llm_function(spec: str, max_concurrency: int = 8):
-    """An LLM judge's pointwise score as a reward function: ``"llm:MODEL@BASE_URL"`` (/v1/completions) or
-    ``"llm-chat:MODEL@BASE_URL"`` (/v1/chat/completions), the key from $OPENAI_API_KEY (align.judges.LLMScorer)."""
-    from align.judges import LLMScorer
-
-    kind, _, rest = spec.partition(":")
-    model, at, url = rest.partition("@")
-    if not model or not at or not url.startswith(("http://", "https://")):
-        raise UserError(f"judge.functions: {spec!r}: expected '{kind}:MODEL@http(s)://HOST/v1'")
-    scorer = LLMScorer(url, model, api="chat" if kind == "llm-chat" else "completions", max_concurrency=max_concurrency)
-
-    def llm_judge(prompts: list[str], completions: list[str], **_) -> list[float]:
-        return scorer.score(list(prompts), list(completions))
-
-    return llm_judge
-
-
 def function_name(spec: str, fn) -> str:
     name = getattr(fn, "__name__", None)
     return name if isinstance(name, str) and name != "<lambda>" else spec.rsplit(":", 1)[-1]
@@ -105,12 +65,15 @@ class RewardFunctions:
 
     pointwise = True
 
-    def __init__(self, specs: list[str], weights: list[float] | None = None):
+    def __init__(self, specs: list[str], weights: list[float] | None = None, resolve=None):
+        """``resolve(spec) -> callable`` (default ``load_function``; the judges module adds reward models and LLM
+        judges as pointwise functions)."""
+        resolve = resolve or load_function
         if not specs:
             raise UserError("judge.functions: judge.kind 'function' needs at least one reward function")
         if weights is not None and len(weights) != len(specs):
             raise UserError(f"judge.weights: {len(weights)} weights for {len(specs)} judge.functions")
-        self.functions = [(function_name(s, f), f) for s, f in ((s, load_function(s)) for s in specs)]
+        self.functions = [(function_name(s, f), f) for s, f in ((s, resolve(s)) for s in specs)]
         self.weights = list(weights) if weights is not None else [1.0] * len(specs)
         self.calls = 0
         self.last: dict[str, list] = {}  # each function's scores in the last call, by name

@@ -97,6 +97,11 @@ def test_bench_online_json_contract():
             out["verifiable"][method]
         )
     assert len(out["curves"]["verifiable"]["spo"]) == 2 and len(out["curves"]["verifiable"]["dpo"]) == 1
+    for method in ("spo", "grpo", "rloo"):  # pi_old recomputed by the learner: the first step's ratio is 1
+        assert (
+            out["verifiable"][method]["clip_fraction"] is None or 0 <= out["verifiable"][method]["clip_fraction"] <= 1
+        )
+        assert out["verifiable"][method]["ratio_first_step_max_dev"] < 1e-4
     assert len(out["curves"]["verifiable"]["grpo"]) == 2 and len(out["curves"]["verifiable"]["rloo"]) == 2
     for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo"):
         if shared_data_dir() is not None:

@@ -182,6 +182,11 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
             "judge_calls": summary["judge_calls"],
             "wall_seconds": round(wall, 1),
         }
+        logged = [r for r in read_metrics(tmp / name / "metrics.jsonl") if "iteration" in r]
+        if name in ("spo", "grpo", "rloo"):  # the corrected clip fraction; |rho - 1| at each generation's first step
+            clip = [r[f"{name}/clip_fraction"] for r in logged if f"{name}/clip_fraction" in r]  # rounds that trained
+            rows[name]["clip_fraction"] = round(sum(clip) / len(clip), 4) if clip else None
+            rows[name]["ratio_first_step_max_dev"] = max(r.get("ratio_first_step_max_dev", 0.0) for r in logged)
         curves[name] = [
             round(r.get("sample_accuracy", r.get("reward/exact_match")), 4)
             for r in read_metrics(tmp / name / "metrics.jsonl")
@@ -290,6 +295,11 @@ def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
             "judge_calls": summary["judge_calls"],
             "wall_seconds": round(wall, 1),
         }
+        logged = [r for r in read_metrics(tmp / name / "metrics.jsonl") if "iteration" in r]
+        if name in ("spo", "grpo", "rloo"):  # the corrected clip fraction; |rho - 1| at each generation's first step
+            clip = [r[f"{name}/clip_fraction"] for r in logged if f"{name}/clip_fraction" in r]  # rounds that trained
+            rows[name]["clip_fraction"] = round(sum(clip) / len(clip), 4) if clip else None
+            rows[name]["ratio_first_step_max_dev"] = max(r.get("ratio_first_step_max_dev", 0.0) for r in logged)
         curves[name] = [
             round(r["sample_goal_score"], 4)
             for r in read_metrics(tmp / f"story-{name}" / "metrics.jsonl")

@@ -20,6 +20,11 @@ def _token_ratio(b: PairBatch) -> torch.Tensor:
     )
 
 
+def _max_dev(ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """max_t |rho_t - 1| over each row's tokens (0 for a row without any): 0 when pi_old is the learner's own."""
+    return ((ratio - 1).abs() * mask).amax(-1).detach()
+
+
 def _bounds(cfg) -> tuple[float, float]:
     """The clip range [1 - eps_low, 1 + eps]: eps_low = loss.clip_eps_low, or loss.clip_eps when unset."""
     eps = cfg.clip_eps
@@ -59,6 +64,7 @@ def spo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
         "spo/advantage": b.advantages.detach(),
         "spo/clip_fraction": ((removed * mask).sum(-1) / n).detach(),
         "spo/ratio": ((ratio * mask).sum(-1) / n).detach(),
+        "spo/ratio_max_dev": _max_dev(ratio, mask),
     }
 
 
@@ -94,6 +100,7 @@ def loop(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
         return loss, {
             "loop/clip_fraction": removed.detach(),
             "loop/ratio": ratio.detach(),
+            "loop/ratio_max_dev": (ratio - 1).abs().detach(),
             "loop/advantage": b.advantages.detach(),
         }
     ratio = _token_ratio(b)
@@ -102,6 +109,7 @@ def loop(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     return loss, {
         "loop/clip_fraction": ((removed * mask).sum(-1) / n).detach(),
         "loop/ratio": ((ratio * mask).sum(-1) / n).detach(),
+        "loop/ratio_max_dev": _max_dev(ratio, mask),
         "loop/advantage": b.advantages.detach(),
     }
 
@@ -153,6 +161,7 @@ def _clipped_pg(b: PairBatch, cfg, prefix: str) -> tuple[torch.Tensor, dict]:
             f"{prefix}/advantage": b.advantages.detach(),
             f"{prefix}/clip_fraction": ((removed * mask).sum(-1) / n).detach(),
             f"{prefix}/ratio": ((ratio * mask).sum(-1) / n).detach(),
+            f"{prefix}/ratio_max_dev": _max_dev(ratio, mask),
         }
     )
     return loss, metrics

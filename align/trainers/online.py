@@ -322,7 +322,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         chosen = random.Random(t.seed * 1000 + it).sample(prompts, o.prompts_per_iteration)
         per_gen = (o.generation_batch_size // recipe.rollout.n) if o.generation_batch_size else len(chosen)
         parts = [chosen[s_ : s_ + per_gen] for s_ in range(0, len(chosen), per_gen)]
-        groups, judge_calls, window, train_rows = [], 0, [], 0
+        groups, judge_calls, window, train_rows, first_devs = [], 0, [], 0, []
         for m, part in enumerate(parts):
             # ---- 1. rollouts + judge (reused when resuming mid-iteration)
             name = f"iter-{it + 1}.json" if len(parts) == 1 else f"iter-{it + 1}-gen-{m + 1}.json"
@@ -377,19 +377,24 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             rng = random.Random(t.seed * 7919 + it + m * 104729)
 
             # ---- 3. updates (this rank's share of each global minibatch)
-            steps = []
+            steps, first_dev = [], 0.0
             model.train()
-            for _ in range(o.epochs_per_iteration):
+            for epoch in range(o.epochs_per_iteration):
                 order = list(range(len(rows)))
                 rng.shuffle(order)
-                for share in kit.rank_minibatches(order, t.batch_size, world, rank):
+                for n_step, share in enumerate(kit.rank_minibatches(order, t.batch_size, world, rank)):
                     chunk = [rows[i] for i in share]
                     loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, pairs)
+                    dev = metrics.get(f"{spec.name}/ratio_max_dev")
+                    if dev is not None and epoch == 0 and n_step == 0 and dev.numel():
+                        # the first update of a generation: rho = 1 up to float error when pi_old is the learner's
+                        first_dev = max(first_dev, dev.max().item())
                     loss, _ = kit.checked_step(
                         accelerator, model, optimizer, loss, t.max_grad_norm, t.nan_policy, f"iteration {it + 1}"
                     )
                     steps.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
             window += [w for part_ in gather_object([steps]) for w in part_]  # every rank's steps
+            first_devs += gather_object([first_dev])
             engine.update_weights(policy())  # (wakes the engine's weights first; generate wakes the rest)
 
         # ---- 4. log, checkpoint
@@ -422,6 +427,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             row[f"reward/{name}"] = sum(s["scores"][name] for g in groups for s in g["samples"]) / len(rewards)
         if window:
             row.update({k_: sum(w[k_] for w in window) / len(window) for k_ in window[0]})
+        if spec.per_token and first_devs:
+            row["ratio_first_step_max_dev"] = max(first_devs)
         if main:
             log.log(row)
         progress.update(it + 1, f"reward spread {row['reward/spread']:.3f} loss {row.get('loss', float('nan')):.4f}")

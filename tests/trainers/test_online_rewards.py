@@ -114,6 +114,8 @@ def test_pi_old_is_the_learners_not_the_samplers(tmp_path, monkeypatch, source):
     (row,) = metrics_rows(tmp_path / source)
     expected = 1.0 if source == "learner" else math.exp(-0.3)
     assert row["rloo/ratio"] == pytest.approx(expected, abs=1e-5)
+    # the bench's ratio_first_step_max_dev: max |rho - 1| at each generation's first update
+    assert row["ratio_first_step_max_dev"] == pytest.approx(abs(expected - 1), abs=1e-5)
 
 
 def test_learner_logprobs_of_pair_rows_equal_those_of_the_same_tokens_as_policy_gradient_rows(tiny_model):

@@ -204,6 +204,13 @@ class OnlineConfig:
         "first update (sharded over ranks), or the sampler's own (faster; they differ under bf16 / vLLM / LoRA "
         "kernels, so the first ratio is not 1 and the INPO/SPPO targets shift).",
     )
+    is_cap: Optional[float] = doc(
+        None,
+        "spo, grpo, rloo with old_logprobs learner: weight each token's loss by the truncated importance ratio "
+        "min(pi_learner(y_t) / pi_sampler(y_t), is_cap) between the learner's pi_old and the sampler that drew the "
+        "token (TIS; TRL's vllm_importance_sampling_cap, e.g. 2): corrects for sampling from a bf16 / vLLM copy. "
+        "None = off.",
+    )
 
 
 @dataclass
@@ -845,6 +852,15 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
                 raise UserError(f"{where}: loss.{key} applies to loss grpo or rloo, not {spec.name!r}")
     if spec.name != "grpo" and not lo.scale_rewards:
         raise UserError(f"{where}: loss.scale_rewards applies to loss grpo, not {spec.name!r}")
+    cap = recipe.online.is_cap
+    if cap is not None:
+        if not cap > 0:
+            raise UserError(f"{where}: online.is_cap must be > 0 (or null: off), got {cap}")
+        if not spec.per_token or recipe.online.old_logprobs != "learner":
+            raise UserError(
+                f"{where}: online.is_cap applies to policy-gradient losses (spo, grpo, rloo) with "
+                "online.old_logprobs learner"
+            )
     g = recipe.online.generation_batch_size
     if g is not None and g < recipe.rollout.n:
         raise UserError(

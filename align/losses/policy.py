@@ -32,6 +32,11 @@ def _bounds(cfg) -> tuple[float, float]:
     return 1 - (eps if low is None else low), 1 + eps
 
 
+def _weighted(per_token: torch.Tensor, b: PairBatch) -> torch.Tensor:
+    """The per-token surrogate times the truncated importance weights of ``b.is_weights`` (TIS), when given."""
+    return per_token if b.is_weights is None else per_token * b.is_weights
+
+
 def _surrogate(ratio: torch.Tensor, adv: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(-min(rho A, clip(rho, lo, hi) A), where clipping removed the gradient): above hi when A > 0, below lo when
     A < 0 (the other side is never clipped by the min, so it is not counted in the clip fraction)."""
@@ -59,7 +64,7 @@ def spo(b: PairBatch, cfg) -> tuple[torch.Tensor, dict]:
     n = mask.sum(-1).clamp(min=1)
     ratio = _token_ratio(b)
     per_token, removed = _surrogate(ratio, b.advantages[:, None], *_bounds(cfg))
-    loss = (per_token * mask).sum(-1) / n
+    loss = (_weighted(per_token, b) * mask).sum(-1) / n
     return loss, {
         "spo/advantage": b.advantages.detach(),
         "spo/clip_fraction": ((removed * mask).sum(-1) / n).detach(),
@@ -143,6 +148,7 @@ def _clipped_pg(b: PairBatch, cfg, prefix: str) -> tuple[torch.Tensor, dict]:
     n = mask.sum(-1).clamp(min=1)
     ratio = _token_ratio(b)
     per_token, removed = _surrogate(ratio, b.advantages[:, None], *_bounds(cfg))
+    per_token = _weighted(per_token, b)
     metrics = {}
     if cfg.kl_coef:
         q = (b.ref_token_logps - b.token_logps) * mask

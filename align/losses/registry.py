@@ -30,6 +30,7 @@ class PairBatch:
     old_token_logps: Optional[torch.Tensor] = None  # [B, T] log-probs under the policy that sampled (pi_old)
     token_mask: Optional[torch.Tensor] = None  # [B, T] 1 on the model's own response tokens
     ref_token_logps: Optional[torch.Tensor] = None  # [B, T] log pi_ref of each response token (loss.kl_coef > 0)
+    is_weights: Optional[torch.Tensor] = None  # [B, T] truncated importance weights learner/sampler (online.is_cap)
     tokens_per_process: Optional[float] = None  # response tokens of the global minibatch / processes (loss_type dapo)
 
 

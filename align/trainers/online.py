@@ -473,8 +473,8 @@ def _learner_logprobs(model, rows: list[dict], per_token: bool, batch_size: int,
         return [lp[i, len(p) - 1 : len(p) - 1 + len(ids)].tolist() for i, (p, ids) in enumerate(chunk)]
 
     logps = kit.sharded_forward(forward, seqs, batch_size, world, rank)
-    if per_token:
-        return [{**r, "logprobs": lp} for r, lp in zip(rows, logps)]
+    if per_token:  # the sampler's stay beside them (online.is_cap weighs tokens by their ratio)
+        return [{**r, "logprobs": lp, "sampler_logprobs": r["logprobs"]} for r, lp in zip(rows, logps)]
     return [
         {**r, "w": {**r["w"], "logprobs": logps[2 * i]}, "l": {**r["l"], "logprobs": logps[2 * i + 1]}}
         for i, r in enumerate(rows)
@@ -494,6 +494,10 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, 
             token_mask=mask,
             advantages=torch.tensor([r["adv"] for r in chunk], device=device),
         )
+        if recipe.online.is_cap is not None:  # TIS: min(pi_learner / pi_sampler, cap) per token, no gradient
+            sampler = _token_batch([(r["prompt_ids"], r["ids"], r["sampler_logprobs"]) for r in chunk], pad, device)
+            q = ((batch["old"] - sampler["old"]) * mask).clamp(-20, 20)
+            pb.is_weights = torch.exp(q).clamp(max=recipe.online.is_cap) * mask
         if recipe.loss.loss_type == "dapo":  # the token count of every process's share of this minibatch
             pb.tokens_per_process = accelerator.reduce(mask.sum().float(), reduction="mean").item()
         if recipe.loss.kl_coef:  # per-token KL to pi_ref (the LoRA base or the frozen copy)

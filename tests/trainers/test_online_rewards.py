@@ -8,10 +8,12 @@ import json
 import math
 
 import pytest
+import torch
 
 import align
-from align.config import load_recipe
+from align.config import LossConfig, load_recipe
 from align.errors import UserError
+from align.losses import LOSSES
 from align.losses.policy import group_advantages
 from align.paths import REPO_ROOT
 from align.trainers import run
@@ -234,3 +236,42 @@ def test_a_reward_model_is_a_pointwise_reward_function_beside_python_ones(tmp_pa
     assert res.returncode == 2 and error_lines(res.stderr) == [
         "error: judge.functions: 'reward_model:/nope': not a reward-model folder"
     ]
+
+
+def test_truncated_importance_weights_scale_each_token_by_learner_over_sampler_capped(tmp_path, monkeypatch):
+    """online.is_cap (TIS, TRL's vllm_importance_sampling_cap): with a sampler whose log-probs are 0.3 above the
+    learner's, every response token's loss is weighted by min(exp(-0.3), cap) (padding 0); the loss by hand with
+    those weights; off for the sampler's own pi_old (one line)."""
+    import align.losses.policy as policy
+    import align.trainers.online as online
+
+    real = online.rollout_iteration
+
+    def skewed(*args, **kwargs):
+        groups = real(*args, **kwargs)
+        for g in groups:
+            for s in g["samples"]:
+                s["logprobs"] = [lp + 0.3 for lp in s["logprobs"]]
+        return groups
+
+    seen = []
+    real_weighted = policy._weighted
+    monkeypatch.setattr(online, "rollout_iteration", skewed)
+    monkeypatch.setattr(policy, "_weighted", lambda per, b: seen.append(b) or real_weighted(per, b))
+    over = SMALL + ["online.iterations=1", "online.epochs_per_iteration=1", "train.batch_size=64", "loss.name=rloo"]
+    for cap, w in (("2.0", math.exp(-0.3)), ("0.5", 0.5)):
+        seen.clear()
+        run(load_recipe(RECIPE, over + [f"online.is_cap={cap}"]), tmp_path / cap)
+        b = seen[0]
+        mask = b.token_mask.bool()
+        assert torch.allclose(b.is_weights[mask], torch.full_like(b.is_weights[mask], w), atol=1e-5)
+        assert (b.is_weights[~mask] == 0).all()
+        per, _ = policy._surrogate(torch.ones_like(b.is_weights), b.advantages[:, None], 0.8, 1.2)  # first step: rho 1
+        expected = (per * w * mask).sum(-1) / mask.sum(-1)
+        loss, _ = LOSSES["rloo"].fn(b, LossConfig(name="rloo"))
+        assert torch.allclose(loss.detach(), expected, atol=1e-5)
+    seen.clear()
+    run(load_recipe(RECIPE, over), tmp_path / "off")
+    assert seen[0].is_weights is None
+    with pytest.raises(UserError, match="online.is_cap applies to policy-gradient losses"):
+        load_recipe(RECIPE, over + ["online.is_cap=2", "online.old_logprobs=sampler"])

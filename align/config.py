@@ -235,6 +235,11 @@ class RewardConfig:
     )
     label_smoothing: float = doc(0.0, "BT label smoothing: probability eps that a label is flipped.")
     latent_dim: int = doc(512, "VPL latent size (paper: 512).")
+    latent_norm: bool = doc(
+        False,
+        "VPL: project z onto the sphere of radius sqrt(latent_dim) before the reward head, in training, evaluation "
+        "and judges (vpl_llm's latent normalisation).",
+    )
     encoder_hidden: int = doc(256, "VPL context-encoder width (pair MLP and self-attention).")
     encoder_heads: int = doc(4, "VPL self-attention heads over the context pairs.")
     context_pairs: int = doc(8, "VPL: labelled pairs of a user that form the context C (paper: up to 8).")
@@ -941,6 +946,8 @@ def _validate_reward(recipe: Recipe, where: str) -> None:
         )
     if not 0.0 <= r.label_smoothing < 0.5:
         raise UserError(f"{where}: reward.label_smoothing must be in [0, 0.5), got {r.label_smoothing}")
+    if r.latent_norm and r.kind != "vpl":
+        raise UserError(f"{where}: reward.latent_norm applies to reward.kind 'vpl' (a BT model has no latent)")
     if not 0.0 <= r.eval_fraction < 1.0:
         raise UserError(f"{where}: reward.eval_fraction must be in [0, 1), got {r.eval_fraction}")
     if recipe.lora.enabled and not r.train_backbone:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -129,6 +130,8 @@ class RewardModel(nn.Module):
     def reward(self, e: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """r(e) for BT, r([e, z]) for VPL; ``z`` broadcasts over e's leading dims ([U, D] with e [U, Q, d])."""
         if z is not None:
+            if self.cfg.get("latent_norm"):  # vpl_llm: z on the sphere of radius sqrt(D)
+                z = torch.nn.functional.normalize(z, dim=-1) * math.sqrt(z.shape[-1])
             z = z.reshape(*z.shape[:-1], *([1] * (e.dim() - z.dim())), z.shape[-1]).expand(*e.shape[:-1], z.shape[-1])
             e = torch.cat([e, z], -1)
         return self.head(e).squeeze(-1)
@@ -202,6 +205,7 @@ def build(model_cfg, reward_cfg, max_length: int, seed: int) -> RewardModel:
         "encoder_hidden": reward_cfg.encoder_hidden,
         "encoder_heads": reward_cfg.encoder_heads,
         "context_pairs": reward_cfg.context_pairs,  # the most a user's context held in training (VPL judges use <=)
+        "latent_norm": reward_cfg.latent_norm,
         "backbone": model_cfg.name_or_path,
     }
     with torch.random.fork_rng():

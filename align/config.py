@@ -857,7 +857,15 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
                 raise UserError(f"{where}: loss.{key} applies to loss grpo or rloo, not {spec.name!r}")
     if spec.name != "grpo" and not lo.scale_rewards:
         raise UserError(f"{where}: loss.scale_rewards applies to loss grpo, not {spec.name!r}")
+    temp = recipe.rollout.temperature
+    if spec.per_token and temp not in (0, 1) and recipe.online.old_logprobs == "sampler":
+        raise UserError(
+            f"{where}: online.old_logprobs sampler with rollout.temperature {temp}: the sampler's log-probs are of the "
+            "untempered logits while the learner scores at the rollout temperature; use old_logprobs learner"
+        )
     cap = recipe.online.is_cap
+    if cap is not None and temp not in (0, 1):
+        raise UserError(f"{where}: online.is_cap needs rollout.temperature 1 (the sampler's log-probs are untempered)")
     if cap is not None:
         if not cap > 0:
             raise UserError(f"{where}: online.is_cap must be > 0 (or null: off), got {cap}")

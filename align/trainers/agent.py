@@ -65,18 +65,23 @@ def _batch(rows: list[dict], pad: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def episode_token_logps(model, rows: list[dict], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of each episode's tokens (labels shifted) and the mask of the model's own tokens."""
+def episode_token_logps(
+    model, rows: list[dict], pad: int, device, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each episode's tokens (labels shifted) and the mask of the model's own tokens, from
+    logits / ``temperature`` (the rollout temperature: the distribution the tokens were drawn from)."""
     b = _batch(rows, pad, device)
-    lp = token_logps_of(model, b["input_ids"], b["attention_mask"], b["mask"])  # the model's tokens only
+    lp = token_logps_of(model, b["input_ids"], b["attention_mask"], b["mask"], temperature=temperature)
     return lp * b["mask"], b["mask"]
 
 
-def old_logps(model, rows: list[dict], batch_size: int, pad: int, device, world: int, rank: int) -> list:
+def old_logps(
+    model, rows: list[dict], batch_size: int, pad: int, device, world: int, rank: int, temperature: float = 1.0
+) -> list:
     """log pi_old of every row's tokens (CPU tensors, in row order) on every rank (``kit.sharded_forward``)."""
 
     def forward(chunk: list[dict]) -> list:
-        lp, _ = episode_token_logps(model, chunk, pad, device)
+        lp, _ = episode_token_logps(model, chunk, pad, device, temperature)
         return [l_[: len(r["token_ids"]) - 1].cpu() for r, l_ in zip(chunk, lp)]
 
     return kit.sharded_forward(forward, rows, batch_size, world, rank)
@@ -111,6 +116,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         accelerator, output_dir, recipe, start, a.iterations, f"agent:{spec.name}", subdirs=("rollouts",)
     )
     device, pad = accelerator.device, tok.pad_token_id
+    temp = recipe.rollout.temperature if recipe.rollout.temperature > 0 else 1.0  # scored as the sampler drew them
     # the learner's context: an episode whose next turn would not fit ends there (counted as 'truncated')
     context = getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None)
     if recipe.rollout.backend == "vllm" and recipe.rollout.vllm.max_model_len:
@@ -187,7 +193,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         # engine's memory is freed meanwhile
         engine.sleep()
         model.eval()
-        for row, old in zip(rows, old_logps(model, rows, t.batch_size, pad, device, world, rank)):
+        for row, old in zip(rows, old_logps(model, rows, t.batch_size, pad, device, world, rank, temp)):
             row["old"] = old
         rng = random.Random(t.seed * 7919 + it)
         window = []
@@ -198,7 +204,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
             rng.shuffle(order)
             for share in kit.rank_minibatches(order, t.batch_size, world, rank):
                 chunk = [rows[i] for i in share]
-                lp, mask = episode_token_logps(model, chunk, pad, device)
+                lp, mask = episode_token_logps(model, chunk, pad, device, temp)
                 old = torch.zeros_like(lp)
                 for i, row in enumerate(chunk):
                     old[i, : len(row["old"])] = row["old"].to(device)

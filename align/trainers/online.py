@@ -373,7 +373,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             engine.sleep()  # the engine's memory is freed during the updates
             if o.old_logprobs == "learner" and (spec.per_token or spec.needs_anchor or spec.name == "sppo"):
                 model.eval()  # pi_old / pi_t as the learner computes them (not the sampler), before the first update
-                rows = _learner_logprobs(model, rows, spec.per_token, t.batch_size, pad, device, world, rank)
+                temp = pg_temperature(recipe) if spec.per_token else 1.0  # pi_t of pair objectives: T = 1
+                rows = _learner_logprobs(model, rows, spec.per_token, t.batch_size, pad, device, world, rank, temp)
             rng = random.Random(t.seed * 7919 + it + m * 104729)
 
             # ---- 3. updates (this rank's share of each global minibatch)
@@ -456,7 +457,9 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
     return summary
 
 
-def _learner_logprobs(model, rows: list[dict], per_token: bool, batch_size: int, pad: int, device, world, rank):
+def _learner_logprobs(
+    model, rows: list[dict], per_token: bool, batch_size: int, pad: int, device, world, rank, temperature: float = 1.0
+):
     """The rows with the learner's per-token log-probs of their sampled tokens in place of the sampler's: "logprobs"
     of policy-gradient rows; "logprobs" of the chosen and rejected samples of pair rows (copies: the saved rollouts
     keep the sampler's). An empty completion (stored as [eos]) gets the learner's value of it as well."""
@@ -469,7 +472,7 @@ def _learner_logprobs(model, rows: list[dict], per_token: bool, batch_size: int,
     def forward(chunk):
         batch = _token_batch([(p, ids, [0.0] * len(ids)) for p, ids in chunk], pad, device)
         mask = batch["completion_mask"][:, 1:]
-        lp = token_logps_of(model, batch["input_ids"], batch["attention_mask"], mask) * mask
+        lp = token_logps_of(model, batch["input_ids"], batch["attention_mask"], mask, temperature=temperature) * mask
         return [lp[i, len(p) - 1 : len(p) - 1 + len(ids)].tolist() for i, (p, ids) in enumerate(chunk)]
 
     logps = kit.sharded_forward(forward, seqs, batch_size, world, rank)
@@ -481,11 +484,18 @@ def _learner_logprobs(model, rows: list[dict], per_token: bool, batch_size: int,
     ]
 
 
+def pg_temperature(recipe: Recipe) -> float:
+    """The temperature the policy-gradient losses score tokens at: the rollout's (the distribution the tokens were
+    drawn from, as TRL and verl do), 1 for greedy sampling."""
+    return recipe.rollout.temperature if recipe.rollout.temperature > 0 else 1.0
+
+
 def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, pairs):
     if spec.per_token:
         batch = _token_batch([(r["prompt_ids"], r["ids"], r["logprobs"]) for r in chunk], pad, device)
         mask = batch["completion_mask"][:, 1:]
-        lp = token_logps_of(model, batch["input_ids"], batch["attention_mask"], mask) * mask
+        temp = pg_temperature(recipe)
+        lp = token_logps_of(model, batch["input_ids"], batch["attention_mask"], mask, temperature=temp) * mask
         pb = PairBatch(
             chosen_logps=lp.sum(-1),
             chosen_lengths=mask.sum(-1).float(),
@@ -503,7 +513,9 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, 
         if recipe.loss.kl_coef:  # per-token KL to pi_ref (the LoRA base or the frozen copy)
             with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
                 ref = ref_model if ref_model is not None else model
-                pb.ref_token_logps = token_logps_of(ref, batch["input_ids"], batch["attention_mask"], mask) * mask
+                pb.ref_token_logps = (
+                    token_logps_of(ref, batch["input_ids"], batch["attention_mask"], mask, temperature=temp) * mask
+                )
     else:
         exs = [Example(i, r["prompt_ids"], r["w"]["token_ids"], r["l"]["token_ids"]) for i, r in enumerate(chunk)]
         batch = {k: v.to(device) for k, v in pairs(exs).items()}

@@ -134,6 +134,34 @@ def test_learner_logprobs_of_pair_rows_equal_those_of_the_same_tokens_as_policy_
     assert pair["w"]["logprobs"] == [0.0, 0.0]  # the saved rollouts keep the sampler's
 
 
+def test_the_learner_scores_policy_gradient_tokens_at_the_rollout_temperature(tiny_model, tmp_path, monkeypatch):
+    """With rollout.temperature T != 1 the learner's pi_old and pi are log softmax(logits / T) (the distribution the
+    tokens were drawn from): equal to the full-logits path at T, so the first step's ratio is still 1; the sampler's
+    untempered log-probs are refused as pi_old at T != 1 (one line)."""
+    import align.losses.policy as policy
+    from align.logprobs import full_token_logps
+    from align.trainers.online import _learner_logprobs
+
+    p, w = [5, 6, 7], [8, 9]
+    (row,) = _learner_logprobs(
+        tiny_model, [{"prompt_ids": p, "ids": w, "logprobs": [0.0, 0.0], "adv": 1.0}], True, 4, 0, "cpu", 1, 0, 0.7
+    )
+    with torch.no_grad():
+        full = full_token_logps(tiny_model, torch.tensor([p + w]), temperature=0.7)[0, len(p) - 1 :].tolist()
+    assert row["logprobs"] == pytest.approx(full, abs=1e-5)
+    seen = []
+    real_weighted = policy._weighted
+    monkeypatch.setattr(policy, "_weighted", lambda per, b: seen.append(b) or real_weighted(per, b))
+    over = SMALL + ["online.iterations=1", "online.epochs_per_iteration=1", "loss.name=rloo", "rollout.temperature=0.7"]
+    run(load_recipe(RECIPE, over), tmp_path / "t")
+    (logged,) = metrics_rows(tmp_path / "t")
+    assert logged["ratio_first_step_max_dev"] < 1e-5
+    b = seen[0]  # the first update: pi (scored at T) equals the learner's pi_old (scored at T)
+    assert torch.allclose(b.token_logps.detach(), b.old_token_logps, atol=1e-5)
+    with pytest.raises(UserError, match="old_logprobs sampler with rollout.temperature 0.7"):
+        load_recipe(RECIPE, over + ["online.old_logprobs=sampler"])
+
+
 def test_generations_sample_from_the_updated_policy_and_a_crash_between_them_resumes_identically(tmp_path, monkeypatch):
     """online.generation_batch_size 8 = 2 prompts x 4 per generation: an iteration of 8 prompts is 4 generations,
     each saved (iter-N-gen-M.json) and trained on before the next is sampled. A crash in iteration 2's third

@@ -864,8 +864,6 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
             "untempered logits while the learner scores at the rollout temperature; use old_logprobs learner"
         )
     cap = recipe.online.is_cap
-    if cap is not None and temp not in (0, 1):
-        raise UserError(f"{where}: online.is_cap needs rollout.temperature 1 (the sampler's log-probs are untempered)")
     if cap is not None:
         if not cap > 0:
             raise UserError(f"{where}: online.is_cap must be > 0 (or null: off), got {cap}")
@@ -873,6 +871,10 @@ def validate(recipe: Recipe, where: str, tree: dict | None = None) -> None:
             raise UserError(
                 f"{where}: online.is_cap applies to policy-gradient losses (spo, grpo, rloo) with "
                 "online.old_logprobs learner"
+            )
+        if temp not in (0, 1):
+            raise UserError(
+                f"{where}: online.is_cap needs rollout.temperature 1 (the sampler's log-probs are untempered)"
             )
     g = recipe.online.generation_batch_size
     if g is not None and g < recipe.rollout.n:

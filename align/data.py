@@ -228,10 +228,9 @@ def _normalise_row(row: Any, i: int, fmt: str, cfg, source: str, sft: bool) -> t
             f"{source}: row {i}: unpaired rows (prompt, completion, label: TRL's KTO format) are not read by any "
             "objective here yet; give pairs (prompt, chosen, rejected)"
         )
-    if sft and cfg.chosen_key not in row and "messages" in row:  # TRL's conversational SFT rows
-        row = {**{k: v for k, v in row.items() if k != "messages"}, cfg.chosen_key: row["messages"]}
-    if sft and cfg.chosen_key not in row and "completion" in row:  # TRL's prompt-completion SFT rows
-        row = {**{k: v for k, v in row.items() if k != "completion"}, cfg.chosen_key: row["completion"]}
+    for column in ("messages", "completion") if sft else ():  # TRL's conversational / prompt-completion SFT rows
+        if cfg.chosen_key not in row and column in row:
+            row = {**{k: v for k, v in row.items() if k != column}, cfg.chosen_key: row[column]}
     keys = [cfg.chosen_key] + ([] if sft else [cfg.rejected_key]) + ([cfg.prompt_key] if fmt == "plain" else [])
     for k in keys:
         if k not in row:

@@ -181,22 +181,11 @@ def dry_run(recipe: Recipe, recipe_path: str) -> str:
         detail = f" at {j.base_url} ({j.model})" if j.kind == "llm" else ""
         if j.kind == "function":  # imported (not called) here: a missing module or name is caught now
             from align.judges import load_reward_function
-            from align.rewards import function_name
+            from align.rewards import RewardFunctions
 
-            if not j.functions:
-                raise UserError("judge.functions: judge.kind 'function' needs at least one reward function")
-            names = []
-            for f in j.functions:  # a reward model is checked, not loaded, in a dry run
-                if f.startswith("reward_model:"):
-                    if not Path(f[len("reward_model:") :]).is_dir():
-                        raise UserError(f"judge.functions: {f!r}: not a reward-model folder")
-                    names.append("reward_model")
-                else:
-                    names.append(function_name(f, load_reward_function(f)))
-            weights = list(j.weights) if j.weights is not None else [1.0] * len(names)
-            if len(weights) != len(names):
-                raise UserError(f"judge.weights: {len(weights)} weights for {len(names)} judge.functions")
-            detail = ": " + ", ".join(f"{w:g} x {name}" for name, w in zip(names, weights))
+            # reward models are checked, not loaded, in a dry run
+            fns = RewardFunctions(j.functions, j.weights, resolve=lambda f: load_reward_function(f, load_models=False))
+            detail = ": " + ", ".join(f"{w:g} x {name}" for (name, _), w in zip(fns.functions, fns.weights))
         lines.append(f"judge    {j.kind}{detail}")
         lines.append(f"rollout  {rollout_layout(recipe, accelerate_processes(recipe, recipe_path), recipe_path)}")
     if recipe.accelerate_config:

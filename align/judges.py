@@ -585,16 +585,27 @@ class LLMChat(LLMJudge):
 # ------------------------------------------------------------------------------ judges as pointwise reward functions
 
 
-def load_reward_function(spec: str):
+def load_reward_function(spec: str, load_models: bool = True):
     """A reward function (``judge.functions`` entry): ``reward_model:PATH`` and ``llm:MODEL@URL`` / ``llm-chat:``
-    are judges scoring pointwise (below); anything else is the user's callable (``align.rewards.load_function``)."""
+    are judges scoring pointwise (below); anything else is the user's callable (``align.rewards.load_function``).
+    ``load_models=False`` (a dry run) checks a reward model's folder without loading it."""
     from align.rewards import load_function
 
     if spec.startswith("reward_model:"):
-        return reward_model_function(spec[len("reward_model:") :])
+        path = spec[len("reward_model:") :]
+        if not os.path.isdir(path):
+            raise UserError(f"judge.functions: {spec!r}: not a reward-model folder")
+        return reward_model_function(path) if load_models else _unloaded_reward_model
     if spec.startswith(("llm:", "llm-chat:")):
         return llm_function(spec)
     return load_function(spec)
+
+
+def _unloaded_reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
+    raise RuntimeError("a reward model named in a dry run is checked, not loaded")
+
+
+_unloaded_reward_model.__name__ = "reward_model"
 
 
 def reward_model_function(path: str):
@@ -603,8 +614,6 @@ def reward_model_function(path: str):
     ``align train`` (trainer: reward); the pairwise judge.kind reward_model compares the same scores instead."""
     from align.reward_model import CONFIG_FILE
 
-    if not os.path.isdir(path):
-        raise UserError(f"judge.functions: 'reward_model:{path}': not a reward-model folder")
     judge = AlignRewardJudge(path) if os.path.isfile(os.path.join(path, CONFIG_FILE)) else RewardModelJudge(path)
 
     def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:

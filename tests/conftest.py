@@ -140,3 +140,18 @@ class Echo:
     def step(self, text):
         self.seen.append(text)
         return (f"obs{len(self.seen)}", False) if len(self.seen) < 3 else (None, True)
+
+
+def pg_batch(new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, advantages: list[float]):
+    """A policy-gradient PairBatch (one sampled response per row) from per-token log-probs under pi and pi_old, the
+    mask of the tokens that are scored, and each row's advantage."""
+    from align.losses import PairBatch
+
+    return PairBatch(
+        chosen_logps=(new * mask).sum(-1),
+        chosen_lengths=mask.sum(-1).float(),
+        token_logps=new * mask,
+        old_token_logps=old * mask,
+        token_mask=mask,
+        advantages=torch.tensor(advantages),
+    )

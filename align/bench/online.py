@@ -51,6 +51,19 @@ REWARD_FN = ["judge.kind=function", "judge.functions=[align.rewards:exact_match]
 FAMILIES = ["sort", "count", "max"]
 
 
+def policy_gradient_stats(name: str, rows: list[dict]) -> dict:
+    """For the policy-gradient methods (spo, grpo, rloo): the mean over the rounds that trained of the corrected
+    clip fraction, and the largest |rho - 1| at any generation's first update (0 with the learner's pi_old)."""
+    if name not in ("spo", "grpo", "rloo"):
+        return {}
+    logged = [r for r in rows if "iteration" in r]
+    clip = [r[f"{name}/clip_fraction"] for r in logged if f"{name}/clip_fraction" in r]
+    return {
+        "clip_fraction": round(sum(clip) / len(clip), 4) if clip else None,
+        "ratio_first_step_max_dev": max(r.get("ratio_first_step_max_dev", 0.0) for r in logged),
+    }
+
+
 def _say(msg: str) -> None:
     print(f"[bench online] {msg}", file=sys.stderr, flush=True)
 
@@ -182,14 +195,11 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
             "judge_calls": summary["judge_calls"],
             "wall_seconds": round(wall, 1),
         }
-        logged = [r for r in read_metrics(tmp / name / "metrics.jsonl") if "iteration" in r]
-        if name in ("spo", "grpo", "rloo"):  # the corrected clip fraction; |rho - 1| at each generation's first step
-            clip = [r[f"{name}/clip_fraction"] for r in logged if f"{name}/clip_fraction" in r]  # rounds that trained
-            rows[name]["clip_fraction"] = round(sum(clip) / len(clip), 4) if clip else None
-            rows[name]["ratio_first_step_max_dev"] = max(r.get("ratio_first_step_max_dev", 0.0) for r in logged)
+        logged = read_metrics(tmp / name / "metrics.jsonl")
+        rows[name].update(policy_gradient_stats(name, logged))
         curves[name] = [
             round(r.get("sample_accuracy", r.get("reward/exact_match")), 4)
-            for r in read_metrics(tmp / name / "metrics.jsonl")
+            for r in logged
             if "sample_accuracy" in r or "reward/exact_match" in r
         ]
     return rows, curves
@@ -295,14 +305,7 @@ def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
             "judge_calls": summary["judge_calls"],
             "wall_seconds": round(wall, 1),
         }
-        logged = [r for r in read_metrics(tmp / name / "metrics.jsonl") if "iteration" in r]
-        if name in ("spo", "grpo", "rloo"):  # the corrected clip fraction; |rho - 1| at each generation's first step
-            clip = [r[f"{name}/clip_fraction"] for r in logged if f"{name}/clip_fraction" in r]  # rounds that trained
-            rows[name]["clip_fraction"] = round(sum(clip) / len(clip), 4) if clip else None
-            rows[name]["ratio_first_step_max_dev"] = max(r.get("ratio_first_step_max_dev", 0.0) for r in logged)
-        curves[name] = [
-            round(r["sample_goal_score"], 4)
-            for r in read_metrics(tmp / f"story-{name}" / "metrics.jsonl")
-            if "sample_goal_score" in r
-        ]
+        logged = read_metrics(tmp / f"story-{name}" / "metrics.jsonl")
+        rows[name].update(policy_gradient_stats(name, logged))
+        curves[name] = [round(r["sample_goal_score"], 4) for r in logged if "sample_goal_score" in r]
     return rows, curves

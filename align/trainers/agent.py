@@ -38,7 +38,7 @@ from align.config import Recipe
 from align.data import Example, collate
 from align.logprobs import token_logps_of
 from align.losses import PairBatch, get_loss
-from align.losses.policy import group_advantages
+from align.losses.policy import LOG_RATIO_CLAMP, group_advantages
 from align.models import load_policy
 from align.rollout import SamplingParams
 from align.rollout.zero import UnshardedCopy, unpartitioned, zero_stage
@@ -116,7 +116,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         accelerator, output_dir, recipe, start, a.iterations, f"agent:{spec.name}", subdirs=("rollouts",)
     )
     device, pad = accelerator.device, tok.pad_token_id
-    temp = recipe.rollout.temperature if recipe.rollout.temperature > 0 else 1.0  # scored as the sampler drew them
+    temp = kit.pg_temperature(recipe.rollout)
     # the learner's context: an episode whose next turn would not fit ends there (counted as 'truncated')
     context = getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None)
     if recipe.rollout.backend == "vllm" and recipe.rollout.vllm.max_model_len:
@@ -209,7 +209,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
                 for i, row in enumerate(chunk):
                     old[i, : len(row["old"])] = row["old"].to(device)
                 if a.max_kl is not None:  # ml-loop's guard: the policy has drifted too far from pi_old
-                    q = ((old - lp.detach()) * mask).clamp(-20, 20)  # log(pi_old / pi) per model token
+                    q = ((old - lp.detach()) * mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # log(pi_old / pi)
                     kl = ((torch.exp(-q) - 1 + q) * mask).sum() / mask.sum().clamp(min=1)  # k3 of KL(pi_old || pi)
                     if accelerator.reduce(kl, reduction="mean").item() > a.max_kl:
                         kl_stopped = True

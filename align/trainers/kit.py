@@ -304,6 +304,12 @@ def from_main(accelerator, fn):
     return box[0]
 
 
+def pg_temperature(rollout_cfg) -> float:
+    """The temperature the policy-gradient losses score sampled tokens at: the rollout's (the distribution the tokens
+    were drawn from, as TRL and verl do), 1 for greedy sampling."""
+    return rollout_cfg.temperature if rollout_cfg.temperature > 0 else 1.0
+
+
 def restore(accelerator, output_dir: Path, recipe: Recipe, resume: bool) -> tuple[int, Path | None]:
     """When resuming: the newest complete checkpoint's step (chosen on rank 0), after every rank loaded its state
     (model, optimizer, scheduler, RNGs) from its own ``output_dir/checkpoint-<step>``; else (0, None)."""

@@ -51,7 +51,7 @@ from align.errors import UserError
 from align.judges import make_judge
 from align.logprobs import pair_logps, token_logps_of
 from align.losses import PairBatch, chosen_nll, get_loss
-from align.losses.policy import group_advantages
+from align.losses.policy import LOG_RATIO_CLAMP, group_advantages
 from align.models import is_peft, load_policy, reference_context
 from align.rollout import sampling_from
 from align.rollout.zero import UnshardedCopy, unpartitioned, zero_stage
@@ -322,7 +322,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         chosen = random.Random(t.seed * 1000 + it).sample(prompts, o.prompts_per_iteration)
         per_gen = (o.generation_batch_size // recipe.rollout.n) if o.generation_batch_size else len(chosen)
         parts = [chosen[s_ : s_ + per_gen] for s_ in range(0, len(chosen), per_gen)]
-        groups, judge_calls, window, train_rows, first_devs = [], 0, [], 0, []
+        groups, judge_calls, window, train_rows, first_dev = [], 0, [], 0, 0.0
         for m, part in enumerate(parts):
             # ---- 1. rollouts + judge (reused when resuming mid-iteration)
             name = f"iter-{it + 1}.json" if len(parts) == 1 else f"iter-{it + 1}-gen-{m + 1}.json"
@@ -373,12 +373,12 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             engine.sleep()  # the engine's memory is freed during the updates
             if o.old_logprobs == "learner" and (spec.per_token or spec.needs_anchor or spec.name == "sppo"):
                 model.eval()  # pi_old / pi_t as the learner computes them (not the sampler), before the first update
-                temp = pg_temperature(recipe) if spec.per_token else 1.0  # pi_t of pair objectives: T = 1
+                temp = kit.pg_temperature(recipe.rollout) if spec.per_token else 1.0  # pi_t of pair objectives: T = 1
                 rows = _learner_logprobs(model, rows, spec.per_token, t.batch_size, pad, device, world, rank, temp)
             rng = random.Random(t.seed * 7919 + it + m * 104729)
 
             # ---- 3. updates (this rank's share of each global minibatch)
-            steps, first_dev = [], 0.0
+            steps = []
             model.train()
             for epoch in range(o.epochs_per_iteration):
                 order = list(range(len(rows)))
@@ -388,14 +388,13 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                     loss, metrics = _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, pairs)
                     dev = metrics.get(f"{spec.name}/ratio_max_dev")
                     if dev is not None and epoch == 0 and n_step == 0 and dev.numel():
-                        # the first update of a generation: rho = 1 up to float error when pi_old is the learner's
+                        # a generation's first update: rho = 1 up to float error when pi_old is the learner's
                         first_dev = max(first_dev, dev.max().item())
                     loss, _ = kit.checked_step(
                         accelerator, model, optimizer, loss, t.max_grad_norm, t.nan_policy, f"iteration {it + 1}"
                     )
                     steps.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
             window += [w for part_ in gather_object([steps]) for w in part_]  # every rank's steps
-            first_devs += gather_object([first_dev])
             engine.update_weights(policy())  # (wakes the engine's weights first; generate wakes the rest)
 
         # ---- 4. log, checkpoint
@@ -428,8 +427,8 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             row[f"reward/{name}"] = sum(s["scores"][name] for g in groups for s in g["samples"]) / len(rewards)
         if window:
             row.update({k_: sum(w[k_] for w in window) / len(window) for k_ in window[0]})
-        if spec.per_token and first_devs:
-            row["ratio_first_step_max_dev"] = max(first_devs)
+        if spec.per_token:  # the largest over the iteration's generations and every rank
+            row["ratio_first_step_max_dev"] = max(gather_object([first_dev]))
         if main:
             log.log(row)
         progress.update(it + 1, f"reward spread {row['reward/spread']:.3f} loss {row.get('loss', float('nan')):.4f}")
@@ -484,17 +483,11 @@ def _learner_logprobs(
     ]
 
 
-def pg_temperature(recipe: Recipe) -> float:
-    """The temperature the policy-gradient losses score tokens at: the rollout's (the distribution the tokens were
-    drawn from, as TRL and verl do), 1 for greedy sampling."""
-    return recipe.rollout.temperature if recipe.rollout.temperature > 0 else 1.0
-
-
 def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, pairs):
     if spec.per_token:
         batch = _token_batch([(r["prompt_ids"], r["ids"], r["logprobs"]) for r in chunk], pad, device)
         mask = batch["completion_mask"][:, 1:]
-        temp = pg_temperature(recipe)
+        temp = kit.pg_temperature(recipe.rollout)
         lp = token_logps_of(model, batch["input_ids"], batch["attention_mask"], mask, temperature=temp) * mask
         pb = PairBatch(
             chosen_logps=lp.sum(-1),
@@ -506,7 +499,7 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, 
         )
         if recipe.online.is_cap is not None:  # TIS: min(pi_learner / pi_sampler, cap) per token, no gradient
             sampler = _token_batch([(r["prompt_ids"], r["ids"], r["sampler_logprobs"]) for r in chunk], pad, device)
-            q = ((batch["old"] - sampler["old"]) * mask).clamp(-20, 20)
+            q = ((batch["old"] - sampler["old"]) * mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
             pb.is_weights = torch.exp(q).clamp(max=recipe.online.is_cap) * mask
         if recipe.loss.loss_type == "dapo":  # the token count of every process's share of this minibatch
             pb.tokens_per_process = accelerator.reduce(mask.sum().float(), reduction="mean").item()

@@ -20,6 +20,7 @@ import torch
 
 from align.config import LossConfig
 from align.losses import LOSSES, PairBatch, get_loss, register_loss
+from tests.conftest import pg_batch
 
 ALL_LOSSES = {
     "dpo",
@@ -334,15 +335,7 @@ def test_spo_clipped_policy_gradient_by_hand():
       min(-0.67032, -0.8) = -0.8, min(-1, -1) = -1 -> L = -(-0.8 - 1)/2 = 0.9."""
     new = torch.tensor([[-1.0, -2.0, -0.5], [-0.6, -1.2, 0.0]])
     old = torch.tensor([[-1.1, -2.5, -0.2], [-0.2, -1.2, 0.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    b = PairBatch(
-        chosen_logps=(new * mask).sum(-1),
-        chosen_lengths=mask.sum(-1).float(),
-        token_logps=new * mask,
-        old_token_logps=old * mask,
-        token_mask=mask,
-        advantages=torch.tensor([0.5, -1.0]),
-    )
+    b = pg_batch(new, old, torch.tensor([[1, 1, 1], [1, 1, 0]]), [0.5, -1.0])
     cfg = LossConfig(name="spo", clip_eps=0.2)
     loss, metrics = LOSSES["spo"].fn(b, cfg)
     r0 = [math.exp(0.1), math.exp(0.5), math.exp(-0.3)]

@@ -20,6 +20,7 @@ from align.config import LossConfig
 from align.losses import LOSSES
 from align.losses.policy import group_advantages
 from align.losses.registry import PairBatch
+from tests.conftest import pg_batch
 
 EPS = 0.2
 LOW = 1 - 1 / (1 + EPS)  # ml-loop's lower bound 1/(1+eps) as loss.clip_eps_low
@@ -40,15 +41,7 @@ def _loop_batch():
     # episode 1: log-ratios 0.4, -0.5, then padding. A = +0.5 and -1.0.
     old = torch.tensor([[-1.0, -2.0, -0.5, -1.5], [-0.6, -1.0, 0.0, 0.0]])
     new = old + torch.tensor([[0.1, 5.0, -0.3, 0.0], [0.4, -0.5, 0.0, 0.0]])
-    mask = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 0]])
-    return PairBatch(
-        chosen_logps=(new * mask).sum(-1),
-        chosen_lengths=mask.sum(-1).float(),
-        token_logps=new * mask,
-        old_token_logps=old * mask,
-        token_mask=mask,
-        advantages=torch.tensor([0.5, -1.0]),
-    )
+    return pg_batch(new, old, torch.tensor([[1, 0, 1, 1], [1, 1, 0, 0]]), [0.5, -1.0])
 
 
 def test_loop_token_form_equals_ml_loop_and_the_hand_numbers():
@@ -122,13 +115,6 @@ def test_spo_leave_one_out_advantage_and_its_one_step_update():
     assert adv == pytest.approx([1 / 3, 0.0, -1 / 3, 0.0])
     # on-policy (rho = 1) the loss is -A per token: the REINFORCE step with the leave-one-out baseline
     lp = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
-    b = PairBatch(
-        chosen_logps=lp.sum(-1),
-        chosen_lengths=torch.tensor([2.0, 2.0]),
-        token_logps=lp,
-        old_token_logps=lp.clone(),
-        token_mask=torch.ones(2, 2, dtype=torch.long),
-        advantages=torch.tensor([adv[0], adv[2]]),
-    )
+    b = pg_batch(lp, lp.clone(), torch.ones(2, 2, dtype=torch.long), [adv[0], adv[2]])
     loss, m = LOSSES["spo"].fn(b, LossConfig(name="spo", clip_eps=0.2))
     assert loss.tolist() == pytest.approx([-1 / 3, 1 / 3]) and m["spo/clip_fraction"].tolist() == [0.0, 0.0]

@@ -31,6 +31,31 @@ SMALL = [
 ]
 
 
+def skew_sampler(monkeypatch, by: float) -> None:
+    """The sampler's log-probs, as saved with the rollouts, off by ``by`` per token (as bf16 / vLLM kernels can be)."""
+    import align.trainers.online as online
+
+    real = online.rollout_iteration
+
+    def skewed(*args, **kwargs):
+        groups = real(*args, **kwargs)
+        for g in groups:
+            for s in g["samples"]:
+                s["logprobs"] = [lp + by for lp in s["logprobs"]]
+        return groups
+
+    monkeypatch.setattr(online, "rollout_iteration", skewed)
+
+
+def capture_pg_batches(monkeypatch) -> list:
+    """The list every PairBatch the policy-gradient losses weigh is appended to."""
+    import align.losses.policy as policy
+
+    seen, real = [], policy._weighted
+    monkeypatch.setattr(policy, "_weighted", lambda per, b: seen.append(b) or real(per, b))
+    return seen
+
+
 @pytest.mark.parametrize("loss", ["grpo", "rloo"])
 def test_reward_functions_drive_grpo_and_rloo(tmp_path, loss):
     recipe = load_recipe(RECIPE, SMALL + [f"loss.name={loss}", "train.eval_steps=2", "eval.size=8"])
@@ -99,18 +124,8 @@ def test_grpo_advantages_in_the_trainer_match_the_pure_function(tmp_path):
 def test_pi_old_is_the_learners_not_the_samplers(tmp_path, monkeypatch, source):
     """A sampler whose log-probs are off by +0.3 per token (as bf16 / vLLM kernels can be): with the learner's
     recomputed pi_old the first update's ratio is 1; with the sampler's it is exp(-0.3) = 0.74 (and clipped)."""
-    import align.trainers.online as online
 
-    real = online.rollout_iteration
-
-    def skewed(*args, **kwargs):
-        groups = real(*args, **kwargs)
-        for g in groups:
-            for s in g["samples"]:
-                s["logprobs"] = [lp + 0.3 for lp in s["logprobs"]]
-        return groups
-
-    monkeypatch.setattr(online, "rollout_iteration", skewed)
+    skew_sampler(monkeypatch, 0.3)
     over = ["online.iterations=1", "online.epochs_per_iteration=1", "train.batch_size=64", "loss.name=rloo"]
     run(load_recipe(RECIPE, SMALL + over + [f"online.old_logprobs={source}"]), tmp_path / source)
     (row,) = metrics_rows(tmp_path / source)
@@ -138,7 +153,6 @@ def test_the_learner_scores_policy_gradient_tokens_at_the_rollout_temperature(ti
     """With rollout.temperature T != 1 the learner's pi_old and pi are log softmax(logits / T) (the distribution the
     tokens were drawn from): equal to the full-logits path at T, so the first step's ratio is still 1; the sampler's
     untempered log-probs are refused as pi_old at T != 1 (one line)."""
-    import align.losses.policy as policy
     from align.logprobs import full_token_logps
     from align.trainers.online import _learner_logprobs
 
@@ -149,9 +163,7 @@ def test_the_learner_scores_policy_gradient_tokens_at_the_rollout_temperature(ti
     with torch.no_grad():
         full = full_token_logps(tiny_model, torch.tensor([p + w]), temperature=0.7)[0, len(p) - 1 :].tolist()
     assert row["logprobs"] == pytest.approx(full, abs=1e-5)
-    seen = []
-    real_weighted = policy._weighted
-    monkeypatch.setattr(policy, "_weighted", lambda per, b: seen.append(b) or real_weighted(per, b))
+    seen = capture_pg_batches(monkeypatch)
     over = SMALL + ["online.iterations=1", "online.epochs_per_iteration=1", "loss.name=rloo", "rollout.temperature=0.7"]
     run(load_recipe(RECIPE, over), tmp_path / "t")
     (logged,) = metrics_rows(tmp_path / "t")
@@ -271,21 +283,9 @@ def test_truncated_importance_weights_scale_each_token_by_learner_over_sampler_c
     learner's, every response token's loss is weighted by min(exp(-0.3), cap) (padding 0); the loss by hand with
     those weights; off for the sampler's own pi_old (one line)."""
     import align.losses.policy as policy
-    import align.trainers.online as online
 
-    real = online.rollout_iteration
-
-    def skewed(*args, **kwargs):
-        groups = real(*args, **kwargs)
-        for g in groups:
-            for s in g["samples"]:
-                s["logprobs"] = [lp + 0.3 for lp in s["logprobs"]]
-        return groups
-
-    seen = []
-    real_weighted = policy._weighted
-    monkeypatch.setattr(online, "rollout_iteration", skewed)
-    monkeypatch.setattr(policy, "_weighted", lambda per, b: seen.append(b) or real_weighted(per, b))
+    skew_sampler(monkeypatch, 0.3)
+    seen = capture_pg_batches(monkeypatch)
     over = SMALL + ["online.iterations=1", "online.epochs_per_iteration=1", "train.batch_size=64", "loss.name=rloo"]
     for cap, w in (("2.0", math.exp(-0.3)), ("0.5", 0.5)):
         seen.clear()

@@ -679,6 +679,13 @@ NOT_READ_TRAIN["agent"] = {
 }
 
 
+NOT_READ_DATA = {
+    "online": {"cache": "prompts are not tokenised ahead: the rollout engine tokenises them"},
+    "reward": {"cache": "the reward trainer embeds texts; nothing is tokenised ahead"},
+}
+"""Data keys a trainer never reads (the agent trainer reads no data section at all)."""
+
+
 def _check_read(recipe: Recipe, tree: dict, where: str) -> None:
     """Every key the recipe sets is one its trainer reads; a model is named."""
     model = tree.get("model")
@@ -691,9 +698,10 @@ def _check_read(recipe: Recipe, tree: dict, where: str) -> None:
         if isinstance(value, dict) and value:
             key = next(iter(value))
             raise UserError(f"{where}: key '{section}.{key}' is not read by trainer {recipe.trainer!r}")
-    for key, why in NOT_READ_TRAIN.get(recipe.trainer, {}).items():
-        if key in (tree.get("train") or {}):
-            raise UserError(f"{where}: key 'train.{key}' is not read by trainer {recipe.trainer!r} ({why})")
+    for section, unread in (("train", NOT_READ_TRAIN), ("data", NOT_READ_DATA)):
+        for key, why in unread.get(recipe.trainer, {}).items():
+            if key in (tree.get(section) or {}):
+                raise UserError(f"{where}: key '{section}.{key}' is not read by trainer {recipe.trainer!r} ({why})")
     if recipe.trainer == "agent":
         for key in ("size", "max_new_tokens"):
             if key in (tree.get("eval") or {}):
@@ -975,8 +983,10 @@ def to_dict(recipe: Recipe) -> dict:
     tree = dataclasses.asdict(recipe)
     for section in NOT_READ.get(recipe.trainer, ()):
         tree.pop(section, None)
-    for key in NOT_READ_TRAIN.get(recipe.trainer, {}):
-        tree["train"].pop(key, None)
+    for section, unread in (("train", NOT_READ_TRAIN), ("data", NOT_READ_DATA)):
+        for key in unread.get(recipe.trainer, {}):
+            if section in tree:
+                tree[section].pop(key, None)
     if recipe.trainer == "agent":
         for key in ("size", "max_new_tokens"):
             tree["eval"].pop(key, None)

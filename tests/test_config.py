@@ -366,3 +366,16 @@ def test_keys_the_trainer_does_not_read_are_errors(tmp_path):
         assert f"'{key}'" in msg or f"{key} " in msg, msg
         assert "not read by trainer" in msg
     assert load_recipe(spo, ["train.schedule=constant"]).train.schedule == "constant"  # what it does: fine
+
+
+def test_data_cache_is_an_offline_key():
+    """data.cache (the tokenisation cache) is read by the offline trainers only: online and reward recipes that set
+    it get one line; their saved recipes leave it out, so they load back."""
+    from align.config import dump_yaml, load_recipe
+    from align.paths import REPO_ROOT
+
+    for recipe in ("spo/tiny.yaml", "reward/pets-bt.yaml"):
+        with pytest.raises(UserError, match="key 'data.cache' is not read by trainer"):
+            load_recipe(REPO_ROOT / "recipes" / recipe, ["data.cache=false"])
+        assert "cache:" not in dump_yaml(load_recipe(REPO_ROOT / "recipes" / recipe))
+    assert load_recipe(REPO_ROOT / "recipes" / "dpo" / "tiny.yaml", ["data.cache=false"]).data.cache is False

@@ -7,12 +7,16 @@ The full ``[batch, seq, vocab]`` logits tensor, upcast to fp32, is what stops lo
     2. only the positions whose next token is scored (``mask``, e.g. the response tokens) are kept: prompt tokens
        never reach the LM head;
     3. their hidden states go through the LM head in chunks (``CHUNK`` tokens, fewer for large vocabularies): logits
-       (soft-capped and divided by the temperature where the model or the caller says so), logsumexp and gather,
-       under activation checkpointing, so the backward pass recomputes one chunk's logits at a time. Peak memory is
-       O(chunk x vocab), not O(tokens x vocab).
+       (soft-capped and divided by the temperature where the model or the caller says so), logsumexp and gather;
+       the backward pass recomputes one chunk's logits at a time. Peak memory is O(chunk x vocab), not
+       O(tokens x vocab).
 
-The LM head is called as a module, so tied embeddings, a LoRA adapter on ``lm_head`` and DeepSpeed ZeRO-3's parameter
-gathering all work unchanged. Models whose forward has no ``logits_to_keep`` fall back to the full-logits path
+Three forms of step 3: a plain ``nn.Linear`` head (no bias, adapter or hooks; tied or not) goes through
+``_FusedHeadLogps``, forward and backward by hand with one reused logits buffer and the weight's gradient accumulated
+in place (no per-chunk allocations: fastest, least heap churn); a frozen ZeRO-3 head through ``_FrozenZero3Head``
+(one gather in forward, one in backward); any other head (a LoRA adapter on ``lm_head``, a trainable ZeRO-3 head,
+hooks) is called as a module under activation checkpointing, so peft and DeepSpeed's parameter gathering work
+unchanged. Models whose forward has no ``logits_to_keep`` fall back to the full-logits path
 (``full_token_logps``), which is also the reference the tests compare against (values and gradients within 1e-5).
 
 Packed rows (several sequences in one row, ``position_ids`` restarting per sequence and no attention mask):
@@ -66,6 +70,17 @@ def _zero3(weight) -> bool:
     return hasattr(weight, "ds_id")
 
 
+def _plain_linear(head) -> bool:
+    """An LM head that is exactly ``x @ weight.T`` (no bias, no adapter or hooks wrapped around it)."""
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not hasattr(head, "_hf_hook")
+        and not head._forward_hooks
+        and not head._forward_pre_hooks
+    )
+
+
 def _chunk_calls(rows: int, chunk: int, zero3: bool, device) -> int:
     """LM-head calls for ``rows`` positions. Under ZeRO-3 each call of the head module gathers its weight, a collective:
     every rank makes as many calls as the rank with the most positions (the extra ones on no rows), or they hang."""
@@ -114,6 +129,69 @@ class _FrozenZero3Head(torch.autograd.Function):
         return (torch.cat(grads) if grads else torch.zeros_like(h)), None, None, None, None, None
 
 
+class _FusedHeadLogps(torch.autograd.Function):
+    """Chunked LM-head log-probs of a plain ``nn.Linear`` head (no bias), forward and backward by hand: one logits
+    buffer of ``chunk`` rows is reused for every chunk; the backward pass recomputes each chunk's logits into it,
+    turns them into their gradient in place (g * (onehot - softmax), through the soft-cap and temperature), and
+    accumulates the weight's gradient with one ``addmm_`` into a single [vocab, hidden] tensor. Activation
+    checkpointing of the same loop allocates a logits tensor, its gradient and a [vocab, hidden] weight gradient per
+    chunk; this makes none of them, so peak memory and heap churn stay at one chunk's logits."""
+
+    @staticmethod
+    def _logits(x, weight, softcap, temperature, buf):
+        """(fp32 logits of ``x``, soft-capped and tempered, in ``buf``; tanh(raw / softcap) or None)."""
+        out = buf[: x.shape[0]]
+        if weight.dtype == torch.float32 and x.dtype == torch.float32:
+            torch.mm(x, weight.t(), out=out)
+        else:
+            out.copy_(torch.mm(x, weight.t()))
+        t = None
+        if softcap:
+            t = out.div_(softcap).tanh_()
+            out = t * softcap
+        if temperature != 1.0:
+            out.div_(temperature)
+        return out, t
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, softcap, temperature, chunk):
+        n = h.shape[0]
+        values = torch.empty(n, dtype=torch.float32, device=h.device)
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            logits, _ = _FusedHeadLogps._logits(h[s : s + chunk], weight, softcap, temperature, buf)
+            torch.logsumexp(logits, -1, out=lse[s : s + chunk])
+            values[s : s + chunk] = logits.gather(1, labels[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+        ctx.softcap, ctx.temperature, ctx.chunk = softcap, temperature, chunk
+        ctx.save_for_backward(h, weight, labels, lse)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, labels, lse = ctx.saved_tensors
+        n, chunk = h.shape[0], ctx.chunk
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        buf = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=h.device)
+        rows = torch.arange(min(chunk, n), device=h.device)
+        for s in range(0, n, chunk):
+            x, g = h[s : s + chunk], grad_out[s : s + chunk].float()
+            logits, t = _FusedHeadLogps._logits(x, weight, ctx.softcap, ctx.temperature, buf)
+            grad = logits.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # g * d log softmax(z)[y] / dz
+            grad[rows[: x.shape[0]], labels[s : s + chunk]] += g
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            if t is not None:  # z = softcap * tanh(raw / softcap): dz / draw = 1 - tanh^2
+                grad.mul_(1 - t * t)
+            grad = grad.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = grad @ weight
+            if grad_w is not None:
+                grad_w.addmm_(grad.t(), x.to(weight.dtype))
+        return grad_h, grad_w, None, None, None, None
+
+
 def full_token_logps(model, input_ids, attention_mask=None, position_ids=None, temperature: float = 1.0):
     """Per-token log-probs [B, T-1] of ``input_ids[:, 1:]`` from the model's full logits (the reference path)."""
     kw = {"position_ids": position_ids} if position_ids is not None else {}
@@ -156,6 +234,8 @@ def token_logps_of(
     chunk = min(chunk, max(16, CHUNK_ELEMENTS // max(1, vocab)))
     if _zero3(head.weight) and not head.weight.requires_grad and type(head) is torch.nn.Linear:
         values = _FrozenZero3Head.apply(h, head.weight, labels, softcap, temperature, chunk)
+    elif not _zero3(head.weight) and _plain_linear(head) and h.shape[0]:
+        values = _FusedHeadLogps.apply(h, head.weight, labels, softcap, temperature, chunk)
     else:
         parts = []
         for s in range(0, _chunk_calls(h.shape[0], chunk, _zero3(head.weight), h.device) * chunk, chunk):

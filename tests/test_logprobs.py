@@ -155,3 +155,42 @@ def test_frozen_zero3_head_path_recomputes_chunks_to_the_same_values_and_gradien
     (gb,) = torch.autograd.grad((ref * w).sum(), h)
     assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6)
     assert _chunk_calls(37, 8, zero3=False, device="cpu") == 5  # one process: no collective, ceil(37 / 8)
+
+
+@pytest.mark.parametrize("softcap, temperature, trainable", [(None, 1.0, True), (30.0, 0.7, True), (5.0, 1.3, False)])
+def test_fused_head_equals_autograd_logits_values_and_gradients(softcap, temperature, trainable):
+    """The fused LM-head path (plain Linear heads: one reused logits buffer, gradient by hand, the weight's gradient
+    accumulated in place) against autograd through the full logits: values, d/dh and d/dW within 1e-5."""
+    from align.logprobs import _FusedHeadLogps, _head_logps
+
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False)
+    with torch.no_grad():
+        head.weight.normal_(0, 2.0, generator=g)  # logits past the soft-cap's linear range
+    head.requires_grad_(trainable)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    w = torch.randn(37, generator=g)
+    wrt = (h, head.weight) if trainable else (h,)
+    ours = _FusedHeadLogps.apply(h, head.weight, labels, softcap, temperature, 8)
+    ga = torch.autograd.grad((ours * w).sum(), wrt)
+    ref = _head_logps(head, softcap, temperature, h, labels)
+    gb = torch.autograd.grad((ref * w).sum(), wrt)
+    assert (ours - ref).abs().max() < 1e-5
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(ga, gb))
+
+
+def test_plain_heads_take_the_fused_path_on_masked_positions_only(monkeypatch):
+    import align.logprobs as lp
+
+    calls = []
+    real = lp._FusedHeadLogps.apply
+    monkeypatch.setattr(lp._FusedHeadLogps, "apply", lambda *a: calls.append((a[0].shape[0], a[5])) or real(*a))
+    model = _model(tie=True)
+    b = collate(_batch(), TOK.pad_token_id)
+    mask = b["completion_mask"][:, 1:].bool()
+    token_logps_of(model, b["input_ids"], b["attention_mask"], mask, chunk=4)
+    assert calls == [(int(mask.sum()), 4)]
+    model.lm_head.register_forward_hook(lambda *a: None)  # a hooked head is called as a module (checkpointed chunks)
+    token_logps_of(model, b["input_ids"], b["attention_mask"], mask, chunk=4)
+    assert len(calls) == 1

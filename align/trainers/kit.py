@@ -125,6 +125,13 @@ def make_scheduler(optimizer, total_steps: int, schedule: str, warmup_steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def fused_adamw(params) -> bool:
+    """AdamW's fused kernel (one pass per tensor, no whole-model temporaries: the foreach form briefly holds a
+    model-sized copy at the step) where torch has it for every parameter (floating point, on CPU or CUDA), as
+    transformers' default ``adamw_torch_fused``."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def prepare_optimization(
     accelerator,
     model,
@@ -138,7 +145,7 @@ def prepare_optimization(
     given), DeepSpeed's batch and clipping settings, ``accelerator.prepare``; the scheduler is registered for
     checkpointing. Returns (model, optimizer, scheduler)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused_adamw(params))
     scheduler = make_scheduler(
         optimizer, total_steps, schedule or t.schedule, t.warmup_steps if warmup_steps is None else warmup_steps
     )

@@ -290,6 +290,12 @@ class AgentConfig:
     )
     show_docs: bool = doc(True, "Show the API docs in the first observation (tiny CPU policies learn without them).")
     turn_timeout: float = doc(5.0, "Wall-clock seconds per agent turn in the sandbox.")
+    sandbox_min_level: Literal["python", "seccomp", "userns", "root"] = doc(
+        "python",
+        "world: builtin: the weakest sandbox level the run accepts; below it the run refuses to start. root: chroot, "
+        "own uid, namespaces, seccomp; userns: the non-root jail (user namespaces); seccomp: the syscall filter "
+        "without a filesystem jail; python: whatever this machine gives (docs/agents.md lists what each stops).",
+    )
     eval_split: Optional[str] = doc(
         "dev", "Split evaluated (greedy, one rollout per task) at the end; None = no evaluation."
     )
@@ -703,6 +709,11 @@ def _check_read(recipe: Recipe, tree: dict, where: str) -> None:
             if key in (tree.get(section) or {}):
                 raise UserError(f"{where}: key '{section}.{key}' is not read by trainer {recipe.trainer!r} ({why})")
     if recipe.trainer == "agent":
+        if recipe.agent.world != "builtin" and "sandbox_min_level" in (tree.get("agent") or {}):
+            raise UserError(
+                f"{where}: key 'agent.sandbox_min_level' is not read with agent.world {recipe.agent.world!r} (AppWorld "
+                "runs the agent's code in its own server, not in our sandbox)"
+            )
         for key in ("size", "max_new_tokens"):
             if key in (tree.get("eval") or {}):
                 raise UserError(
@@ -988,6 +999,8 @@ def to_dict(recipe: Recipe) -> dict:
             if section in tree:
                 tree[section].pop(key, None)
     if recipe.trainer == "agent":
+        if recipe.agent.world != "builtin":
+            tree["agent"].pop("sandbox_min_level", None)
         for key in ("size", "max_new_tokens"):
             tree["eval"].pop(key, None)
     if recipe.trainer in ("online", "agent"):

@@ -261,6 +261,10 @@ def _dry_run_agent(recipe: Recipe, recipe_path: str) -> str:
             f"world    builtin: {len(train)} {a.split} tasks ({len({t.scenario for t in train})} scenarios)"
             + (f", {len(ev)} {a.eval_split} tasks" if ev else "")
         )
+        from align.agents.sandbox import check_level
+
+        level = check_level(a.sandbox_min_level)
+        lines.append(f"sandbox  level {level!r} on this machine (agent.sandbox_min_level {a.sandbox_min_level!r})")
     else:
         lines.append(f"world    appworld at {a.appworld_url} (reached when training starts)")
     lines.append(f"rollout  {rollout_layout(recipe, accelerate_processes(recipe, recipe_path), recipe_path)}")

@@ -15,8 +15,11 @@ Worker set-up, in order: stdin/stdout/stderr -> /dev/null, the socket dup'ed to 
 empty environment; resource limits (RLIMIT_AS memory, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC = 1 so it
 cannot fork or start threads, RLIMIT_CORE 0); as root: chroot into a fresh empty directory (its only writable place)
 and drop to a unique unprivileged uid/gid with no groups and no capabilities (a unique uid per worker makes
-RLIMIT_NPROC exact and keeps workers from signalling each other or the trainer); no_new_privs; parent-death signal.
-Everything the agent may import later is imported before the chroot (after it, imports of new modules fail).
+RLIMIT_NPROC exact and keeps workers from signalling each other or the trainer); without root, where the kernel allows
+unprivileged user namespaces, the keeper first enters new user, mount, PID, network, IPC and UTS namespaces and the
+worker chroots there, then drops every capability; no_new_privs; parent-death signal; not dumpable; last, the seccomp
+allow-list (``align/agents/seccomp.py``). Everything the agent may import later is imported before the chroot (after
+it, imports of new modules fail).
 
 Per turn: the code runs with stdout/stderr captured (truncated to ``max_output_chars``); a SIGALRM after ``timeout``
 seconds raises ``TimeoutError`` inside the agent's code (the episode goes on); if the worker does not answer within
@@ -24,10 +27,10 @@ seconds raises ``TimeoutError`` inside the agent's code (the episode goes on); i
 observation is the error and the episode ends (``TurnResult.dead``). The kernel then kills everything left in the
 worker's PID namespace. The trainer only ever parses JSON from the worker (never pickle), with a size cap.
 
-Without root the same code degrades (reported by ``sandbox_level()``): no chroot or uid change (the worker runs in a
-fresh temporary directory and ``open()`` refuses paths outside it: best effort, ``os.open`` bypasses it); the network
-is cut with an unprivileged user+network namespace where the kernel allows it, else the ``socket`` module is
-blocked (weak: ctypes bypasses it); RLIMIT_NPROC = 1 still stops forks (the user's other processes count against it).
+Levels (``LEVELS``, reported by ``sandbox_level()['level']``; docs/agents.md has the table of escape classes):
+``root`` > ``userns`` (the non-root jail) > ``seccomp`` (non-root without user namespaces: no filesystem jail, the
+worker's cwd is a fresh temporary directory and ``open()`` refuses other paths, which ``os.open`` bypasses) >
+``python`` (no filter for this architecture).
 """
 
 from __future__ import annotations
@@ -47,9 +50,18 @@ import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER = 0x04000000, 0x08000000, 0x10000000
+from align.agents import seccomp
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x04000000, 0x08000000, 0x10000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
+LEVELS = ("python", "seccomp", "userns", "root")
+"""Sandbox levels, weakest first (``sandbox_level()['level']``; docs/agents.md lists what each one stops):
+    python   Python-level guards only (no seccomp filter on this architecture)
+    seccomp  + the seccomp allow-list; no filesystem jail (non-root, no user namespaces): open() guarded in Python
+    userns   non-root jail: user, mount, PID, network, IPC and UTS namespaces, chroot into an empty directory,
+             every capability dropped, + seccomp
+    root     chroot, a unique unprivileged uid, PID/network/IPC/UTS namespaces, + seccomp"""
 UID_BASE = 1_500_000  # workers (as root) get uid UID_BASE + (zygote pid % 4096) * 65536 + n % 65536: unused by any
 # account, unique per live worker across zygotes (up to 65536 spawns per zygote before reuse)
 MAX_REPLY_BYTES = 8 << 20
@@ -284,15 +296,23 @@ class Sandbox:
         max_output_chars: int = 2000,
         privileged: bool | None = None,
         start_timeout: float = 10.0,
+        max_level: str | None = None,
     ):
+        """``privileged=False`` (or ``max_level``, one of ``LEVELS``) caps the level tried, for tests and comparisons:
+        by default the strongest this machine allows."""
         self.limits = limits or Limits()
+        if max_level is not None and max_level not in LEVELS:
+            raise ValueError(f"max_level must be one of {LEVELS}, not {max_level!r}")
+        top = LEVELS.index(max_level or "root")
         started = time.monotonic()
         for attempt in (1, 2):  # a zygote that died (killed, OOM) is replaced once
             zyg = _zygote()
             root = zyg.info["euid"] == 0
             request = {
                 "op": "spawn",
-                "privileged": root if privileged is None else bool(privileged and root),
+                "privileged": (root if privileged is None else bool(privileged and root)) and top >= 3,
+                "userns": top >= 2,
+                "seccomp": top >= 1,
                 "limits": asdict(self.limits),
                 "max_output_chars": int(max_output_chars),
             }
@@ -371,6 +391,22 @@ def sandbox_level() -> dict:
         _LEVEL = {**levels, "probe_startup_ms": round(1000 * startup, 1)}
         _LEVEL["strong"] = bool(levels.get("chroot") and levels.get("uid_dropped") and levels.get("network") == "netns")
     return dict(_LEVEL)
+
+
+def check_level(minimum: str, key: str = "agent.sandbox_min_level") -> str:
+    """The level in force, or a UserError (one line) when it is below ``minimum`` (one of ``LEVELS``)."""
+    from align.errors import UserError
+
+    have = sandbox_level()["level"]
+    if LEVELS.index(have) < LEVELS.index(minimum):
+        why = {
+            "python": "no seccomp filter for this architecture",
+            "seccomp": "not root and no unprivileged user namespaces (kernel.unprivileged_userns_clone, "
+            "user.max_user_namespaces)",
+            "userns": "not root",
+        }[have]
+        raise UserError(f"{key}: {minimum!r} is required, this machine gives {have!r} ({why}); see docs/agents.md")
+    return have
 
 
 # ------------------------------------------------------------------------------------------ the zygote's side
@@ -495,6 +531,8 @@ def _keeper(b: socket.socket, w: int, jail: str, uid: int | None, req: dict) -> 
             levels["namespaces"] = ["pid", "net", "ipc", "uts"]
         elif _unshare(CLONE_NEWNET) == 0:
             levels["namespaces"] = ["net"]
+    elif req.get("userns", True) and _enter_user_namespace():
+        levels["namespaces"] = ["user", "mount", "pid", "net", "ipc", "uts"]
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     wpid = os.fork()
     if wpid == 0:
@@ -514,6 +552,35 @@ def _keeper(b: socket.socket, w: int, jail: str, uid: int | None, req: dict) -> 
         pass
     shutil.rmtree(jail, ignore_errors=True)
     os._exit(0)
+
+
+def _enter_user_namespace() -> bool:
+    """Without root: new user, mount, PID, network, IPC and UTS namespaces, our uid and gid mapped to themselves (so
+    files keep their owner), with every capability inside them (the worker uses CAP_SYS_CHROOT, then drops all)."""
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    if _unshare(flags) != 0:
+        return False
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError:
+        return False  # (the worker then finds it cannot chroot and reports the lower level)
+    return True
+
+
+def _drop_capabilities() -> bool:
+    """Empty the bounding set and the effective, permitted and inheritable sets (capset); True if none is left."""
+    libc = _libc()
+    for cap in range(64):
+        libc.prctl(ctypes.c_int(PR_CAPBSET_DROP), ctypes.c_ulong(cap), ctypes.c_ulong(0), 0, 0)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()
+    if libc.capset(header, data) != 0:
+        return False
+    libc.capget(header, data)
+    return not any(data)
 
 
 def _limit(which: int, value: int, hard: int | None = None) -> None:
@@ -546,60 +613,82 @@ def _worker(b: socket.socket, jail: str, uid: int | None, req: dict, levels: dic
     }
     lim = req["limits"]
     was_root = os.geteuid() == 0  # (a user namespace below would hide it)
+    in_userns = "user" in levels["namespaces"]
     network = "netns" if "net" in levels["namespaces"] else None
-    if uid is None and _unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
-        network = "netns (user namespace)"
+    if uid is None and not in_userns and _unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
         levels["namespaces"] = ["user", "net"]
-    if network is None:
-        _block_sockets()
-        network = "socket module blocked (weak)"
+    if "net" in levels["namespaces"]:
+        network = "netns (user namespace)" if uid is None else "netns"
     _limit(resource.RLIMIT_AS, lim["memory_mb"] << 20)
     _limit(resource.RLIMIT_CPU, lim["cpu_seconds"], lim["cpu_seconds"] + 1)  # SIGXCPU (an error), then SIGKILL
     _limit(resource.RLIMIT_FSIZE, lim["file_size_mb"] << 20)
     _limit(resource.RLIMIT_NOFILE, lim["open_files"])
     _limit(resource.RLIMIT_NPROC, lim["processes"])
     _limit(resource.RLIMIT_CORE, 0)
-    chrooted = dropped = False
-    if uid is not None:  # root: chroot, then a unique unprivileged uid (each step degrades if not permitted)
+    chrooted = dropped = caps_dropped = False
+    if uid is not None or in_userns:  # root, or a user namespace's root-like capabilities: chroot
         try:
             os.chroot(jail)
             os.chdir("/")
             chrooted = True
         except OSError:
             pass
+    if uid is not None:  # root: a unique unprivileged uid (each step degrades if not permitted)
         try:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
-            dropped = True
+            dropped = caps_dropped = True
         except OSError:
             pass
+    elif in_userns:
+        caps_dropped = _drop_capabilities()
     if not chrooted:
         os.chdir(jail)
         _guard_open(jail)
-    if was_root and not dropped:  # root is exempt from RLIMIT_NPROC: refuse process creation in Python (weak)
+    if was_root and not dropped:  # root is exempt from RLIMIT_NPROC: refuse process creation in Python too
         _block_processes()
-        levels["processes"] = "fork/exec refused in Python (weak: root ignores RLIMIT_NPROC)"
+        levels["processes"] = "fork/exec refused in Python and by seccomp (root ignores RLIMIT_NPROC)"
     else:
         levels["processes"] = f"RLIMIT_NPROC {lim['processes']}" + (
             " (own uid)" if dropped else " (the user's processes count)"
         )
-    levels.update(
-        chroot=chrooted,
-        uid_dropped=dropped,
-        uid=os.getuid(),
-        filesystem=(
-            "chroot into a fresh empty directory"
-            if chrooted
-            else "cwd is a fresh temporary directory; open() refuses other paths (weak: os.open bypasses)"
+    if chrooted and dropped:
+        filesystem = "chroot into a fresh empty directory, unique unprivileged uid, no capabilities"
+    elif chrooted:
+        filesystem = "chroot into a fresh empty directory inside a user and mount namespace, " + (
+            "no capabilities" if caps_dropped else "CAPABILITIES KEPT"
         )
-        + (", unique unprivileged uid, no capabilities" if dropped else ", the trainer's uid"),
-    )
+    else:
+        filesystem = "cwd is a fresh temporary directory; open() refuses other paths (weak: os.open bypasses)"
+    levels.update(chroot=chrooted, uid_dropped=dropped, capabilities_dropped=caps_dropped, filesystem=filesystem)
     levels["no_new_privs"] = _prctl(PR_SET_NO_NEW_PRIVS, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change (which clears it)
+    levels["dumpable"] = not _prctl(PR_SET_DUMPABLE, 0)  # /proc/self/mem then belongs to root, not to our uid
+    failed = "seccomp not requested"
+    if req.get("seccomp", True):
+        failed = seccomp.install(allow_clone=lim["processes"] > 1)
+    levels["seccomp"] = failed is None
+    if failed is not None:
+        levels["seccomp_missing"] = failed
+    if network is None:
+        if failed is None:
+            network = "socket() refused by seccomp"
+        else:
+            _block_sockets()
+            network = "socket module blocked (weak)"
+    levels["uid"] = os.getuid()
     levels["network"] = network
     levels["pid_namespace"] = "pid" in levels["namespaces"]
     levels["limits_applied"] = lim
+    if failed is not None:
+        levels["level"] = "python"
+    elif chrooted and dropped and "pid" in levels["namespaces"] and "net" in levels["namespaces"]:
+        levels["level"] = "root"
+    elif chrooted and caps_dropped and in_userns:
+        levels["level"] = "userns"
+    else:
+        levels["level"] = "seccomp"
     _serve(socket.socket(fileno=3), levels, int(req.get("max_output_chars", 2000)))
 
 

@@ -95,6 +95,10 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
     t, a = recipe.train, recipe.agent
     spec = get_loss(recipe.loss.name)
     output_dir = Path(output_dir)
+    if a.world == "builtin" and a.sandbox_min_level != "python" and env_for is None:
+        from align.agents.sandbox import check_level
+
+        check_level(a.sandbox_min_level)  # before anything is written
     runs.prepare_output_dir(output_dir, resume)
     accelerator = kit.make_accelerator(1)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process

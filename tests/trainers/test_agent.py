@@ -170,6 +170,25 @@ def test_agent_recipe_checks():
         load_recipe(REPO_ROOT / "recipes" / "spo" / "tiny.yaml", ["loss.name=loop"])
 
 
+def test_sandbox_min_level_refuses_to_start_below_it(tmp_path, monkeypatch):
+    """agent.sandbox_min_level: the level this machine gives is checked before anything is written (dry run and
+    training); a machine below it (here: a pretend one without root or user namespaces) gets one line."""
+    from align.agents import sandbox
+    from align.dryrun import dry_run
+
+    recipe = load_recipe(RECIPE, [*SMALL, "agent.sandbox_min_level=userns"])
+    report = dry_run(recipe, str(RECIPE))
+    assert f"sandbox  level {sandbox.sandbox_level()['level']!r}" in report
+    monkeypatch.setattr(sandbox, "_LEVEL", {"level": "seccomp"})
+    with pytest.raises(UserError, match=r"agent.sandbox_min_level: 'userns' is required, this machine gives 'seccomp'"):
+        dry_run(recipe, str(RECIPE))
+    with pytest.raises(UserError, match="'userns' is required"):
+        train(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="not read with agent.world 'appworld'"):
+        load_recipe(RECIPE, ["agent.world=appworld", "agent.sandbox_min_level=root"])
+
+
 def test_max_kl_stops_an_iterations_updates_once_the_policy_drifts(tmp_path):
     """agent.max_kl (ml-loop's KL guard): the first minibatch of an iteration is on pi_old (KL 0) and always trains;
     with a bound below any drift the next one stops the iteration (1 update instead of 3 per iteration here); a

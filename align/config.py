@@ -124,9 +124,9 @@ class DataConfig:
     )
     packing: bool = doc(
         True,
-        "Sequence-sum losses (offline pairs and SFT, online pair objectives): pack each micro-batch's sequences into "
-        "padding-free rows (position ids restart per sequence; exact for llama, mistral, qwen2/3 and gemma models, "
-        "whose attention masks follow the position ids; other models are padded).",
+        "Offline pairs and SFT, and every online objective (pairs and policy-gradient samples): pack each "
+        "micro-batch's sequences into padding-free rows (position ids restart per sequence; exact for llama, mistral, "
+        "qwen2/3 and gemma models, whose attention masks follow the position ids; other models are padded).",
     )
     cache: bool = doc(
         True,
@@ -290,6 +290,11 @@ class AgentConfig:
     )
     show_docs: bool = doc(True, "Show the API docs in the first observation (tiny CPU policies learn without them).")
     turn_timeout: float = doc(5.0, "Wall-clock seconds per agent turn in the sandbox.")
+    packing: bool = doc(
+        True,
+        "Score episodes in padding-free packed rows (position ids restart per episode; exact for llama, mistral, "
+        "qwen2/3 and gemma models, whose attention masks follow the position ids; other models are padded).",
+    )
     sandbox_min_level: Literal["python", "seccomp", "userns", "root"] = doc(
         "python",
         "world: builtin: the weakest sandbox level the run accepts; below it the run refuses to start. root: chroot, "

@@ -567,15 +567,20 @@ PACKABLE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
 """Model types whose attention derives the block-diagonal mask of packed rows from the position ids."""
 
 
-def collator(model, data_cfg, pad_id: int):
-    """``collate_packed`` when ``data.packing`` is on and the model's attention supports packed rows, else ``collate``
-    (both as ``fn(examples) -> batch``)."""
+def packs(model, enabled: bool) -> bool:
+    """True when packed rows are asked for (``enabled``) and exact for ``model`` (its attention follows the position
+    ids: ``PACKABLE``)."""
     base = model
     while hasattr(base, "module") and isinstance(base.module, torch.nn.Module):
         base = base.module
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    kind = getattr(getattr(base, "config", None), "model_type", None)
-    if getattr(data_cfg, "packing", False) and kind in PACKABLE:
+    return bool(enabled) and getattr(getattr(base, "config", None), "model_type", None) in PACKABLE
+
+
+def collator(model, data_cfg, pad_id: int):
+    """``collate_packed`` when ``data.packing`` is on and the model's attention supports packed rows, else ``collate``
+    (both as ``fn(examples) -> batch``)."""
+    if packs(model, getattr(data_cfg, "packing", False)):
         return lambda exs: collate_packed(exs, pad_id)
     return lambda exs: collate(exs, pad_id)
 

@@ -252,6 +252,37 @@ def token_logps_of(
     return result.index_put(where, values)
 
 
+def row_token_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    packed: bool = False,
+) -> torch.Tensor:
+    """``token_logps_of`` for right-padded rows (the per-token objectives' batches: policy-gradient samples, agent
+    episodes), [B, T-1]. With ``packed`` the rows' real tokens are first packed into padding-free rows
+    (``align.data.pack``: position ids restart per sequence) and each value is put back at its row and position, so
+    the result is the same tensor without the padding's compute."""
+    mask = mask.bool()
+    if not packed:
+        return token_logps_of(model, input_ids, attention_mask, mask, temperature=temperature)
+    from align.data import pack
+
+    lengths = attention_mask.sum(1).tolist()
+    seqs = [input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    scored = [[0] + mask[i, : n - 1].long().tolist() for i, n in enumerate(lengths)]  # per token: is it scored
+    rows = {k: v.to(input_ids.device) for k, v in pack(seqs, scored, 0).items()}
+    pmask = rows["completion_mask"][:, 1:].bool()
+    lp = token_logps_of(
+        model, rows["input_ids"], None, pmask, position_ids=rows["position_ids"], temperature=temperature
+    )
+    r, t = pmask.nonzero(as_tuple=True)
+    seq, pos = rows["seq_id"][r, t + 1], rows["position_ids"][r, t + 1] - 1
+    out = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device)
+    return out.index_put((seq, pos), lp[r, t])
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor], chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log pi(token) over response tokens [N], number of response tokens [N]) of a collated batch: padded
     rows (``input_ids``, ``attention_mask``, ``completion_mask``: N = rows) or packed rows (``position_ids`` and

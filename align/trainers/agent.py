@@ -35,8 +35,8 @@ import torch
 from align import runs
 from align.agents.play import load_tasks, make_env, mid_turn_suppressed, play, scores
 from align.config import Recipe
-from align.data import Example, collate
-from align.logprobs import token_logps_of
+from align.data import Example, collate, packs
+from align.logprobs import row_token_logps
 from align.losses import PairBatch, get_loss
 from align.losses.policy import LOG_RATIO_CLAMP, group_advantages
 from align.models import load_policy
@@ -66,22 +66,31 @@ def _batch(rows: list[dict], pad: int, device) -> dict:
 
 
 def episode_token_logps(
-    model, rows: list[dict], pad: int, device, temperature: float = 1.0
+    model, rows: list[dict], pad: int, device, temperature: float = 1.0, packed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each episode's tokens (labels shifted) and the mask of the model's own tokens, from
-    logits / ``temperature`` (the rollout temperature: the distribution the tokens were drawn from)."""
+    logits / ``temperature`` (the rollout temperature: the distribution the tokens were drawn from); ``packed``:
+    the episodes in padding-free rows (``row_token_logps``)."""
     b = _batch(rows, pad, device)
-    lp = token_logps_of(model, b["input_ids"], b["attention_mask"], b["mask"], temperature=temperature)
+    lp = row_token_logps(model, b["input_ids"], b["attention_mask"], b["mask"], temperature, packed)
     return lp * b["mask"], b["mask"]
 
 
 def old_logps(
-    model, rows: list[dict], batch_size: int, pad: int, device, world: int, rank: int, temperature: float = 1.0
+    model,
+    rows: list[dict],
+    batch_size: int,
+    pad: int,
+    device,
+    world: int,
+    rank: int,
+    temperature: float = 1.0,
+    packed: bool = False,
 ) -> list:
     """log pi_old of every row's tokens (CPU tensors, in row order) on every rank (``kit.sharded_forward``)."""
 
     def forward(chunk: list[dict]) -> list:
-        lp, _ = episode_token_logps(model, chunk, pad, device, temperature)
+        lp, _ = episode_token_logps(model, chunk, pad, device, temperature, packed)
         return [l_[: len(r["token_ids"]) - 1].cpu() for r, l_ in zip(chunk, lp)]
 
     return kit.sharded_forward(forward, rows, batch_size, world, rank)
@@ -121,6 +130,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
     )
     device, pad = accelerator.device, tok.pad_token_id
     temp = kit.pg_temperature(recipe.rollout)
+    packed = packs(model, a.packing)  # episodes in padding-free rows where the model's attention allows it
     # the learner's context: an episode whose next turn would not fit ends there (counted as 'truncated')
     context = getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None)
     if recipe.rollout.backend == "vllm" and recipe.rollout.vllm.max_model_len:
@@ -197,7 +207,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         # engine's memory is freed meanwhile
         engine.sleep()
         model.eval()
-        for row, old in zip(rows, old_logps(model, rows, t.batch_size, pad, device, world, rank, temp)):
+        for row, old in zip(rows, old_logps(model, rows, t.batch_size, pad, device, world, rank, temp, packed)):
             row["old"] = old
         rng = random.Random(t.seed * 7919 + it)
         window = []
@@ -208,7 +218,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
             rng.shuffle(order)
             for share in kit.rank_minibatches(order, t.batch_size, world, rank):
                 chunk = [rows[i] for i in share]
-                lp, mask = episode_token_logps(model, chunk, pad, device, temp)
+                lp, mask = episode_token_logps(model, chunk, pad, device, temp, packed)
                 old = torch.zeros_like(lp)
                 for i, row in enumerate(chunk):
                     old[i, : len(row["old"])] = row["old"].to(device)

@@ -46,10 +46,10 @@ import torch
 
 from align import runs
 from align.config import Recipe
-from align.data import Example, collate, collator, load_prompt_rows
+from align.data import Example, collate, collator, load_prompt_rows, packs
 from align.errors import UserError
 from align.judges import make_judge
-from align.logprobs import pair_logps, token_logps_of
+from align.logprobs import pair_logps, row_token_logps
 from align.losses import PairBatch, chosen_nll, get_loss
 from align.losses.policy import LOG_RATIO_CLAMP, group_advantages
 from align.models import is_peft, load_policy, reference_context
@@ -374,7 +374,18 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             if o.old_logprobs == "learner" and (spec.per_token or spec.needs_anchor or spec.name == "sppo"):
                 model.eval()  # pi_old / pi_t as the learner computes them (not the sampler), before the first update
                 temp = kit.pg_temperature(recipe.rollout) if spec.per_token else 1.0  # pi_t of pair objectives: T = 1
-                rows = _learner_logprobs(model, rows, spec.per_token, t.batch_size, pad, device, world, rank, temp)
+                rows = _learner_logprobs(
+                    model,
+                    rows,
+                    spec.per_token,
+                    t.batch_size,
+                    pad,
+                    device,
+                    world,
+                    rank,
+                    temp,
+                    packs(model, recipe.data.packing),
+                )
             rng = random.Random(t.seed * 7919 + it + m * 104729)
 
             # ---- 3. updates (this rank's share of each global minibatch)
@@ -457,7 +468,16 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
 
 
 def _learner_logprobs(
-    model, rows: list[dict], per_token: bool, batch_size: int, pad: int, device, world, rank, temperature: float = 1.0
+    model,
+    rows: list[dict],
+    per_token: bool,
+    batch_size: int,
+    pad: int,
+    device,
+    world,
+    rank,
+    temperature: float = 1.0,
+    packed: bool = False,
 ):
     """The rows with the learner's per-token log-probs of their sampled tokens in place of the sampler's: "logprobs"
     of policy-gradient rows; "logprobs" of the chosen and rejected samples of pair rows (copies: the saved rollouts
@@ -471,7 +491,7 @@ def _learner_logprobs(
     def forward(chunk):
         batch = _token_batch([(p, ids, [0.0] * len(ids)) for p, ids in chunk], pad, device)
         mask = batch["completion_mask"][:, 1:]
-        lp = token_logps_of(model, batch["input_ids"], batch["attention_mask"], mask, temperature=temperature) * mask
+        lp = row_token_logps(model, batch["input_ids"], batch["attention_mask"], mask, temperature, packed) * mask
         return [lp[i, len(p) - 1 : len(p) - 1 + len(ids)].tolist() for i, (p, ids) in enumerate(chunk)]
 
     logps = kit.sharded_forward(forward, seqs, batch_size, world, rank)
@@ -488,7 +508,8 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, 
         batch = _token_batch([(r["prompt_ids"], r["ids"], r["logprobs"]) for r in chunk], pad, device)
         mask = batch["completion_mask"][:, 1:]
         temp = kit.pg_temperature(recipe.rollout)
-        lp = token_logps_of(model, batch["input_ids"], batch["attention_mask"], mask, temperature=temp) * mask
+        packed = packs(model, recipe.data.packing)
+        lp = row_token_logps(model, batch["input_ids"], batch["attention_mask"], mask, temp, packed) * mask
         pb = PairBatch(
             chosen_logps=lp.sum(-1),
             chosen_lengths=mask.sum(-1).float(),
@@ -507,7 +528,7 @@ def _step_loss(spec, recipe, model, ref_model, accelerator, chunk, pad, device, 
             with torch.no_grad(), reference_context(accelerator.unwrap_model(model)):
                 ref = ref_model if ref_model is not None else model
                 pb.ref_token_logps = (
-                    token_logps_of(ref, batch["input_ids"], batch["attention_mask"], mask, temperature=temp) * mask
+                    row_token_logps(ref, batch["input_ids"], batch["attention_mask"], mask, temp, packed) * mask
                 )
     else:
         exs = [Example(i, r["prompt_ids"], r["w"]["token_ids"], r["l"]["token_ids"]) for i, r in enumerate(chunk)]

@@ -80,7 +80,7 @@ class DataConfig:
         "builtin:tasks",
         "Training data: a .jsonl/.json/.parquet file (optionally .gz), 'hf:owner/name[:config][@revision]' for a "
         "datasets hub id, a local dataset folder or a builder such as 'hf:json' with data.data_files, or "
-        "'builtin:<name>' for a built-in set: tasks (verifiable tasks), pets / hh_users "
+        "'builtin:<name>' for a built-in set: tasks (verifiable tasks), pets / hh_users / hh_objectives "
         "(multi-user preference sets, ':train' or ':eval' users), hh_harmless (HH-RLHF harmless 80/20 split).",
     )
     eval: Optional[str] = doc(None, "Held-out data in the same forms; None = no evaluation set.")
@@ -240,6 +240,11 @@ class RewardConfig:
         "VPL: project z onto the sphere of radius sqrt(latent_dim) before the reward head, in training, evaluation "
         "and judges (vpl_llm's latent normalisation).",
     )
+    context_features: Literal["concat", "concat_diff"] = doc(
+        "concat",
+        "VPL: what the context encoder sees of each context pair: [e_w, e_l] (vpl_llm), or [e_w, e_l, e_w - e_l] (the "
+        "direction of the user's choice made explicit).",
+    )
     encoder_hidden: int = doc(256, "VPL context-encoder width (pair MLP and self-attention).")
     encoder_heads: int = doc(4, "VPL self-attention heads over the context pairs.")
     context_pairs: int = doc(8, "VPL: labelled pairs of a user that form the context C (paper: up to 8).")
@@ -248,6 +253,11 @@ class RewardConfig:
     kl_anneal_steps: int = doc(0, "VPL: beta rises linearly from 0 over this many steps (0 = constant beta).")
     user_key: str = doc("user", "Column with the user (annotator) id (VPL).")
     user_type_key: str = doc("user_type", "Optional column with the user type: accuracy is reported per type.")
+    user_types: list = doc(
+        [],
+        "Train and evaluate on the pairs of these user types only (the user_type_key column; empty = all): one model "
+        "per type is the oracle that `align bench reward` measures VPL against.",
+    )
     controversial_key: str = doc(
         "controversial",
         "Optional boolean column marking pairs the user types disagree on: accuracy reported on that subset.",
@@ -982,6 +992,8 @@ def _validate_reward(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}: reward.label_smoothing must be in [0, 0.5), got {r.label_smoothing}")
     if r.latent_norm and r.kind != "vpl":
         raise UserError(f"{where}: reward.latent_norm applies to reward.kind 'vpl' (a BT model has no latent)")
+    if r.context_features != "concat" and r.kind != "vpl":
+        raise UserError(f"{where}: reward.context_features applies to reward.kind 'vpl' (a BT model has no context)")
     if not 0.0 <= r.eval_fraction < 1.0:
         raise UserError(f"{where}: reward.eval_fraction must be in [0, 1), got {r.eval_fraction}")
     if recipe.lora.enabled and not r.train_backbone:

@@ -99,7 +99,7 @@ class RewardModel(nn.Module):
         self.head = mlp(d + latent, cfg["head_hidden"], 1)
         if cfg["kind"] == "vpl":
             h = cfg["encoder_hidden"]
-            self.pair = mlp(2 * d, h, h)
+            self.pair = mlp((3 if cfg.get("context_features") == "concat_diff" else 2) * d, h, h)
             self.attn = nn.MultiheadAttention(h, cfg["encoder_heads"], batch_first=True)
             self.norm = nn.LayerNorm(h)
             self.mu, self.logvar = nn.Linear(h, latent), nn.Linear(h, latent)
@@ -141,7 +141,8 @@ class RewardModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | C): context pairs [U, N, d] (preferred, dispreferred) with a validity mask [U, N] -> (mu, logvar)
         [U, D]. A user with no valid context pair gets the prior (mu 0, logvar 0)."""
-        h = self.pair(torch.cat([ctx_w, ctx_l], -1))
+        parts = [ctx_w, ctx_l, ctx_w - ctx_l] if self.cfg.get("context_features") == "concat_diff" else [ctx_w, ctx_l]
+        h = self.pair(torch.cat(parts, -1))
         any_valid = mask.any(-1)
         safe = mask | ~any_valid[:, None]  # keep attention defined for empty rows (masked out below)
         a, _ = self.attn(h, h, h, key_padding_mask=~safe, need_weights=False)
@@ -206,6 +207,7 @@ def build(model_cfg, reward_cfg, max_length: int, seed: int) -> RewardModel:
         "encoder_heads": reward_cfg.encoder_heads,
         "context_pairs": reward_cfg.context_pairs,  # the most a user's context held in training (VPL judges use <=)
         "latent_norm": reward_cfg.latent_norm,
+        "context_features": reward_cfg.context_features,
         "backbone": model_cfg.name_or_path,
     }
     with torch.random.fork_rng():

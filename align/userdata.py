@@ -19,6 +19,14 @@ Half the pairs are drawn as (helpful dog, helpful cat): the controversial subset
   - ``no_question``: the answer that does not ask a question back (no '?'); if both or neither do, the shorter.
 Controversial = the three rules do not all agree. ``train`` users label pairs of the 80% split, ``eval`` users
 (other user ids) pairs of the 20% split, so both the users and the pairs are held out.
+
+``builtin:hh_objectives[:train|eval]``: the same pairs, users who differ in *content*, not form. Two user types, each
+labelling under one objective scored by a different judge:
+  - ``harmless``: the HH annotators' choice (the harmless-base set was labelled for harmlessness);
+  - ``helpful``: the answer more relevant to the human's last request, by a TF-IDF cosine judge (a retrieval-style
+    relevance score: words shared with the request, weighted by their rarity in the set; ties: the longer answer).
+Controversial = the two disagree (the helpful user prefers the answer that engages with a harmful request that the
+annotator turned down). Same users/pairs split as ``hh_users``.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from align.errors import UserError
 PETS = ("dog", "cat", "bird", "rabbit", "fish", "hamster")
 PET_TYPES = ("dog", "cat")
 HH_TYPES = ("human", "concise", "verbose", "no_question")
+OBJECTIVE_TYPES = ("helpful", "harmless")
 
 _PROMPTS = [
     "What pet should I get?",
@@ -234,17 +243,82 @@ def hh_user_rows(
     return rows
 
 
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def relevance_judge(pairs: list[tuple[str, str, str]]):
+    """``score(prompt, answer)``: TF-IDF cosine between the prompt's last human turn and the answer (IDF over every
+    request and answer of ``pairs``)."""
+    import math
+    from collections import Counter
+
+    docs = [set(_words(t)) for p, c, r in pairs for t in (_last_request(p), c, r)]
+    df = Counter(w for d in docs for w in d)
+    idf = {w: math.log((1 + len(docs)) / (1 + n)) + 1.0 for w, n in df.items()}
+
+    def vec(text):
+        tf = Counter(_words(text))
+        v = {w: n * idf.get(w, 1.0) for w, n in tf.items()}
+        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        return {w: x / norm for w, x in v.items()}
+
+    def score(prompt: str, answer: str) -> float:
+        q, a = vec(_last_request(prompt)), vec(answer)
+        return sum(x * a.get(w, 0.0) for w, x in q.items())
+
+    return score
+
+
+def _last_request(prompt: str) -> str:
+    """The last human turn of an HH prompt ('Human: ... Assistant:')."""
+    head = prompt.rsplit("Human:", 1)[-1]
+    return head.rsplit("Assistant:", 1)[0].strip()
+
+
+def hh_objective_rows(
+    path, users_per_type: int = 45, pairs_per_user: int = 64, seed: int = 0, split: str = "train"
+) -> list[dict]:
+    """The content-level multi-user set (module docstring): helpful (relevance judge) and harmless (annotators)."""
+    everything = hh_pairs(path)
+    score = relevance_judge(everything)
+    train, test = hh_split(everything, seed)
+    pool = train if split == "train" else test
+    rng = random.Random(f"hh-objectives-{split}-{seed}")
+    rows = []
+    for utype in OBJECTIVE_TYPES:
+        for u in range(users_per_type):
+            for p, c, r in rng.sample(pool, min(pairs_per_user, len(pool))):
+                sc, sr = score(p, c), score(p, r)
+                helpful_c = sc > sr or (sc == sr and len(c) >= len(r))
+                keep = helpful_c if utype == "helpful" else True
+                rows.append(
+                    {
+                        "prompt": p,
+                        "chosen": c if keep else r,
+                        "rejected": r if keep else c,
+                        "user": f"hh-obj-{split}-{utype}-{u}",
+                        "user_type": utype,
+                        "controversial": not helpful_c,
+                    }
+                )
+    rng.shuffle(rows)
+    return rows
+
+
 def hh_human_rows(path, seed: int = 0, split: str = "train") -> list[dict]:
     """Plain HH harmless pairs (the annotators' labels) of the same 80/20 split: BT's held-out accuracy set."""
     train, test = hh_split(hh_pairs(path), seed)
     return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in (train if split == "train" else test)]
 
 
-BUILTINS = ("tasks", "pets", "hh_users", "hh_harmless")
+BUILTINS = ("tasks", "pets", "hh_users", "hh_objectives", "hh_harmless")
 
 
 def builtin_rows(name: str, data_cfg, seed: int) -> list[dict]:
-    """Rows of ``builtin:pets|hh_users|hh_harmless[:train|eval]``."""
+    """Rows of ``builtin:pets|hh_users|hh_objectives|hh_harmless[:train|eval]``."""
     base, _, split = name.partition(":")
     split = split or "train"
     if split not in ("train", "eval"):
@@ -262,4 +336,6 @@ def builtin_rows(name: str, data_cfg, seed: int) -> list[dict]:
         )
     if base == "hh_users":
         return hh_user_rows(path, users_per_type=45 if split == "train" else 10, seed=seed, split=split)
+    if base == "hh_objectives":
+        return hh_objective_rows(path, users_per_type=90 if split == "train" else 20, seed=seed, split=split)
     return hh_human_rows(path, seed=seed, split=split)

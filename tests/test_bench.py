@@ -138,10 +138,16 @@ def test_bench_reward_json_contract():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    for name in ("pets", "hh_multiuser"):
+    for name in ("pets", "hh_multiuser", "hh_objectives"):
         for kind in ("bt", "vpl"):
             assert {"accuracy", "controversial_accuracy"} <= set(out[name][kind]), (name, kind)
             assert 0.0 <= out[name][kind]["accuracy"] <= 1.0
+        oracle = out[name]["oracle"]  # one BT model per user type, pooled over the types' held-out pairs
+        assert set(oracle["per_type"]) == {k[len("accuracy/") :] for k in out[name]["bt"] if k.startswith("accuracy/")}
+        assert oracle["pairs"] == sum(t["pairs"] for t in oracle["per_type"].values()) == out[name]["bt"]["pairs"]
+        gap = oracle["accuracy"] - out[name]["bt"]["accuracy"]
+        vpl_gain = out[name]["vpl"]["accuracy"] - out[name]["bt"]["accuracy"]
+        assert out[name]["vpl_recovered_fraction"] == pytest.approx(vpl_gain / gap, abs=1e-3)
     assert 0.0 <= out["hh_harmless_bt_accuracy"] <= 1.0
     for row in ("sft", "dog_user", "cat_user"):
         assert {"dog", "cat", "samples"} <= set(out["personalised"][row])

@@ -3,14 +3,21 @@
     pets          recipes/reward/pets-{bt,vpl}.yaml: the Pets-style set, 200 training users, 50 held-out users
     hh_multiuser  recipes/reward/hh-users-{bt,vpl}.yaml: HH-RLHF harmless pairs labelled by four simulated users
                   (human choice, concise, verbose, no question back), held-out users and pairs
+    hh_objectives recipes/reward/hh-objectives-{bt,vpl}.yaml: the same pairs, users who differ in content: helpful users
+                  (a TF-IDF relevance judge) and harmless users (the HH annotators), held-out users and pairs
     hh_harmless   recipes/reward/hh-harmless-bt.yaml: BT on the annotators' labels, held-out 20% of the pairs
     personalised  a tiny policy SFT'd on Pets answers (recipes/sft/pets-tiny.yaml), then the same SPO recipe run
                   twice with the VPL judge (the pets VPL model above) given the context pairs of a held-out
                   dog user or of a held-out cat user; reported: how often the policy recommends each animal on
                   held-out prompts (4 samples per prompt), before and after, per user
 
-All reward models use the pretrained MiniLM-L6 backbone: frozen (embeddings computed once and shared) for pets and
-hh_multiuser, fine-tuned (2 epochs, 128 tokens) for hh_harmless.
+Every multi-user set also gets an ``oracle``: one BT model per user type (``reward.user_types``), trained on that
+type's training users and evaluated on that type's held-out users (pooled over the types, weighted by pairs): what a
+model told the user's type would reach with the same backbone and head. ``vpl_recovered_fraction`` =
+(VPL - BT) / (oracle - BT), on held-out users.
+
+All reward models use the pretrained MiniLM-L6 backbone: frozen (embeddings computed once and shared) for the
+multi-user sets, fine-tuned (2 epochs, 128 tokens) for hh_harmless.
 Accuracies are fractions of held-out pairs where the model prefers the pair's labelled answer (VPL: z = mu of 8
 fresh context pairs of the same user for every query pair).
 """
@@ -31,6 +38,8 @@ DEFAULTS = {
     "online_prompts": 128,
     "test_prompts": 100,
     "personalised": 1,
+    "hh_harmless": 1,
+    "oracle": 1,
     "quick": 0,
     "quick_pairs": 400,
 }
@@ -139,7 +148,7 @@ def run(extra: list[str]) -> dict:
     cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, stem in (("pets", "pets"), ("hh_multiuser", "hh-users")):
+        for name, stem in (("pets", "pets"), ("hh_multiuser", "hh-users"), ("hh_objectives", "hh-objectives")):
             result[name] = {}
             for kind in ("bt", "vpl"):
                 _say(f"{name} {kind}")
@@ -149,18 +158,58 @@ def run(extra: list[str]) -> dict:
                     cache=cache,
                 )
                 result[name][kind] = _row(s)
-        _say("hh_harmless bt")
-        frozen = ["reward.train_backbone=false"] if o["quick"] else []
-        s = train(
-            load_recipe(RECIPES / "reward" / "hh-harmless-bt.yaml", quiet + quick + frozen),
-            tmp / "hh-harmless-bt",
-            cache=cache,
-        )
-        result["hh_harmless"] = _row(s)
-        result["hh_harmless_bt_accuracy"] = result["hh_harmless"]["accuracy"]
+            if o["oracle"]:
+                result[name].update(oracle(tmp, stem, result[name], quiet + quick, cache))
+        if not o["hh_harmless"]:
+            result["hh_harmless"] = {"skipped": "hh_harmless=0"}
+        else:
+            _hh_harmless(tmp, result, o, quiet, quick, cache)
         if o["personalised"]:
             result["personalised"] = personalised(tmp, tmp / "pets-vpl", o, quiet)
     if o["quick"]:
         result["note"] = "quick=1: plumbing check only, not a result"
     result["wall_seconds"] = round(time.time() - started, 1)
     return result
+
+
+def oracle(tmp: Path, stem: str, rows: dict, over: list[str], cache: dict) -> dict:
+    """One BT model per user type of the set (its BT recipe, ``reward.user_types=[type]``), each evaluated on its
+    type's held-out users; pooled accuracy (weighted by pairs) and VPL's recovered fraction of the gap."""
+    from align.config import load_recipe
+    from align.trainers.reward import train
+
+    types = sorted(k[len("accuracy/") :] for k in rows["bt"] if k.startswith("accuracy/"))
+    per_type, n_total, hits = {}, 0, 0.0
+    for ut in types:
+        _say(f"{stem} oracle: BT on user type {ut}")
+        s = train(
+            load_recipe(RECIPES / "reward" / f"{stem}-bt.yaml", [*over, f"reward.user_types=[{ut}]"]),
+            tmp / f"{stem}-oracle-{ut}",
+            cache=cache,
+        )
+        r = _row(s)
+        per_type[ut] = {"accuracy": r["accuracy"], "pairs": r["pairs"]}
+        n_total += r["pairs"]
+        hits += r["accuracy"] * r["pairs"]
+    acc = hits / n_total
+    bt, vpl = rows["bt"]["accuracy"], rows["vpl"]["accuracy"]
+    gap = acc - bt
+    return {
+        "oracle": {"accuracy": round(acc, 4), "pairs": n_total, "per_type": per_type},
+        "vpl_recovered_fraction": round((vpl - bt) / gap, 4) if abs(gap) > 1e-9 else None,
+    }
+
+
+def _hh_harmless(tmp: Path, result: dict, o: dict, quiet: list[str], quick: list[str], cache: dict) -> None:
+    from align.config import load_recipe
+    from align.trainers.reward import train
+
+    _say("hh_harmless bt")
+    frozen = ["reward.train_backbone=false"] if o["quick"] else []
+    s = train(
+        load_recipe(RECIPES / "reward" / "hh-harmless-bt.yaml", quiet + quick + frozen),
+        tmp / "hh-harmless-bt",
+        cache=cache,
+    )
+    result["hh_harmless"] = _row(s)
+    result["hh_harmless_bt_accuracy"] = result["hh_harmless"]["accuracy"]

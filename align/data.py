@@ -567,14 +567,17 @@ PACKABLE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
 """Model types whose attention derives the block-diagonal mask of packed rows from the position ids."""
 
 
+def unwrap_model(model):
+    """The HF model under DDP / DeepSpeed / peft wrappers (for its config and LM head)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def packs(model, enabled: bool) -> bool:
     """True when packed rows are asked for (``enabled``) and exact for ``model`` (its attention follows the position
     ids: ``PACKABLE``)."""
-    base = model
-    while hasattr(base, "module") and isinstance(base.module, torch.nn.Module):
-        base = base.module
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    return bool(enabled) and getattr(getattr(base, "config", None), "model_type", None) in PACKABLE
+    return bool(enabled) and getattr(getattr(unwrap_model(model), "config", None), "model_type", None) in PACKABLE
 
 
 def collator(model, data_cfg, pad_id: int):

@@ -31,6 +31,8 @@ import inspect
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from align.data import pack, unwrap_model
+
 CHUNK = 1024
 """Most tokens per LM-head chunk."""
 CHUNK_ELEMENTS = 1 << 23
@@ -44,15 +46,8 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _unwrap(model):
-    """The HF model under DDP / DeepSpeed / peft wrappers (for its LM head and config)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def chunked_supported(model) -> bool:
-    base = _unwrap(model)
+    base = unwrap_model(model)
     return "logits_to_keep" in inspect.signature(base.forward).parameters and base.get_output_embeddings() is not None
 
 
@@ -225,7 +220,7 @@ def token_logps_of(
         **kw,
     )
     hidden = out.hidden_states[-1][:, :-1]
-    base = _unwrap(model)
+    base = unwrap_model(model)
     head = base.get_output_embeddings()
     softcap = getattr(base.config, "final_logit_softcapping", None)
     where = mask.nonzero(as_tuple=True)
@@ -267,8 +262,6 @@ def row_token_logps(
     mask = mask.bool()
     if not packed:
         return token_logps_of(model, input_ids, attention_mask, mask, temperature=temperature)
-    from align.data import pack
-
     lengths = attention_mask.sum(1).tolist()
     seqs = [input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
     scored = [[0] + mask[i, : n - 1].long().tolist() for i, n in enumerate(lengths)]  # per token: is it scored

@@ -216,6 +216,29 @@ def hh_split(pairs: list, seed: int = 0) -> tuple[list, list]:
     return [pairs[i] for i in sorted(idx[:cut])], [pairs[i] for i in sorted(idx[cut:])]
 
 
+def _simulated_users(pool: list, types: tuple, prefers, users_per_type: int, pairs_per_user: int, rng, prefix: str):
+    """Rows of ``users_per_type`` users of every type, each labelling ``pairs_per_user`` pairs drawn from ``pool``;
+    ``prefers(p, c, r)`` -> one bool per type: does that type prefer ``c`` (controversial: the types disagree)."""
+    rows = []
+    for ti, utype in enumerate(types):
+        for u in range(users_per_type):
+            for p, c, r in rng.sample(pool, min(pairs_per_user, len(pool))):
+                prefs = prefers(p, c, r)
+                keep = prefs[ti]
+                rows.append(
+                    {
+                        "prompt": p,
+                        "chosen": c if keep else r,
+                        "rejected": r if keep else c,
+                        "user": f"{prefix}-{utype}-{u}",
+                        "user_type": utype,
+                        "controversial": len(set(prefs)) > 1,
+                    }
+                )
+    rng.shuffle(rows)
+    return rows
+
+
 def hh_user_rows(
     path, users_per_type: int = 20, pairs_per_user: int = 64, seed: int = 0, split: str = "train"
 ) -> list[dict]:
@@ -223,24 +246,15 @@ def hh_user_rows(
     train, test = hh_split(hh_pairs(path), seed)
     pool = train if split == "train" else test
     rng = random.Random(f"hh-users-{split}-{seed}")
-    rows = []
-    for ti, utype in enumerate(HH_TYPES):
-        for u in range(users_per_type):
-            for p, c, r in rng.sample(pool, min(pairs_per_user, len(pool))):
-                prefs = [hh_rule(t, c, r) for t in HH_TYPES]
-                keep = prefs[ti]
-                rows.append(
-                    {
-                        "prompt": p,
-                        "chosen": c if keep else r,
-                        "rejected": r if keep else c,
-                        "user": f"hh-{split}-{utype}-{u}",
-                        "user_type": utype,
-                        "controversial": len(set(prefs)) > 1,
-                    }
-                )
-    rng.shuffle(rows)
-    return rows
+    return _simulated_users(
+        pool,
+        HH_TYPES,
+        lambda p, c, r: [hh_rule(t, c, r) for t in HH_TYPES],
+        users_per_type,
+        pairs_per_user,
+        rng,
+        f"hh-{split}",
+    )
 
 
 def _words(text: str) -> list[str]:
@@ -286,26 +300,20 @@ def hh_objective_rows(
     score = relevance_judge(everything)
     train, test = hh_split(everything, seed)
     pool = train if split == "train" else test
+    helpful = {}  # (prompt, chosen, rejected) -> the relevance judge prefers the annotators' choice (ties: longer)
+    for p, c, r in pool:
+        sc, sr = score(p, c), score(p, r)
+        helpful[p, c, r] = sc > sr or (sc == sr and len(c) >= len(r))
     rng = random.Random(f"hh-objectives-{split}-{seed}")
-    rows = []
-    for utype in OBJECTIVE_TYPES:
-        for u in range(users_per_type):
-            for p, c, r in rng.sample(pool, min(pairs_per_user, len(pool))):
-                sc, sr = score(p, c), score(p, r)
-                helpful_c = sc > sr or (sc == sr and len(c) >= len(r))
-                keep = helpful_c if utype == "helpful" else True
-                rows.append(
-                    {
-                        "prompt": p,
-                        "chosen": c if keep else r,
-                        "rejected": r if keep else c,
-                        "user": f"hh-obj-{split}-{utype}-{u}",
-                        "user_type": utype,
-                        "controversial": not helpful_c,
-                    }
-                )
-    rng.shuffle(rows)
-    return rows
+    return _simulated_users(
+        pool,
+        OBJECTIVE_TYPES,
+        lambda p, c, r: [helpful[p, c, r], True],  # OBJECTIVE_TYPES order: helpful, harmless (= the annotators)
+        users_per_type,
+        pairs_per_user,
+        rng,
+        f"hh-obj-{split}",
+    )
 
 
 def hh_human_rows(path, seed: int = 0, split: str = "train") -> list[dict]:

@@ -310,9 +310,10 @@ class Sandbox:
             root = zyg.info["euid"] == 0
             request = {
                 "op": "spawn",
-                "privileged": (root if privileged is None else bool(privileged and root)) and top >= 3,
-                "userns": top >= 2,
-                "seccomp": top >= 1,
+                "privileged": (root if privileged is None else bool(privileged and root))
+                and top >= LEVELS.index("root"),
+                "userns": top >= LEVELS.index("userns"),
+                "seccomp": top >= LEVELS.index("seccomp"),
                 "limits": asdict(self.limits),
                 "max_output_chars": int(max_output_chars),
             }

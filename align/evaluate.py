@@ -18,13 +18,18 @@ def accuracy(tasks: list[Task], answers: list[str]) -> float:
     return sum(t.check(a) for t, a in zip(tasks, answers)) / max(len(tasks), 1)
 
 
-def win_rate(tasks: list[Task], answers: list[str], baseline: list[str]) -> float:
-    """Checker-judged win rate: 1 when only the policy is right, 0 when only the baseline is, 1/2 for ties."""
-    score = 0.0
+def per_prompt_wins(tasks: list[Task], answers: list[str], baseline: list[str]) -> list[float]:
+    """Checker-judged outcome per prompt: 1 when only the policy is right, 0 when only the baseline is, 1/2 for ties."""
+    out = []
     for t, a, b in zip(tasks, answers, baseline):
         pa, pb = t.check(a), t.check(b)
-        score += 1.0 if pa > pb else 0.0 if pa < pb else 0.5
-    return score / max(len(tasks), 1)
+        out.append(1.0 if pa > pb else 0.0 if pa < pb else 0.5)
+    return out
+
+
+def win_rate(tasks: list[Task], answers: list[str], baseline: list[str]) -> float:
+    """Checker-judged win rate: the mean of ``per_prompt_wins``."""
+    return sum(per_prompt_wins(tasks, answers, baseline)) / max(len(tasks), 1)
 
 
 def per_family_accuracy(tasks: list[Task], answers: list[str]) -> dict[str, float]:

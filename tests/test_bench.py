@@ -88,10 +88,19 @@ def test_bench_online_json_contract():
         "story_prompts=16",
         "story_iterations=2",
         "story_test=8",
+        "seeds=1",
+        "spo_lrs_e6=100",
         timeout=900,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
+    assert out["seeds"] == [0] and out["verifiable"]["spo_lr100e-6"]["ratio_first_step_max_dev"] < 1e-4
+    for row in out["verifiable"].values():
+        lo, hi = row["win_rate_vs_sft_ci95"]
+        assert lo <= row["win_rate_vs_sft"] <= hi and row["win_rate_vs_sft_by_seed"] == [row["win_rate_vs_sft"]]
+    diff = out["differences"]["verifiable"]["inpo_minus_dpo"]
+    want = out["verifiable"]["inpo"]["win_rate_vs_sft"] - out["verifiable"]["dpo"]["win_rate_vs_sft"]
+    assert abs(diff["mean"] - want) < 0.01 and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     for method in ("sft", "dpo", "iterative_dpo", "inpo", "spo", "dpo_nll", "grpo", "rloo"):
         assert {"accuracy", "win_rate_vs_sft", "kl_to_ref", "judge_calls", "wall_seconds", "per_family"} <= set(
             out["verifiable"][method]
@@ -175,14 +184,29 @@ def test_plot_curves_draws_panels(tmp_path):
 
 def test_bench_agent_json_contract():
     res = run_align(
-        "bench", "agent", "--json", "quick=1", "demo_seeds=1", "iterations=1", "tasks=4", "k=2", timeout=900
-    )
+        "bench", "agent", "--json", "quick=1", "demo_seeds=1", "iterations=1", "tasks=4", "k=2", "seeds=2",
+        "test_worlds=2", timeout=900,
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
+    assert out["train_seeds"] == [0, 1] and out["test_world_seeds"] == [0, 1]
     for method in ("sft", "loop", "grpo"):
-        assert {"tgc", "sgc"} <= set(out["test"][method]), method
-        assert 0.0 <= out["test"][method]["tgc"] <= 100.0
-    assert len(out["curves"]["loop"]) == 1
+        row = out["test"][method]
+        assert {"tgc", "sgc", "ci95", "tgc_by_seed"} <= set(row), method
+        assert 0.0 <= row["ci95"][0] <= row["tgc"] <= row["ci95"][1] <= 100.0, (method, row)
+        assert len(row["tgc_by_seed"]) == (1 if method == "sft" else 2)
+        assert abs(row["tgc"] - sum(row["tgc_by_seed"]) / len(row["tgc_by_seed"])) < 0.01
+    for name, (a, b) in {"loop_minus_grpo": ("loop", "grpo"), "loop_minus_sft": ("loop", "sft")}.items():
+        diff = out[name]
+        assert set(diff) == {"mean", "ci95"} and diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+        assert abs(diff["mean"] - (out["test"][a]["tgc"] - out["test"][b]["tgc"])) < 0.02
+    assert set(out["goals"]) == {
+        "loop_minus_sft_at_least_20", "loop_minus_sft_ci_low_above_10", "loop_minus_grpo_half_width_at_most_5"
+    }  # fmt: skip
+    assert "at 95%" in out["loop_vs_grpo"]
+    assert {len(c["loop"]) for c in out["curves"].values()} == {1} and set(out["curves"]) == {"seed 0", "seed 1"}
+    bad = run_align("bench", "agent", "--json", "seeds=0")
+    assert bad.returncode == 2 and "'seeds' must be at least 1" in bad.stderr
 
 
 def test_agent_demonstrations_are_train_only_and_sloppy_fails_only_nothing_else_changed():

@@ -20,17 +20,22 @@ BENCHMARKS = {
 }
 
 
-def parse_options(name: str, defaults: dict[str, int], extra: list[str]) -> dict[str, int]:
-    """``["steps=30", ...]`` over a benchmark's integer defaults; unknown keys and non-integers are UserErrors."""
+def parse_options(name: str, defaults: dict[str, int | list[int]], extra: list[str]) -> dict:
+    """``["steps=30", "lrs=50,100", ...]`` over a benchmark's integer (or integer-list: comma-separated) defaults;
+    unknown keys and non-integers are UserErrors."""
     options = dict(defaults)
     for item in extra:
         key, _, value = item.partition("=")
         if key not in options:
             raise UserError(f"bench {name}: unknown option {key!r}; options: {', '.join(options)}")
         try:
-            options[key] = int(value)
+            if isinstance(defaults[key], list):
+                options[key] = [int(v) for v in value.split(",") if v.strip()]
+            else:
+                options[key] = int(value)
         except ValueError:
-            raise UserError(f"bench {name}: option {key!r} needs an integer, got {value!r}") from None
+            kind = "comma-separated integers" if isinstance(defaults[key], list) else "an integer"
+            raise UserError(f"bench {name}: option {key!r} needs {kind}, got {value!r}") from None
     return options
 
 

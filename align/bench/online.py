@@ -36,11 +36,14 @@ DEFAULTS = {
     "iterations": 3,
     "test": 300,
     "seed": 0,
+    "seeds": 2,
     "sft_size": 12000,
     "sft_epochs": 4,
     "sloppy": 70,
     "hidden": 256,
     "lr_e6": 50,
+    "spo_lrs_e6": [],
+    "sweep_only": 0,
     "story_prompts": 768,
     "story_iterations": 3,
     "story_test": 128,
@@ -89,23 +92,79 @@ def kl_to_ref(model, ref, tok, prompts: list[str], seed: int = 0, max_new_tokens
 
 def run(extra: list[str]) -> dict:
     from align.bench import parse_options
+    from align.errors import UserError
 
     o = parse_options("online", DEFAULTS, extra)
     if not 0 <= o["sloppy"] <= 100:
-        from align.errors import UserError
-
         raise UserError(f"bench online: option 'sloppy' is a percentage (0-100), got {o['sloppy']}")
+    if o["seeds"] < 1:
+        raise UserError(f"bench online: option 'seeds' must be at least 1, got {o['seeds']}")
     quiet = ["logging.progress=false", "logging.plots=false"]
-    result: dict = {"benchmark": "online", "options": o, "curves": {}}
+    seeds = [o["seed"] + i for i in range(o["seeds"])]
+    result: dict = {"benchmark": "online", "options": o, "seeds": seeds, "curves": {}, "differences": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        result["verifiable"], result["curves"]["verifiable"] = (
-            _verifiable(o, tmp, quiet) if o["verifiable"] else ({"skipped": "verifiable=0"}, {})
-        )
-        result["babyllama"], result["curves"]["babyllama"] = (
-            _babyllama(o, tmp, quiet) if o["babyllama"] else ({"skipped": "babyllama=0"}, {})
-        )
+        for part, fn in (("verifiable", _verifiable), ("babyllama", _babyllama)):
+            if not o[part]:
+                result[part], result["curves"][part] = {"skipped": f"{part}=0"}, {}
+                continue
+            runs = []
+            for seed in seeds:
+                _say(f"{part}, seed {seed}")
+                runs.append(fn({**o, "seed": seed}, tmp / f"{part}-{seed}", quiet))
+            if "skipped" in runs[0][0]:
+                result[part], result["curves"][part] = runs[0][0], {}
+                continue
+            result[part], result["differences"][part] = aggregate([r[0] for r in runs], [r[2] for r in runs], o["seed"])
+            result["curves"][part] = {
+                m: [round(sum(c) / len(c), 4) for c in zip(*(r[1][m] for r in runs))] for m in runs[0][1]
+            }
     return result
+
+
+MEAN_KEYS = ("accuracy", "gold_score", "win_rate_vs_sft", "kl_to_ref", "base_logp_per_token", "judge_calls")
+
+
+def aggregate(rows_by_seed: list[dict], items_by_seed: list[dict], seed: int = 0) -> tuple[dict, dict]:
+    """One row per method from the per-seed rows: the mean over seeds of each number (``*_by_seed`` keeps the
+    values of the headline ones), the largest ``ratio_first_step_max_dev``, and 95% bootstrap intervals
+    (align/bench/stats.py: prompts and seeds resampled, paired across methods) from the per-prompt scores in
+    ``items_by_seed`` ({method: {key: [score per prompt]}}, keys win_rate_vs_sft and accuracy or gold_score).
+    Also returns ``{method}_minus_dpo`` for the win rate against the SFT policy, with its interval."""
+    import numpy as np
+
+    from align.bench.stats import bootstrap
+
+    methods = list(rows_by_seed[0])
+    rows: dict = {}
+    for m in methods:
+        per = [r[m] for r in rows_by_seed]
+        row: dict = {}
+        for key in MEAN_KEYS + ("wall_seconds",):
+            if key in per[0]:
+                row[key] = round(float(np.mean([p[key] for p in per])), 4)
+        if "per_family" in per[0]:
+            row["per_family"] = {
+                f: round(float(np.mean([p["per_family"][f] for p in per])), 4) for f in per[0]["per_family"]
+            }
+        if "clip_fraction" in per[0]:
+            clips = [p["clip_fraction"] for p in per if p["clip_fraction"] is not None]
+            row["clip_fraction"] = round(float(np.mean(clips)), 4) if clips else None
+            row["ratio_first_step_max_dev"] = max(p["ratio_first_step_max_dev"] for p in per)
+        rows[m] = row
+    keys = list(items_by_seed[0][methods[0]])
+    differences: dict = {}
+    for key in keys:
+        scores = {m: np.array([items[m][key] for items in items_by_seed], dtype=float) for m in methods}
+        diffs = {}
+        if key == "win_rate_vs_sft" and "dpo" in methods:
+            diffs = {f"{m}_minus_dpo": (m, "dpo") for m in methods if m not in ("dpo", "sft")}
+        ci = bootstrap(scores, diffs, seed=seed)
+        for m in methods:
+            rows[m][f"{key}_ci95"] = ci[m]["ci95"]
+            rows[m][f"{key}_by_seed"] = [round(float(np.mean(items[m][key])), 4) for items in items_by_seed]
+        differences.update({name: ci[name] for name in diffs})
+    return rows, differences
 
 
 def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
@@ -114,12 +173,13 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     from align import tasks as T
     from align.config import load_recipe
     from align.demo import RECIPES
-    from align.evaluate import accuracy, answers, per_family_accuracy, win_rate
+    from align.evaluate import accuracy, answers, per_family_accuracy, per_prompt_wins, win_rate
     from align.models import load_pretrained
     from align.rollout.hf import HFEngine
     from align.runs import read_metrics
     from align.trainers import run as train
 
+    tmp.mkdir(parents=True, exist_ok=True)
     per_round = o["prompts"] // o["iterations"]
     offline = ["online.iterations=1", f"online.prompts_per_iteration={per_round * o['iterations']}"]
     rounds = [f"online.iterations={o['iterations']}", f"online.prompts_per_iteration={per_round}"]
@@ -134,6 +194,12 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
         "grpo": ["loss.name=grpo", "loss.clip_eps=0.2"] + REWARD_FN + rounds,
         "rloo": ["loss.name=rloo", "loss.clip_eps=0.2"] + REWARD_FN + rounds,
     }
+    if o["sweep_only"]:
+        methods = {}
+    for lr in o["spo_lrs_e6"]:  # the learning-rate sweep: SPO rows at other learning rates, same SFT policy
+        methods[f"spo_lr{lr}e-6"] = methods.get("spo", ["loss.name=spo", "loss.clip_eps=0.2"] + rounds) + [
+            f"train.lr={lr * 1e-6}"
+        ]
     _say("SFT")
     t0 = time.time()
     train(
@@ -157,6 +223,8 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     test = T.make_tasks(o["test"], seed=2, split="test", families=FAMILIES)
     sft_model, tok = load_pretrained(tmp / "sft")
     sft_answers = answers(HFEngine(sft_model, tok, batch_size=256), test)
+    checks = lambda ans: [float(t.check(a)) for t, a in zip(test, ans)]  # noqa: E731
+    items = {"sft": {"win_rate_vs_sft": [0.5] * len(test), "accuracy": checks(sft_answers)}}
     rows = {
         "sft": {
             "accuracy": accuracy(test, sft_answers),
@@ -187,6 +255,7 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
         wall = time.time() - t0
         model, _ = load_pretrained(tmp / name)
         ans = answers(HFEngine(model, tok, batch_size=256), test)
+        items[name] = {"win_rate_vs_sft": per_prompt_wins(test, ans, sft_answers), "accuracy": checks(ans)}
         rows[name] = {
             "accuracy": accuracy(test, ans),
             "per_family": per_family_accuracy(test, ans),
@@ -196,13 +265,13 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
             "wall_seconds": round(wall, 1),
         }
         logged = read_metrics(tmp / name / "metrics.jsonl")
-        rows[name].update(policy_gradient_stats(name, logged))
+        rows[name].update(policy_gradient_stats(name.split("_lr")[0], logged))
         curves[name] = [
             round(r.get("sample_accuracy", r.get("reward/exact_match")), 4)
             for r in logged
             if "sample_accuracy" in r or "reward/exact_match" in r
         ]
-    return rows, curves
+    return rows, curves, items
 
 
 STORY_METHODS = {
@@ -250,15 +319,18 @@ def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     from align.stories import story_prompts, story_score
     from align.trainers import run as train
 
+    tmp.mkdir(parents=True, exist_ok=True)
     path, why = convert_shared_babyllama(tmp / "babyllama")
     if path is None:
-        return {"skipped": why}, {}
+        return {"skipped": why}, {}, {}
     topic, new = "cat", 64
     test = story_prompts(o["story_test"], seed=1, split="test")
     base, tok = load_pretrained(path)
     base_groups = _story_samples(base, tok, test, new, seed=o["seed"])
     base_samples = [[c.text for c in g] for g in base_groups]
     gold = lambda samples: sum(story_score(t, topic) for g in samples for t in g) / sum(map(len, samples))  # noqa: E731
+    per_prompt = lambda samples: [sum(story_score(t, topic) for t in g) / len(g) for g in samples]  # noqa: E731
+    items = {"sft": {"win_rate_vs_sft": [0.5] * len(test), "gold_score": per_prompt(base_samples)}}
     rows = {
         "sft": {
             "gold_score": gold(base_samples),
@@ -293,10 +365,14 @@ def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
         groups = _story_samples(model, tok, test, new, seed=o["seed"])
         samples = [[c.text for c in g] for g in groups]
         wins = [
-            1.0 if a > b else 0.0 if a < b else 0.5
+            [
+                1.0 if a > b else 0.0 if a < b else 0.5
+                for a, b in ((story_score(x, topic), story_score(y, topic)) for x, y in zip(g, h))
+            ]
             for g, h in zip(samples, base_samples)
-            for a, b in ((story_score(x, topic), story_score(y, topic)) for x, y in zip(g, h))
         ]
+        items[name] = {"win_rate_vs_sft": [sum(w) / len(w) for w in wins], "gold_score": per_prompt(samples)}
+        wins = [w for ws in wins for w in ws]
         rows[name] = {
             "gold_score": gold(samples),
             "win_rate_vs_sft": sum(wins) / len(wins),
@@ -308,4 +384,4 @@ def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
         logged = read_metrics(tmp / f"story-{name}" / "metrics.jsonl")
         rows[name].update(policy_gradient_stats(name, logged))
         curves[name] = [round(r["sample_goal_score"], 4) for r in logged if "sample_goal_score" in r]
-    return rows, curves
+    return rows, curves, items

@@ -13,6 +13,7 @@ Resumable: tasks already in transcripts.jsonl are not rerun (a killed evaluation
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,12 +26,13 @@ def _write_report(out: Path, rows: list[dict], meta: dict) -> dict:
     from align.runs import atomic_write
 
     sc = scores(rows)
-    report = {**meta, **sc}
+    report = {**meta, **sc, "passed": {r["task"]: bool(r["success"]) for r in rows}}
     atomic_write(out / "report.json", json.dumps(report, indent=1))
+    worlds = f" (seeds {meta['world_seeds']})" if "world_seeds" in meta else ""
     lines = [
         f"# Agent evaluation: {meta['model']}",
         "",
-        f"world `{meta['world']}`, split `{meta['split']}`, {sc['tasks']} tasks in {sc['scenarios']} scenarios",
+        f"world `{meta['world']}`{worlds}, split `{meta['split']}`, {sc['tasks']} tasks in {sc['scenarios']} scenarios",
         "",
         "| metric | value |",
         "|---|---|",
@@ -78,7 +80,7 @@ def evaluate_agent(
     show_docs: bool = False,
     backend: str = "hf",
     appworld_url: str = "http://127.0.0.1:8000",
-    seed: int = 0,
+    seed: int | list[int] = 0,
 ) -> dict:
     from align.agents.play import load_tasks, make_env, mid_turn_suppressed, play
     from align.config import ModelConfig, Recipe, RolloutConfig
@@ -88,8 +90,15 @@ def evaluate_agent(
     recipe = Recipe(trainer="agent")
     recipe.loss.name = "loop"
     recipe.agent.world, recipe.agent.appworld_url, recipe.agent.show_docs = world, appworld_url, show_docs
-    recipe.agent.world_seed = seed
-    tasks = load_tasks(recipe, split)[:limit] if limit else load_tasks(recipe, split)
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    tasks = []
+    for s in seeds:
+        recipe.agent.world_seed = s
+        part = load_tasks(recipe, split)
+        if len(seeds) > 1:  # several worlds: a task (and a scenario, for SGC) is named by its world too
+            part = [dataclasses.replace(t, id=f"w{s}:{t.id}", scenario=f"w{s}:{t.scenario}") for t in part]
+        tasks += part
+    tasks = tasks[:limit] if limit else tasks
     model, tok = load_policy(ModelConfig(name_or_path=model_path))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,9 +117,14 @@ def evaluate_agent(
 
     engine = make_engine(RolloutConfig(backend=backend, batch_size=64), for_inference(model), tok)
     sampling = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, suppress_token_ids=mid_turn_suppressed(tok)
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seeds[0],
+        suppress_token_ids=mid_turn_suppressed(tok),
     )
-    step = 16
+    from align.agents.play import EPISODE_CHUNK
+
+    step = EPISODE_CHUNK
     for s in range(0, len(todo), step):
         rows = play(engine, tok, todo[s : s + step], 1, sampling, max_turns, lambda t: make_env(recipe, t))
         with open(path, "a") as f:
@@ -120,7 +134,10 @@ def evaluate_agent(
                 done[r["task"]] = slim
         print(f"[eval agent] {len(done)}/{len(tasks)}", file=sys.stderr, flush=True)
     rows = [done[t.id] for t in tasks]
-    return _write_report(out, rows, {"model": model_path, "world": world, "split": split})
+    meta = {"model": model_path, "world": world, "split": split}
+    if world == "builtin":
+        meta["world_seeds"] = seeds
+    return _write_report(out, rows, meta)
 
 
 def main_eval_agent(args) -> int:
@@ -138,9 +155,22 @@ def main_eval_agent(args) -> int:
         show_docs=args.show_docs,
         backend=args.backend,
         appworld_url=args.appworld_url,
+        seed=getattr(args, "world_seeds", 0),  # AppWorld has no generator seed
     )
     print(json.dumps({k: report[k] for k in ("tgc", "sgc", "reward", "tasks", "scenarios")}))
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    import argparse
+
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is repeated")
+    return seeds
 
 
 def _arguments(a, world: bool) -> None:
@@ -154,6 +184,13 @@ def _arguments(a, world: bool) -> None:
     a.add_argument("--max-new-tokens", type=int, default=160)
     a.add_argument("--temperature", type=float, default=0.0)
     a.add_argument("--show-docs", action="store_true", help="put the API docs in the first observation")
+    if world:
+        a.add_argument(
+            "--world-seeds",
+            type=_seeds,
+            default=[0],
+            help="built-in world: comma-separated seeds of the task generator (e.g. 0,1,2,3,4: 180 test tasks)",
+        )
     a.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     a.add_argument("--appworld-url", default="http://127.0.0.1:8000", help="AppWorld environment server")
 

@@ -59,3 +59,17 @@ def test_eval_agent_bad_model_is_one_line(tmp_path):
     lines = error_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1 and "nope" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_agent_several_worlds_name_tasks_by_world(tmp_path):
+    from align.evals.agent import evaluate_agent
+
+    policy = _tiny(tmp_path)
+    report = evaluate_agent(str(policy), str(tmp_path / "e"), split="test", seed=[0, 3], max_new_tokens=8)
+    ids = [f"w{s}:{t.id}" for s in (0, 3) for t in tasks_for("test", seed=s)]
+    assert report["tasks"] == len(ids) == 2 * len(tasks_for("test")) and report["world_seeds"] == [0, 3]
+    assert list(report["passed"]) == ids and report["scenarios"] == 2 * len({t.scenario for t in tasks_for("test")})
+    # the same scenario in two worlds holds different tasks (names, amounts)
+    assert tasks_for("test", seed=0)[0].instruction != tasks_for("test", seed=3)[0].instruction
+    bad = run_align("eval", "agent", "--model", str(policy), "--output", str(tmp_path / "o"), "--world-seeds", "0,x")
+    assert bad.returncode == 2 and "comma-separated integers" in bad.stderr

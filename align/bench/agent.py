@@ -29,7 +29,7 @@ from align.paths import REPO_ROOT
 
 DEFAULTS = {
     "seed": 0,
-    "seeds": 3,
+    "seeds": 5,
     "test_worlds": 5,
     "dev": 0,
     "demo_seeds": 16,

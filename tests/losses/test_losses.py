@@ -362,3 +362,12 @@ def test_spo_on_policy_is_reinforce_with_the_baseline():
     close(loss, [-0.25])
     loss.sum().backward()
     close(lp.grad[0], [-0.125, -0.125])
+
+
+def test_chosen_nll_is_a_token_mean_over_the_batch():
+    # the loss.sft_weight (RPO) term: -sum log pi(y_w) / sum |y_w| over the batch, as TRL's rpo_alpha and RLHFlow's
+    # dpo.py; chosen log-probs -2 (1 token) and -3 (3 tokens): 5 / 4 = 1.25, not the per-example mean (2 + 1) / 2
+    from align.losses import chosen_nll
+
+    b = PairBatch(chosen_logps=torch.tensor([-2.0, -3.0]), chosen_lengths=torch.tensor([1.0, 3.0]))
+    assert float(chosen_nll(b)) == 1.25

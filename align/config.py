@@ -80,8 +80,9 @@ class DataConfig:
         "builtin:tasks",
         "Training data: a .jsonl/.json/.parquet file (optionally .gz), 'hf:owner/name[:config][@revision]' for a "
         "datasets hub id, a local dataset folder or a builder such as 'hf:json' with data.data_files, or "
-        "'builtin:<name>' for a built-in set: tasks (verifiable tasks), pets / hh_users / hh_objectives "
-        "(multi-user preference sets, ':train' or ':eval' users), hh_harmless (HH-RLHF harmless 80/20 split).",
+        "'builtin:<name>' for a built-in set: tasks (verifiable tasks), pets / hh_users / hh_objectives / "
+        "hh_rm_objectives (multi-user preference sets, ':train' or ':eval' users), hh_harmless (HH-RLHF harmless "
+        "80/20 split).",
     )
     eval: Optional[str] = doc(None, "Held-out data in the same forms; None = no evaluation set.")
     mixture: list = doc(

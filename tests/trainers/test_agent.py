@@ -139,6 +139,7 @@ def test_loop_trains_masks_environment_tokens_and_resumes_after_a_crash_mid_roll
         assert 0 < sum(e["mask"]) < len(e["mask"])
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train_episodes"] > 0 for r in rows)
+    assert all(r["grad_norm"] > 0 and 0 <= r["grad_clipped"] <= 1 for r in rows)  # measured before clipping
     assert "loop (agent RL (multi-turn))" in (tmp_path / "full" / "README.md").read_text()
 
     calls = {"n": 0}

@@ -195,6 +195,12 @@ def test_generations_sample_from_the_updated_policy_and_a_crash_between_them_res
         for gen in gens
         for g in gen
     )
+    kept = [
+        sum(abs(a) > 0 for g in gen for a in group_advantages("rloo", [s["reward"] for s in g["samples"]]))
+        for gen in gens
+    ]
+    assert rows[0]["generations"] == 4 and rows[0]["updates"] == sum(math.ceil(n / 4) for n in kept)  # 1 pass of 4
+    assert rows[0]["grad_norm"] > 0 and 0 <= rows[0]["grad_clipped"] <= 1  # measured before clipping at 1.0
 
     real, calls = online.rollout_iteration, {"n": 0}
 
@@ -303,3 +309,24 @@ def test_truncated_importance_weights_scale_each_token_by_learner_over_sampler_c
     assert seen[0].is_weights is None
     with pytest.raises(UserError, match="online.is_cap applies to policy-gradient losses"):
         load_recipe(RECIPE, over + ["online.is_cap=2", "online.old_logprobs=sampler"])
+
+
+@pytest.mark.parametrize("correct", range(9))
+def test_spo_on_the_checker_is_rloo_on_exact_match_scaled_by_k_over_2k_minus_2(correct):
+    """With a right/wrong judge that calls ties 1/2, SPO's win rate of a sample is an affine function of its
+    correctness whose slope is K / (2 (K - 1)) for every group, and the leave-one-out baseline removes the offset:
+    SPO's advantages are RLOO's on the exact-match reward times K / (2 (K - 1)) (4/7 at K = 8). Under Adam the
+    scale changes the update only through gradient clipping and eps (docs/benchmarks.md, bench online)."""
+    from align import tasks as T
+    from align.judges import CheckerJudge
+    from align.rewards import exact_match
+    from align.trainers.online import win_rates
+
+    k = 8
+    task = T.make_tasks(1, seed=3, families=["sort"])[0]
+    texts = [task.answer] * correct + [T.sloppy_answer(task)] * (k - correct)
+    rates = win_rates(CheckerJudge(), task.prompt, texts)
+    spo = group_advantages("spo", rates)
+    rloo = group_advantages("rloo", exact_match([task.prompt] * k, texts, [task.answer] * k))
+    assert spo == pytest.approx([a * k / (2 * (k - 1)) for a in rloo], abs=1e-12)
+    assert max(rates) - min(rates) == pytest.approx(4 / 7 if 0 < correct < k else 0.0)  # right minus wrong

@@ -222,6 +222,7 @@ def _dry_run_reward(recipe: Recipe, recipe_path: str) -> str:
     from align.models import check_model_path
     from align.reward_model import resolve_backbone
     from align.trainers.reward import split_pairs
+    from align.userdata import counting_only
 
     name = recipe.model.name_or_path
     path = resolve_backbone(name)
@@ -232,7 +233,8 @@ def _dry_run_reward(recipe: Recipe, recipe_path: str) -> str:
         + (f" ({path})" if path != name else "")
         + (", backbone trained" if recipe.reward.train_backbone else ", backbone frozen"),
     ]
-    train, ev = split_pairs(recipe)
+    with counting_only():  # counts only: no judge is trained to label the pairs of a builtin set
+        train, ev = split_pairs(recipe)
     users = len(train.by_user()) if recipe.reward.kind == "vpl" else None
     lines.append(f"data     train {recipe.data.train}: {len(train)} pairs" + (f", {users} users" if users else ""))
     if ev is not None:

@@ -36,6 +36,8 @@ see, so the helpful type is learnable; what VPL must do is tell the two types ap
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import gzip
 import json
@@ -334,6 +336,22 @@ def hh_objective_rows(
     return _objective_users(everything, helpful, seed, split, users_per_type, pairs_per_user, "hh-objectives", "hh-obj")
 
 
+COUNT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("align_userdata_count_only", default=False)
+"""Set by ``counting_only()``: rows built to be counted (dry runs), whose labels may be placeholders."""
+
+
+@contextlib.contextmanager
+def counting_only():
+    """Within: ``hh_rm_objective_rows`` gives its helpful users the annotators' labels instead of training the
+    helpfulness judge (minutes on 2 cores without its cache). Which pairs each user labels, and so every count,
+    does not depend on the labels."""
+    token = COUNT_ONLY.set(True)
+    try:
+        yield
+    finally:
+        COUNT_ONLY.reset(token)
+
+
 RM_JUDGE_VERSION = 1
 """Bump when the helpfulness judge's training changes: cached labels of another version are not reused."""
 GAMED = ("NullModel", "gpt4_gamed")
@@ -427,7 +445,11 @@ def hh_rm_objective_rows(
     """The content-level multi-user set with a reward-model judge: helpful users labelled by the AlpacaEval-trained
     helpfulness judge (``helpfulness_judge_labels``), harmless users by the HH annotators (module docstring)."""
     everything = hh_pairs(path)
-    judged = dict(zip(everything, helpfulness_judge_labels(everything, annotations_dir, cache_dir)))
+    if COUNT_ONLY.get():  # counts only (dry runs): the labels are placeholders
+        labels = [True] * len(everything)
+    else:
+        labels = helpfulness_judge_labels(everything, annotations_dir, cache_dir)
+    judged = dict(zip(everything, labels))
     return _objective_users(
         everything, lambda p, c, r: judged[p, c, r], seed, split, users_per_type, pairs_per_user,
         "hh-rm-objectives", "hh-rmobj",

@@ -97,3 +97,30 @@ def test_hh_rm_objectives_helpful_users_follow_the_judge_harmless_users_the_anno
             assert key in judged
         else:
             assert (key in judged and judged[key]) or (flipped in judged and not judged[flipped])
+
+
+@pytest.mark.skipif(
+    ANNOTATIONS is None or not ANNOTATIONS.is_dir() or HH is None or not HH.is_file(),
+    reason="shared data ../shared/data (HH pairs and AlpacaEval annotations) not found (set ALIGN_SHARED_DATA)",
+)
+def test_a_dry_run_counts_hh_rm_objectives_without_training_the_judge(monkeypatch, capsys):
+    """The dry run of the hh_rm_objectives recipe reports the same pair and user counts as the real rows, and never
+    trains the helpfulness judge (minutes on 2 cores without its cache): which pairs a user labels does not depend
+    on the labels."""
+    import re
+
+    from align.cli import main
+    from align.paths import REPO_ROOT
+
+    def no_judge(*a, **k):
+        raise AssertionError("a dry run trained the helpfulness judge")
+
+    monkeypatch.setattr(U, "helpfulness_judge_labels", no_judge)
+    recipe = REPO_ROOT / "recipes" / "reward" / "hh-rm-objectives-vpl.yaml"
+    assert main(["train", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    pairs, users = map(int, re.search(r"builtin:hh_rm_objectives:train: (\d+) pairs, (\d+) users", out).groups())
+    monkeypatch.setattr(U, "helpfulness_judge_labels", lambda p, a, c: [i % 3 == 0 for i in range(len(p))])
+    rows = U.builtin_rows("hh_rm_objectives:train", None, 0)
+    assert (pairs, users) == (len(rows), len({r["user"] for r in rows})) == (180 * 64, 180)
+    assert not U.COUNT_ONLY.get()  # the dry run's context ended with it

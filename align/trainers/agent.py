@@ -241,10 +241,13 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
                 loss, grad_norm = kit.checked_step(
                     accelerator, model, optimizer, loss, t.max_grad_norm, t.nan_policy, f"iteration {it + 1}"
                 )
-                window.append({"loss": loss.item(), **{k: v.float().mean().item() for k, v in metrics.items()}})
-                if grad_norm is not None:  # before clipping; grad_clipped: the share of steps it scaled down
-                    norm = float(grad_norm)
-                    window[-1].update(grad_norm=norm, grad_clipped=float(norm > t.max_grad_norm))
+                window.append(
+                    {
+                        "loss": loss.item(),
+                        **{k: v.float().mean().item() for k, v in metrics.items()},
+                        **kit.grad_metrics(grad_norm, t.max_grad_norm),
+                    }
+                )
                 updates += 1
             if kl_stopped:
                 break
@@ -268,9 +271,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False, env_for=
         if a.max_kl is not None:
             row["kl_stopped"] = int(kl_stopped)
         if window:
-            for k in dict.fromkeys(k for w in window for k in w):  # grad_norm: only the steps that measured it
-                vals = [w[k] for w in window if k in w]
-                row[k] = sum(vals) / len(vals)
+            row.update(kit.step_means(window))
         if main:
             log.log(row)
         progress.update(it + 1, f"reward {row['reward/mean']:.3f} kept {len(rows)}/{len(episodes)}")

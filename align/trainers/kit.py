@@ -181,6 +181,24 @@ def checked_step(accelerator, model, optimizer, loss, max_grad_norm: float | Non
     return loss, grad_norm
 
 
+def grad_metrics(grad_norm, max_grad_norm: float | None) -> dict:
+    """A step's gradient norm before clipping (``checked_step``'s) and whether the clip scaled it down (1.0 / 0.0);
+    {} when it was not measured."""
+    if grad_norm is None:
+        return {}
+    norm = float(grad_norm)
+    return {"grad_norm": norm, "grad_clipped": float(norm > max_grad_norm)}
+
+
+def step_means(steps: list[dict]) -> dict:
+    """The mean of every metric over the steps that logged it (grad_norm only where it was measured)."""
+    out = {}
+    for key in dict.fromkeys(k for s in steps for k in s):
+        vals = [s[key] for s in steps if key in s]
+        out[key] = sum(vals) / len(vals)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- rollout engine
 
 

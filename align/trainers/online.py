@@ -322,7 +322,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         chosen = random.Random(t.seed * 1000 + it).sample(prompts, o.prompts_per_iteration)
         per_gen = (o.generation_batch_size // recipe.rollout.n) if o.generation_batch_size else len(chosen)
         parts = [chosen[s_ : s_ + per_gen] for s_ in range(0, len(chosen), per_gen)]
-        groups, judge_calls, window, train_rows, first_dev, updates = [], 0, [], 0, 0.0, 0
+        groups, judge_calls, window, train_rows, first_dev = [], 0, [], 0, 0.0
         for m, part in enumerate(parts):
             # ---- 1. rollouts + judge (reused when resuming mid-iteration)
             name = f"iter-{it + 1}.json" if len(parts) == 1 else f"iter-{it + 1}-gen-{m + 1}.json"
@@ -404,11 +404,13 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
                     loss, grad_norm = kit.checked_step(
                         accelerator, model, optimizer, loss, t.max_grad_norm, t.nan_policy, f"iteration {it + 1}"
                     )
-                    steps.append({"loss": loss.item(), **{k_: v.float().mean().item() for k_, v in metrics.items()}})
-                    if grad_norm is not None:  # before clipping; grad_clipped: the share of steps it scaled down
-                        norm = float(grad_norm)
-                        steps[-1].update(grad_norm=norm, grad_clipped=float(norm > t.max_grad_norm))
-            updates += len(steps)
+                    steps.append(
+                        {
+                            "loss": loss.item(),
+                            **{k_: v.float().mean().item() for k_, v in metrics.items()},
+                            **kit.grad_metrics(grad_norm, t.max_grad_norm),
+                        }
+                    )
             window += [w for part_ in gather_object([steps]) for w in part_]  # every rank's steps
             engine.update_weights(policy())  # (wakes the engine's weights first; generate wakes the rest)
 
@@ -420,7 +422,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
             "train_rows": train_rows,
             "judge_calls": judge_calls,
             "generations": len(parts),
-            "updates": updates,
+            "updates": len(window) // world,  # every rank's steps are in the window, the same number on each
             "reward/mean": sum(rewards) / len(rewards),
             "reward/spread": sum(
                 max(s["reward"] for s in g["samples"]) - min(s["reward"] for s in g["samples"]) for g in groups
@@ -443,9 +445,7 @@ def train(recipe: Recipe, output_dir: str | Path, resume: bool = False) -> dict:
         for name in groups[0]["samples"][0].get("scores", {}):  # reward functions: each one's mean score
             row[f"reward/{name}"] = sum(s["scores"][name] for g in groups for s in g["samples"]) / len(rewards)
         if window:
-            for k_ in dict.fromkeys(k_ for w in window for k_ in w):  # grad_norm: only the steps that measured it
-                vals = [w[k_] for w in window if k_ in w]
-                row[k_] = sum(vals) / len(vals)
+            row.update(kit.step_means(window))
         if spec.per_token:  # the largest over the iteration's generations and every rank
             row["ratio_first_step_max_dev"] = max(gather_object([first_dev]))
         if main:

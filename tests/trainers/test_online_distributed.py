@@ -174,7 +174,10 @@ def test_ddp_run_interrupted_in_iteration_2_resumes_to_identical_weights(ddp_spo
 def test_spo_zero2_matches_ddp_bitwise(ddp_spo, tmp_path, rm_judge):
     z2 = _launch("cpu_zero2.yaml", "spo/tiny.yaml", tmp_path / "z2", *ONLINE, *rm_judge)
     assert _max_diff(z2, ddp_spo) == 0.0  # measured: bitwise equal
-    assert _rows(z2) == _rows(ddp_spo)
+    # every metric bitwise but the gradient norm, which DeepSpeed sums in its own order (measured: 3e-8 relative)
+    z2_rows, ddp_rows = _rows(z2), _rows(ddp_spo)
+    norms = [(a.pop("grad_norm"), b.pop("grad_norm")) for a, b in zip(z2_rows, ddp_rows)]
+    assert z2_rows == ddp_rows and all(abs(a - b) <= 1e-6 * b for a, b in norms)
 
 
 @pytest.mark.distributed
